@@ -1,0 +1,67 @@
+# Zeitwork — thin aliases. `make dev` runs the platform on this machine;
+# `make test` runs every test. Both install what is missing first.
+SHELL := /bin/bash
+GO ?= go
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+COMMIT ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+LDFLAGS := -s -w -X github.com/zeitwork/zeitwork/internal/buildinfo.Version=$(VERSION) -X github.com/zeitwork/zeitwork/internal/buildinfo.Commit=$(COMMIT)
+BINARIES := zeitwork-operator zeitwork-node-agent zeitwork-load-balancer zeitwork-edge-proxy zeitwork zeitwork-init
+PREFIX ?= /usr/local
+TEST_TIMEOUT ?= 45m
+
+# Debian packages the platform, its tests and its benchmarks need.
+APT_PACKAGES := postgresql qemu-system-x86 e2fsprogs iproute2 nftables cpio lz4 kmod \
+	haproxy nginx-light wrk nghttp2-client caddy ca-certificates curl git make gcc
+
+.PHONY: all deps build test test-go lint dev install bench bench-lb bench-edge bench-vm clean
+
+all: build
+
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		if [ "$$(id -u)" != 0 ]; then SUDO=sudo; fi; \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	$(GO) mod download
+
+build:
+	@mkdir -p bin
+	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/ ./cmd/zeitwork-operator ./cmd/zeitwork-node-agent ./cmd/zeitwork-load-balancer ./cmd/zeitwork-edge-proxy ./cmd/zeitwork
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/zeitwork-init ./cmd/zeitwork-init
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+	$(GO) tool staticcheck ./...
+
+test-go:
+	ZEITWORK_BIN_DIR=$(CURDIR)/bin $(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
+
+test: deps build lint test-go
+
+dev: deps build
+	./bin/zeitwork dev
+
+install: build
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)/etc/zeitwork $(DESTDIR)/etc/systemd/system
+	for b in $(BINARIES); do install -m 0755 bin/$$b $(DESTDIR)$(PREFIX)/bin/$$b; done
+	for f in deployments/systemd/*.service; do install -m 0644 $$f $(DESTDIR)/etc/systemd/system/; done
+	for f in deployments/config/*.env; do t=$(DESTDIR)/etc/zeitwork/$$(basename $$f); [ -e $$t ] || install -m 0600 $$f $$t; done
+	-systemctl daemon-reload 2>/dev/null
+
+bench: bench-lb bench-edge bench-vm
+
+bench-lb: deps build
+	$(GO) run ./bench/lb
+
+bench-edge: deps build
+	$(GO) run ./bench/edge
+
+bench-vm: deps build
+	$(GO) run ./bench/vm
+
+clean:
+	rm -rf bin
