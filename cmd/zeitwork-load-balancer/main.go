@@ -1,0 +1,61 @@
+// Command zeitwork-load-balancer is the L4 TCP load balancer in front of a
+// region's edge proxies (public :8082, admin :8084).
+package main
+
+import (
+	"context"
+	"net/http"
+	"time"
+
+	"golang.org/x/sync/errgroup"
+
+	"github.com/zeitwork/zeitwork/internal/envconfig"
+	"github.com/zeitwork/zeitwork/internal/lb"
+	"github.com/zeitwork/zeitwork/internal/service"
+)
+
+func main() { service.Main("zeitwork-load-balancer", run) }
+
+func run(ctx context.Context, p *service.Process) error {
+	env := envconfig.New()
+	cfg := lb.LoadServiceConfig(env)
+	if err := env.Err(); err != nil {
+		return err
+	}
+	reg := service.NewRegistry("zeitwork_load_balancer")
+	balancer, err := lb.New(cfg.LB, reg, p.Logger)
+	if err != nil {
+		return err
+	}
+	balancer.SetBackends(cfg.Backends)
+	health := service.NewHealth(p.Name)
+	health.SetInfo(balancer.HealthInfo)
+	mux := http.NewServeMux()
+	health.Register(mux, reg)
+	balancer.Register(mux)
+	admin := &http.Server{Addr: cfg.AdminAddr, Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	disc := &lb.Discovery{Operators: cfg.Operators, Region: cfg.Region, Token: cfg.Token, Interval: cfg.Discover, Static: cfg.Backends}
+
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return balancer.Run(gctx) })
+	g.Go(func() error { return disc.Run(gctx, balancer) })
+	g.Go(func() error {
+		// The admin server outlives the drain so /health shows it.
+		<-gctx.Done()
+		health.SetDraining()
+		return nil
+	})
+	adminCtx, stopAdmin := context.WithCancel(context.Background())
+	defer stopAdmin()
+	adminDone := make(chan error, 1)
+	go func() { adminDone <- service.ListenAndServe(adminCtx, admin, cfg.AdminAddr, 5*time.Second) }()
+	p.Logger.Info("listening", "listeners", cfg.LB.Listeners, "admin", cfg.AdminAddr, "algorithm", cfg.LB.Algorithm)
+	_ = service.NotifyReady()
+	err = g.Wait()
+	_ = service.NotifyStopping()
+	stopAdmin()
+	if aerr := <-adminDone; err == nil {
+		err = aerr
+	}
+	return err
+}
