@@ -41,6 +41,7 @@ type LB struct {
 	lns     []net.Listener
 	metrics *metrics
 	sem     chan struct{}
+	dialer  net.Dialer
 
 	mu    sync.Mutex
 	hosts []string
@@ -56,13 +57,16 @@ func New(cfg Config, reg prometheus.Registerer, log *slog.Logger) (*LB, error) {
 	if cfg.MaxConns == 0 {
 		cfg.MaxConns = 20000
 	}
-	l := &LB{cfg: cfg, log: log, metrics: newMetrics(reg), sem: make(chan struct{}, cfg.MaxConns), conns: map[net.Conn]struct{}{}}
+	l := &LB{cfg: cfg, log: log, dialer: net.Dialer{Timeout: cfg.ConnectTimeout, KeepAlive: 30 * time.Second}, metrics: newMetrics(reg), sem: make(chan struct{}, cfg.MaxConns), conns: map[net.Conn]struct{}{}}
 	for _, ls := range cfg.Listeners {
 		p, err := NewPool(cfg.Algorithm)
 		if err != nil {
 			return nil, err
 		}
-		ln, err := net.Listen("tcp", ls.Addr)
+		// TCP keepalive on both sides (Go enables it on accepted and
+		// dialed connections; the period is set here once).
+		lc := net.ListenConfig{KeepAlive: 30 * time.Second}
+		ln, err := lc.Listen(context.Background(), "tcp", ls.Addr)
 		if err != nil {
 			l.closeListeners()
 			return nil, fmt.Errorf("cannot listen on %s: %w", ls.Addr, err)
@@ -206,8 +210,6 @@ func (l *LB) handle(client *net.TCPConn, pool *Pool) {
 	defer client.Close()
 	l.track(client, true)
 	defer l.track(client, false)
-	_ = client.SetKeepAlive(true)
-	_ = client.SetKeepAlivePeriod(30 * time.Second)
 	caddr := client.RemoteAddr().(*net.TCPAddr)
 
 	var tried []*Backend
@@ -219,7 +221,7 @@ func (l *LB) handle(client *net.TCPConn, pool *Pool) {
 			break
 		}
 		tried = append(tried, b)
-		c, err := net.DialTimeout("tcp", b.Addr, l.cfg.ConnectTimeout)
+		c, err := l.dialer.Dial("tcp", b.Addr)
 		if err != nil {
 			l.metrics.errors.WithLabelValues("connect").Inc()
 			l.passiveFailure(b, err)
@@ -239,9 +241,6 @@ func (l *LB) handle(client *net.TCPConn, pool *Pool) {
 	b.total.Add(1)
 	l.metrics.active.Inc()
 	defer func() { b.active.Add(-1); l.metrics.active.Dec() }()
-	_ = upstream.SetKeepAlive(true)
-	_ = upstream.SetKeepAlivePeriod(30 * time.Second)
-	_ = upstream.SetNoDelay(true)
 
 	switch l.cfg.ProxyProtocol {
 	case "v2":
