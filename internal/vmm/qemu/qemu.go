@@ -1,0 +1,256 @@
+// Package qemu runs microVMs with QEMU's microvm machine (virtio-mmio
+// devices, as Firecracker), with KVM where the host supports hardware
+// virtualisation and software emulation (TCG) where it does not.
+package qemu
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/zeitwork/zeitwork/internal/vmm"
+)
+
+// Accel names the accelerator in use.
+type Accel string
+
+// Accelerators.
+const (
+	KVM Accel = "kvm"
+	TCG Accel = "tcg"
+)
+
+// DetectAccel returns KVM only when /dev/kvm is usable with hardware
+// virtualisation (kvm_intel or kvm_amd loaded, not KVM-PVM, whose guests
+// must be special kernels and which hangs stock ones instead of failing).
+func DetectAccel() Accel {
+	if os.Getenv("ZEITWORK_QEMU_ACCEL") == "tcg" {
+		return TCG
+	}
+	if _, err := os.Stat("/dev/kvm"); err != nil {
+		return TCG
+	}
+	if _, err := os.Stat("/sys/module/kvm_pvm"); err == nil {
+		return TCG
+	}
+	for _, m := range []string{"/sys/module/kvm_intel", "/sys/module/kvm_amd"} {
+		if _, err := os.Stat(m); err == nil {
+			return KVM
+		}
+	}
+	return TCG
+}
+
+// QEMU is the backend.
+type QEMU struct {
+	Bin    string // qemu-system-x86_64
+	ImgBin string // qemu-img
+	Accel  Accel
+	cpuKHz int
+}
+
+var _ vmm.VMM = (*QEMU)(nil)
+
+// New returns the backend, detecting the accelerator.
+func New() (*QEMU, error) {
+	bin, err := exec.LookPath("qemu-system-x86_64")
+	if err != nil {
+		return nil, fmt.Errorf("qemu-system-x86_64 not found (Debian package qemu-system-x86): %w", err)
+	}
+	img, err := exec.LookPath("qemu-img")
+	if err != nil {
+		return nil, fmt.Errorf("qemu-img not found (Debian package qemu-utils): %w", err)
+	}
+	return &QEMU{Bin: bin, ImgBin: img, Accel: DetectAccel(), cpuKHz: hostCPUKHz()}, nil
+}
+
+// Name is "qemu".
+func (q *QEMU) Name() string { return "qemu" }
+
+// hostCPUKHz reads the host CPU frequency; the guest needs it under TCG
+// (tsc_early_khz) because microvm has no timer to calibrate against.
+func hostCPUKHz() int {
+	f, err := os.Open("/proc/cpuinfo")
+	if err != nil {
+		return 2000000
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if k, v, ok := strings.Cut(sc.Text(), ":"); ok && strings.TrimSpace(k) == "cpu MHz" {
+			if mhz, err := strconv.ParseFloat(strings.TrimSpace(v), 64); err == nil {
+				return int(mhz * 1000)
+			}
+		}
+	}
+	return 2000000
+}
+
+// Cmdline is the kernel command line for a boot under this backend.
+func (q *QEMU) Cmdline(extra string) string {
+	args := []string{"console=ttyS0", "quiet", "loglevel=1", "panic=-1", "reboot=t", "nokaslr",
+		"mitigations=off", "cryptomgr.notests", "i8042.noaux", "i8042.nomux", "i8042.nopnp", "i8042.dumbkbd",
+		"rdinit=/init", "random.trust_cpu=on"}
+	if q.Accel == TCG {
+		args = append(args, fmt.Sprintf("tsc_early_khz=%d", q.cpuKHz), "tsc=reliable")
+	}
+	if extra != "" {
+		args = append(args, extra)
+	}
+	return strings.Join(args, " ")
+}
+
+// Start boots spec.
+func (q *QEMU) Start(ctx context.Context, spec vmm.Spec) (vmm.Machine, error) {
+	if spec.VCPUs <= 0 {
+		spec.VCPUs = 1
+	}
+	if spec.MemoryMiB <= 0 {
+		spec.MemoryMiB = 128
+	}
+	overlay := filepath.Join(spec.Dir, "disk.qcow2")
+	_ = os.Remove(overlay)
+	if out, err := exec.CommandContext(ctx, q.ImgBin, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", spec.RootDisk, overlay).CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("cannot create overlay disk: %v: %s", err, out)
+	}
+	sock := filepath.Join(spec.Dir, "agent.sock")
+	_ = os.Remove(sock)
+	accel := "tcg,tb-size=32"
+	cpu := []string{}
+	if q.Accel == KVM {
+		accel = "kvm"
+		cpu = []string{"-cpu", "host"}
+	}
+	args := []string{
+		"-name", "zeitwork-" + spec.ID,
+		"-M", "microvm,x-option-roms=off,pit=off,pic=off,rtc=on",
+		"-accel", accel,
+	}
+	args = append(args, cpu...)
+	args = append(args,
+		"-smp", strconv.Itoa(spec.VCPUs), "-m", strconv.Itoa(spec.MemoryMiB),
+		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+		"-serial", "file:"+filepath.Join(spec.Dir, "console.log"),
+		"-kernel", spec.Kernel, "-initrd", spec.Initrd, "-append", q.Cmdline(spec.Cmdline),
+		"-drive", "id=root,file="+overlay+",format=qcow2,if=none,cache=unsafe",
+		"-device", "virtio-blk-device,drive=root",
+		"-device", "virtio-serial-device",
+		"-chardev", "socket,id=agent,path="+sock+",server=on,wait=off",
+		"-device", "virtserialport,chardev=agent,name=zw.agent",
+		"-pidfile", filepath.Join(spec.Dir, "qemu.pid"),
+	)
+	if spec.Tap != "" {
+		args = append(args, "-netdev", "tap,id=n0,ifname="+spec.Tap+",script=no,downscript=no",
+			"-device", "virtio-net-device,netdev=n0,mac="+spec.MAC)
+	}
+	logf, err := os.OpenFile(filepath.Join(spec.Dir, "qemu.log"), os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	defer logf.Close()
+	cmd := exec.Command(q.Bin, args...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	// Own session: the VM survives the agent (KillMode=process).
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("cannot start qemu: %w", err)
+	}
+	m := &machine{id: spec.ID, pid: cmd.Process.Pid, dir: spec.Dir, done: make(chan struct{})}
+	if err := os.WriteFile(filepath.Join(spec.Dir, "vmm.pid"), []byte(strconv.Itoa(m.pid)), 0o644); err != nil {
+		_ = cmd.Process.Kill()
+		return nil, err
+	}
+	go func() { _ = cmd.Wait(); close(m.done) }() // reaps our child
+	// The agent socket exists once QEMU has set up its devices.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if _, err := os.Stat(sock); err == nil {
+			return m, nil
+		}
+		select {
+		case <-m.done:
+			b, _ := os.ReadFile(filepath.Join(spec.Dir, "qemu.log"))
+			return nil, fmt.Errorf("qemu exited at start: %s", strings.TrimSpace(string(b)))
+		case <-ctx.Done():
+			_ = m.Kill()
+			return nil, ctx.Err()
+		case <-time.After(10 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			_ = m.Kill()
+			return nil, errors.New("qemu did not create its agent socket within 30s")
+		}
+	}
+}
+
+// Adopt re-attaches to a QEMU started earlier in dir.
+func (q *QEMU) Adopt(ctx context.Context, dir string) (vmm.Machine, error) {
+	b, err := os.ReadFile(filepath.Join(dir, "vmm.pid"))
+	if err != nil {
+		return nil, vmm.ErrGone
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		return nil, vmm.ErrGone
+	}
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil || !strings.Contains(string(cmdline), filepath.Join(dir, "agent.sock")) {
+		return nil, vmm.ErrGone
+	}
+	fd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return nil, vmm.ErrGone
+	}
+	m := &machine{id: filepath.Base(dir), pid: pid, dir: dir, done: make(chan struct{})}
+	go func() { // ends when the process exits
+		defer unix.Close(fd)
+		for {
+			fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+			if _, err := unix.Poll(fds, -1); err == unix.EINTR {
+				continue
+			}
+			close(m.done)
+			return
+		}
+	}()
+	return m, nil
+}
+
+type machine struct {
+	id   string
+	pid  int
+	dir  string
+	done chan struct{}
+}
+
+func (m *machine) ID() string            { return m.id }
+func (m *machine) PID() int              { return m.pid }
+func (m *machine) AgentSocket() string   { return filepath.Join(m.dir, "agent.sock") }
+func (m *machine) Done() <-chan struct{} { return m.done }
+
+func (m *machine) Kill() error {
+	select {
+	case <-m.done:
+		return nil
+	default:
+	}
+	if err := syscall.Kill(m.pid, syscall.SIGKILL); err != nil && err != syscall.ESRCH {
+		return err
+	}
+	select {
+	case <-m.done:
+	case <-time.After(10 * time.Second):
+		return errors.New("qemu did not exit after SIGKILL")
+	}
+	return nil
+}
