@@ -10,7 +10,7 @@ PREFIX ?= /usr/local
 TEST_TIMEOUT ?= 45m
 
 # Debian packages the platform, its tests and its benchmarks need.
-APT_PACKAGES := postgresql qemu-system-x86 e2fsprogs iproute2 nftables cpio lz4 kmod \
+APT_PACKAGES := postgresql qemu-system-x86 qemu-utils e2fsprogs iproute2 nftables cpio lz4 kmod \
 	haproxy nginx-light wrk nghttp2-client caddy ca-certificates curl git make gcc
 
 .PHONY: all deps build test test-go lint dev install bench bench-lb bench-edge bench-vm clean
@@ -31,6 +31,7 @@ build:
 	@mkdir -p bin
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/ ./cmd/zeitwork-operator ./cmd/zeitwork-node-agent ./cmd/zeitwork-load-balancer ./cmd/zeitwork-edge-proxy ./cmd/zeitwork
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/zeitwork-init ./cmd/zeitwork-init
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '-s -w' -o bin/examples/hello ./examples/hello
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
@@ -55,7 +56,7 @@ install: build
 bench: bench-lb bench-edge bench-vm
 
 bench-lb: deps build
-	$(GO) run ./bench/lb
+	taskset -c 0 $(GO) run ./bench/lb
 
 bench-edge: deps build
 	$(GO) run ./bench/edge

@@ -71,11 +71,34 @@ func run() int {
 		return 121
 	}
 	w := guest.NewWriter(ch)
-	send := func(stream, line string) { _ = w.Send(&guest.Frame{Type: guest.TypeLog, Stream: stream, Line: line}) }
+	// Log lines go through a bounded queue: while the host side is away
+	// (agent restart) writes to the port block, and the app must not.
+	logs := make(chan *guest.Frame, 4096)
+	drained := make(chan struct{})
+	go func() { // ends when logs is closed
+		defer close(drained)
+		for f := range logs {
+			_ = w.Send(f)
+		}
+	}()
+	flush := func() {
+		close(logs)
+		select {
+		case <-drained:
+		case <-time.After(2 * time.Second):
+		}
+	}
+	send := func(stream, line string) {
+		select {
+		case logs <- &guest.Frame{Type: guest.TypeLog, Stream: stream, Line: line}:
+		default: // queue full: drop rather than stall the app
+		}
+	}
 	fail := func(code int, format string, args ...any) int {
 		msg := fmt.Sprintf(format, args...)
 		logf("%s", msg)
 		send("init", msg)
+		flush()
 		_ = w.Send(&guest.Frame{Type: guest.TypeExit, Code: &code, Error: msg})
 		return code
 	}
@@ -100,7 +123,7 @@ func run() int {
 	if err := writeEtc(cfg); err != nil {
 		send("init", "cannot write /etc files: "+err.Error())
 	}
-	return supervise(cfg, r, w, send)
+	return supervise(cfg, ch, w, send, flush)
 }
 
 func earlyMounts() error {
@@ -270,7 +293,7 @@ func replaceFile(path, content string) error {
 
 // supervise runs the app, forwards its output, handles stop frames, reaps
 // every child, and returns the app's exit code.
-func supervise(cfg *guest.Config, r *guest.Reader, w *guest.Writer, send func(stream, line string)) int {
+func supervise(cfg *guest.Config, ch *os.File, w *guest.Writer, send func(stream, line string), flush func()) int {
 	argv := cfg.Argv()
 	path := argv[0]
 	if !strings.Contains(path, "/") {
@@ -294,6 +317,7 @@ func supervise(cfg *guest.Config, r *guest.Reader, w *guest.Writer, send func(st
 		code := 127
 		msg := fmt.Sprintf("cannot start %s: %v", strings.Join(argv, " "), err)
 		send("init", msg)
+		flush()
 		_ = w.Send(&guest.Frame{Type: guest.TypeExit, Code: &code, Error: msg})
 		return code
 	}
@@ -312,15 +336,14 @@ func supervise(cfg *guest.Config, r *guest.Reader, w *guest.Writer, send func(st
 		grace = 10 * time.Second
 	}
 	go func() { // ends at power-off
+		r := guest.NewReader(ch)
 		for {
 			f, err := r.Next()
 			if err != nil {
-				if err == io.EOF {
-					// The host side disconnected (agent restart); wait for it
-					// to come back.
-					time.Sleep(200 * time.Millisecond)
-					continue
-				}
+				// EOF: the host side is disconnected (agent restart) and
+				// reads return at once; poll until it is back.
+				time.Sleep(200 * time.Millisecond)
+				r = guest.NewReader(ch)
 				continue
 			}
 			if f.Type == guest.TypeStop {
@@ -351,6 +374,7 @@ func supervise(cfg *guest.Config, r *guest.Reader, w *guest.Writer, send func(st
 		}
 	}
 	out.Wait()
+	flush()
 	_ = w.Send(&guest.Frame{Type: guest.TypeExit, Code: &code})
 	return code
 }

@@ -1,0 +1,430 @@
+package nodeagent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/zeitwork/zeitwork/internal/guest"
+	"github.com/zeitwork/zeitwork/internal/hostnet"
+	"github.com/zeitwork/zeitwork/internal/rootfs"
+	"github.com/zeitwork/zeitwork/internal/vmm"
+)
+
+// Instance states.
+const (
+	StatePending   = "pending"
+	StatePreparing = "preparing"
+	StateStarting  = "starting"
+	StateRunning   = "running"
+	StateStopping  = "stopping"
+	StateStopped   = "stopped"
+	StateFailed    = "failed"
+)
+
+// Spec is what the operator asks for (POST /instances).
+type Spec struct {
+	ID           string            `json:"id"`
+	DeploymentID string            `json:"deployment_id"`
+	Image        string            `json:"image"`
+	Port         int               `json:"port"`
+	VCPUs        int               `json:"vcpus"`
+	MemoryMiB    int               `json:"memory_mib"`
+	Env          map[string]string `json:"env,omitempty"`
+	HealthPath   string            `json:"health_path"`
+}
+
+// Status is the instance document of the API.
+type Status struct {
+	Spec
+	State     string     `json:"state"`
+	Healthy   bool       `json:"healthy"`
+	IP        string     `json:"ip,omitempty"`
+	Restarts  int        `json:"restarts"`
+	ExitCode  *int       `json:"exit_code,omitempty"`
+	Error     string     `json:"error,omitempty"`
+	CreatedAt time.Time  `json:"created_at"`
+	StartedAt *time.Time `json:"started_at,omitempty"`
+}
+
+// LogLine is one line of app output.
+type LogLine struct {
+	Time   time.Time `json:"time"`
+	Stream string    `json:"stream"`
+	Line   string    `json:"line"`
+}
+
+const logRing = 2000
+
+// instance is one microVM and the supervisor that owns it.
+type instance struct {
+	a    *Agent
+	dir  string
+	log  *slog.Logger
+	stop chan struct{} // closed to ask the supervisor to stop the VM
+	done chan struct{} // closed when the supervisor has returned
+
+	mu       sync.Mutex
+	st       Status
+	logs     []LogLine
+	logWake  chan struct{}
+	machine  vmm.Machine
+	conn     net.Conn
+	lease    *hostnet.Lease
+	release  func()
+	deleting bool
+}
+
+func (in *instance) status() Status {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	return in.st
+}
+
+func (in *instance) update(f func(*Status)) {
+	in.mu.Lock()
+	f(&in.st)
+	st := in.st
+	in.mu.Unlock()
+	b, _ := json.Marshal(st)
+	_ = os.WriteFile(filepath.Join(in.dir, "status.json"), b, 0o644)
+}
+
+func (in *instance) appendLog(stream, line string) {
+	in.mu.Lock()
+	in.logs = append(in.logs, LogLine{Time: time.Now().UTC(), Stream: stream, Line: line})
+	if len(in.logs) > logRing {
+		in.logs = in.logs[len(in.logs)-logRing:]
+	}
+	close(in.logWake)
+	in.logWake = make(chan struct{})
+	in.mu.Unlock()
+}
+
+// logsSince returns lines after index from and a channel closed on the
+// next line.
+func (in *instance) logsSince(from int) ([]LogLine, int, <-chan struct{}) {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	if from > len(in.logs) {
+		from = len(in.logs)
+	}
+	return append([]LogLine(nil), in.logs[from:]...), len(in.logs), in.logWake
+}
+
+// supervise owns the VM: prepares it, boots it, restarts it with
+// exponential backoff when it dies, and stops it when asked.
+func (in *instance) supervise(adopted vmm.Machine) {
+	defer close(in.done)
+	backoff := time.Second
+	failures := 0
+	m := adopted
+	for {
+		var err error
+		if m == nil {
+			m, err = in.boot()
+			if err != nil {
+				if errors.Is(err, errStopped) {
+					in.finish(StateStopped, "")
+					return
+				}
+				failures++
+				in.log.Warn("instance failed to start", "err", err, "failures", failures)
+				in.update(func(s *Status) { s.Error = err.Error(); s.Healthy = false })
+				if failures >= in.a.cfg.MaxRestarts {
+					in.finish(StateFailed, fmt.Sprintf("gave up after %d failed starts: %v", failures, err))
+					return
+				}
+				if !in.sleep(backoff) {
+					in.finish(StateStopped, "")
+					return
+				}
+				backoff = min(backoff*2, in.a.cfg.MaxBackoff)
+				continue
+			}
+		} else {
+			in.mu.Lock()
+			in.machine = m
+			in.mu.Unlock()
+			in.update(func(s *Status) { s.State = StateRunning })
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		var wg sync.WaitGroup
+		wg.Go(func() { in.channel(ctx, m) })
+		wg.Go(func() { in.healthLoop(ctx) })
+		started := time.Now()
+		select {
+		case <-in.a.detached:
+			cancel()
+			wg.Wait()
+			return
+		case <-in.stop:
+			in.update(func(s *Status) { s.State = StateStopping; s.Healthy = false })
+			in.shutdown(m)
+			cancel()
+			wg.Wait()
+			in.finish(StateStopped, "")
+			return
+		case <-m.Done():
+			cancel()
+			wg.Wait()
+		}
+		// The VM died on its own: crash loop handling.
+		if time.Since(started) > 5*time.Minute {
+			failures, backoff = 0, time.Second
+		}
+		failures++
+		in.update(func(s *Status) {
+			s.Healthy = false
+			s.Restarts++
+			if s.Error == "" {
+				s.Error = "microVM exited"
+			}
+		})
+		in.log.Warn("instance exited; restarting", "failures", failures, "backoff", backoff.String())
+		m = nil
+		if failures >= in.a.cfg.MaxRestarts {
+			in.finish(StateFailed, fmt.Sprintf("crashed %d times in a row", failures))
+			return
+		}
+		if !in.sleep(backoff) {
+			in.finish(StateStopped, "")
+			return
+		}
+		backoff = min(backoff*2, in.a.cfg.MaxBackoff)
+	}
+}
+
+var errStopped = errors.New("stopped")
+
+func (in *instance) sleep(d time.Duration) bool {
+	select {
+	case <-in.a.detached:
+		return false
+	case <-in.stop:
+		return false
+	case <-time.After(d):
+		return true
+	}
+}
+
+// finish records a terminal state and frees the VM's resources.
+func (in *instance) finish(state, reason string) {
+	select {
+	case <-in.a.detached:
+		return // the agent is going away; the next one takes over
+	default:
+	}
+	in.mu.Lock()
+	lease, release := in.lease, in.release
+	in.lease, in.release, in.machine = nil, nil, nil
+	in.mu.Unlock()
+	if release != nil {
+		release()
+	}
+	if lease != nil {
+		_ = in.a.net.Release(in.st.ID)
+	}
+	_ = os.Remove(filepath.Join(in.dir, "disk.qcow2"))
+	in.update(func(s *Status) {
+		s.State, s.Healthy = state, false
+		if reason != "" {
+			s.Error = reason
+		}
+	})
+}
+
+// boot prepares the root disk and network and starts the VM.
+func (in *instance) boot() (vmm.Machine, error) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() {
+		select {
+		case <-in.stop:
+			cancel()
+		case <-in.a.detached:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	spec := in.status().Spec
+	in.update(func(s *Status) { s.State = StatePreparing })
+	in.mu.Lock()
+	haveImage := in.release != nil
+	in.mu.Unlock()
+	var img *rootfs.Image
+	var err error
+	if !haveImage {
+		var release func()
+		img, release, err = in.a.images.Get(ctx, spec.Image)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil, errStopped
+			}
+			return nil, err
+		}
+		in.mu.Lock()
+		in.release = release
+		in.mu.Unlock()
+		b, _ := json.Marshal(img)
+		_ = os.WriteFile(filepath.Join(in.dir, "image.json"), b, 0o644)
+	} else {
+		img = &rootfs.Image{}
+		b, _ := os.ReadFile(filepath.Join(in.dir, "image.json"))
+		_ = json.Unmarshal(b, img)
+	}
+	lease, err := in.a.net.Allocate(spec.ID)
+	if err != nil {
+		return nil, err
+	}
+	in.mu.Lock()
+	in.lease = lease
+	in.mu.Unlock()
+	in.update(func(s *Status) { s.State = StateStarting; s.IP = lease.GuestIP })
+	m, err := in.a.vmm.Start(ctx, vmm.Spec{
+		ID: spec.ID, VCPUs: spec.VCPUs, MemoryMiB: spec.MemoryMiB,
+		Kernel: in.a.kernel.BzImage, Initrd: in.a.kernel.Initrd,
+		RootDisk: img.Path, Tap: lease.Tap, MAC: lease.MAC, Dir: in.dir,
+	})
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, errStopped
+		}
+		return nil, err
+	}
+	// The run configuration is sent once the channel is up (see channel).
+	cfg := &guest.Config{
+		Entrypoint: img.Config.Entrypoint, Cmd: img.Config.Cmd, WorkDir: img.Config.WorkDir,
+		UID: img.Config.UID, GID: img.Config.GID, Hostname: shortID(spec.ID),
+		Address: lease.GuestCIDR(), Gateway: lease.HostIP, MTU: 1500, DNS: in.a.cfg.DNS, StopGraceMS: int(in.a.cfg.StopGrace / time.Millisecond),
+	}
+	cfg.Env = append(cfg.Env, img.Config.Env...)
+	cfg.Env = append(cfg.Env, fmt.Sprintf("PORT=%d", spec.Port))
+	for k, v := range spec.Env {
+		cfg.Env = append(cfg.Env, k+"="+v)
+	}
+	b, _ := json.Marshal(cfg)
+	if err := os.WriteFile(filepath.Join(in.dir, "guest-config.json"), b, 0o600); err != nil {
+		_ = m.Kill()
+		return nil, err
+	}
+	in.mu.Lock()
+	in.machine = m
+	in.mu.Unlock()
+	now := time.Now().UTC()
+	in.update(func(s *Status) { s.StartedAt = &now; s.Error = ""; s.ExitCode = nil })
+	return m, nil
+}
+
+func shortID(id string) string {
+	if len(id) > 12 {
+		return "zw-" + id[len(id)-12:]
+	}
+	return "zw-" + id
+}
+
+// channel talks to the guest's init: sends the run configuration on the
+// first connection, then collects log lines and the exit code. After an
+// agent restart it reconnects without resending the configuration (init
+// only takes one).
+func (in *instance) channel(ctx context.Context, m vmm.Machine) {
+	conn, err := guest.Dial(ctx, m.AgentSocket())
+	if err != nil {
+		return
+	}
+	defer conn.Close()
+	go func() { <-ctx.Done(); conn.Close() }()
+	in.mu.Lock()
+	in.conn = conn
+	in.mu.Unlock()
+	r := guest.NewReader(conn)
+	w := guest.NewWriter(conn)
+	for {
+		f, err := r.Next()
+		if err != nil {
+			return
+		}
+		switch f.Type {
+		case guest.TypeReady:
+			in.update(func(s *Status) { s.State = StateRunning })
+			b, err := os.ReadFile(filepath.Join(in.dir, "guest-config.json"))
+			if err != nil {
+				in.log.Error("no guest configuration to send", "err", err)
+				continue
+			}
+			var cfg guest.Config
+			_ = json.Unmarshal(b, &cfg)
+			if err := w.Send(&guest.Frame{Type: guest.TypeConfig, Config: &cfg}); err != nil {
+				return
+			}
+		case guest.TypeLog:
+			in.appendLog(f.Stream, f.Line)
+		case guest.TypeExit:
+			code := *f.Code
+			in.update(func(s *Status) {
+				s.ExitCode = &code
+				s.Error = f.Error
+				if s.Error == "" {
+					s.Error = fmt.Sprintf("app exited with code %d", code)
+				}
+			})
+		}
+	}
+}
+
+// shutdown asks init to stop the app, then kills the VM after the grace
+// period.
+func (in *instance) shutdown(m vmm.Machine) {
+	in.mu.Lock()
+	conn := in.conn
+	in.mu.Unlock()
+	if conn != nil {
+		_ = guest.NewWriter(conn).Send(&guest.Frame{Type: guest.TypeStop})
+	}
+	select {
+	case <-m.Done():
+	case <-time.After(in.a.cfg.StopGrace + 5*time.Second):
+		in.log.Warn("VM did not power off in time; killing it")
+		_ = m.Kill()
+	}
+}
+
+// healthLoop probes the app over HTTP on its port.
+func (in *instance) healthLoop(ctx context.Context) {
+	client := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	t := time.NewTicker(in.a.cfg.HealthInterval)
+	defer t.Stop()
+	for {
+		st := in.status()
+		if st.IP != "" {
+			path := st.HealthPath
+			if path == "" {
+				path = "/"
+			}
+			url := fmt.Sprintf("http://%s%s", net.JoinHostPort(st.IP, fmt.Sprint(st.Port)), path)
+			req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+			resp, err := client.Do(req)
+			ok := err == nil && resp.StatusCode >= 200 && resp.StatusCode < 400
+			if resp != nil {
+				resp.Body.Close()
+			}
+			if ctx.Err() != nil {
+				return
+			}
+			in.update(func(s *Status) { s.Healthy = ok && s.State == StateRunning })
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
