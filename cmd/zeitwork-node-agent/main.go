@@ -29,7 +29,9 @@ func run(ctx context.Context, p *service.Process) error {
 		return err
 	}
 	health := service.NewHealth(p.Name)
-	health.SetInfo(func() map[string]any { return map[string]any{"node_id": agent.NodeID(), "instances": len(agent.List())} })
+	health.SetInfo(func() map[string]any {
+		return map[string]any{"node_id": agent.NodeID(), "instances": len(agent.List())}
+	})
 	admin := http.NewServeMux()
 	health.Register(admin, reg)
 	srv := &http.Server{Handler: agent.Handler(admin), ReadHeaderTimeout: 10 * time.Second}

@@ -40,7 +40,6 @@ func FuzzCleanName(f *testing.F) {
 	})
 }
 
-
 func TestLayerSemantics(t *testing.T) {
 	srv := httptest.NewServer(registry.New(registry.Logger(log.New(io.Discard, "", 0))))
 	defer srv.Close()
