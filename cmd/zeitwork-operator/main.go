@@ -1,6 +1,11 @@
 // Command zeitwork-operator is Zeitwork's control plane: the API, GitHub
 // webhooks, the deployment reconciler and the route table, backed by
-// PostgreSQL. `zeitwork-operator migrate` applies the schema and exits.
+// PostgreSQL (:8080).
+//
+//	zeitwork-operator                     serve (migrates first)
+//	zeitwork-operator migrate             apply the schema and exit
+//	zeitwork-operator bootstrap ORG EMAIL create an organisation and print a new API token
+//	zeitwork-operator dev                 run the whole platform on this machine
 package main
 
 import (
@@ -9,35 +14,28 @@ import (
 	"net/http"
 	"time"
 
+	"golang.org/x/sync/errgroup"
+
 	"github.com/zeitwork/zeitwork/internal/db"
+	"github.com/zeitwork/zeitwork/internal/devcluster"
 	"github.com/zeitwork/zeitwork/internal/envconfig"
+	"github.com/zeitwork/zeitwork/internal/operator"
 	"github.com/zeitwork/zeitwork/internal/service"
 )
 
 func main() { service.Main("zeitwork-operator", run) }
 
-type config struct {
-	Addr        string
-	DatabaseURL string
-	Drain       time.Duration
-}
-
-func loadConfig() (config, error) {
-	l := envconfig.New()
-	c := config{
-		Addr:        l.Addr("PORT", ":8080"),
-		DatabaseURL: l.Required("DATABASE_URL", "the operator keeps cluster state in PostgreSQL"),
-		Drain:       l.Duration("DRAIN_TIMEOUT", 20*time.Second),
-	}
-	if a := l.String("LISTEN_ADDR", ""); a != "" {
-		c.Addr = l.Addr("LISTEN_ADDR", a)
-	}
-	return c, l.Err()
-}
-
 func run(ctx context.Context, p *service.Process) error {
-	cfg, err := loadConfig()
-	if err != nil {
+	if len(p.Args) > 0 && p.Args[0] == "dev" {
+		return devcluster.RunDev(ctx, p.Args[1:], p.Logger)
+	}
+	env := envconfig.New()
+	cfg := operator.LoadConfig(env)
+	if len(p.Args) > 0 && p.Args[0] == "migrate" {
+		if cfg.DatabaseURL == "" {
+			return env.Err()
+		}
+	} else if err := env.Err(); err != nil {
 		return err
 	}
 	pool, err := db.Open(ctx, cfg.DatabaseURL)
@@ -52,17 +50,43 @@ func run(ctx context.Context, p *service.Process) error {
 	if len(applied) > 0 {
 		p.Logger.Info("applied migrations", "versions", applied)
 	}
-	if len(p.Args) > 0 && p.Args[0] == "migrate" {
-		fmt.Printf("schema up to date (%d applied now)\n", len(applied))
-		return nil
+	if len(p.Args) > 0 {
+		switch p.Args[0] {
+		case "migrate":
+			fmt.Printf("schema up to date (%d migrations applied now)\n", len(applied))
+			return nil
+		case "bootstrap":
+			if len(p.Args) != 3 {
+				return fmt.Errorf("usage: zeitwork-operator bootstrap ORG EMAIL")
+			}
+			op, err := operator.New(cfg, pool, nil, p.Logger)
+			if err != nil {
+				return err
+			}
+			tok, err := op.Bootstrap(ctx, p.Args[1], p.Args[2], "bootstrap")
+			if err != nil {
+				return err
+			}
+			fmt.Println(tok)
+			return nil
+		default:
+			return fmt.Errorf("unknown command %q (want migrate, bootstrap or dev)", p.Args[0])
+		}
+	}
+	reg := service.NewRegistry("zeitwork_operator")
+	op, err := operator.New(cfg, pool, reg, p.Logger)
+	if err != nil {
+		return err
 	}
 	health := service.NewHealth(p.Name)
 	health.AddCheck("database", func(ctx context.Context) error { return pool.Ping(ctx) })
-	reg := service.NewRegistry("zeitwork_operator")
-	mux := http.NewServeMux()
-	health.Register(mux, reg)
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	admin := http.NewServeMux()
+	health.Register(admin, reg)
+	srv := &http.Server{Handler: op.Handler(admin), ReadHeaderTimeout: 10 * time.Second}
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return op.Run(gctx) })
+	g.Go(func() error { return service.ListenAndServe(gctx, srv, cfg.Addr, cfg.Drain) })
 	p.Logger.Info("listening", "addr", cfg.Addr)
 	_ = service.NotifyReady()
-	return service.ListenAndServe(ctx, srv, cfg.Addr, cfg.Drain)
+	return g.Wait()
 }

@@ -1,0 +1,294 @@
+// Package devcluster runs the whole Zeitwork platform on one machine as
+// real, separate processes on loopback: a private PostgreSQL, an OCI
+// registry with the bundled sample app, the operator, and per region a load
+// balancer, an edge proxy and node agents (QEMU microVMs). `make dev` and the
+// end-to-end suite both use it.
+//
+// Regions get their own loopback addresses (region i listens on 127.0.i.x)
+// so every process keeps its standard port, as in production.
+package devcluster
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/zeitwork/zeitwork/internal/embeddedpg"
+)
+
+// Config describes a cluster.
+type Config struct {
+	BinDir         string   // where the six binaries live
+	StateDir       string   // everything the cluster writes; reused on restart
+	Regions        []string // default ["local"]
+	NodesPerRegion int      // node agents per region; default 1
+	AppsDomain     string   // default zeitwork.test
+	DatabaseURL    string   // empty: start an embedded PostgreSQL in StateDir
+	// FirstIP is the loopback address of region 0's services; region i uses
+	// the same address with its third octet increased by i. Default 127.0.0.1
+	// for one region, 127.0.1.1 for several.
+	FirstIP string
+	// Env adds or overrides variables of every service (e.g. RETENTION).
+	Env map[string]string
+}
+
+// Region is one running region.
+type Region struct {
+	Name       string
+	IP         string
+	LB         *Proc
+	Edge       *Proc
+	NodeAgents []*Proc
+}
+
+// Cluster is a running platform.
+type Cluster struct {
+	cfg          Config
+	DB           *embeddedpg.Server
+	DatabaseURL  string
+	Registry     *Registry
+	CA           *CA
+	Operator     *Proc
+	OperatorURL  string
+	Regions      []*Region
+	ClusterToken string
+	// Token is the API token of the demo organisation (Org).
+	Token string
+	Org   string
+}
+
+func (c *Config) defaults() {
+	if len(c.Regions) == 0 {
+		c.Regions = []string{"local"}
+	}
+	if c.NodesPerRegion == 0 {
+		c.NodesPerRegion = 1
+	}
+	if c.AppsDomain == "" {
+		c.AppsDomain = "zeitwork.test"
+	}
+	if c.FirstIP == "" {
+		c.FirstIP = "127.0.0.1"
+		if len(c.Regions) > 1 {
+			c.FirstIP = "127.0.1.1"
+		}
+	}
+}
+
+// secret returns a persistent random secret stored in StateDir/name.
+func secret(dir, name string, n int, enc func([]byte) string) (string, error) {
+	p := filepath.Join(dir, name)
+	if b, err := os.ReadFile(p); err == nil && len(b) > 0 {
+		return strings.TrimSpace(string(b)), nil
+	}
+	buf := make([]byte, n)
+	_, _ = rand.Read(buf)
+	s := enc(buf)
+	if err := os.WriteFile(p, []byte(s+"\n"), 0o600); err != nil {
+		return "", err
+	}
+	return s, nil
+}
+
+func regionIP(first string, i, host int) string {
+	var a, b, c, d int
+	_, _ = fmt.Sscanf(first, "%d.%d.%d.%d", &a, &b, &c, &d)
+	return fmt.Sprintf("%d.%d.%d.%d", a, b, c+i, d+host)
+}
+
+func (c *Cluster) bin(name string) string { return filepath.Join(c.cfg.BinDir, name) }
+
+func (c *Cluster) logFile(name string) string {
+	return filepath.Join(c.cfg.StateDir, "logs", name+".log")
+}
+
+// Start brings the platform up. On error everything started is stopped.
+func Start(ctx context.Context, cfg Config) (_ *Cluster, err error) {
+	cfg.defaults()
+	if err := os.MkdirAll(cfg.StateDir, 0o755); err != nil {
+		return nil, err
+	}
+	for _, b := range []string{"zeitwork-operator", "zeitwork-node-agent", "zeitwork-edge-proxy", "zeitwork-load-balancer", "zeitwork-init"} {
+		if _, err := exec.LookPath(filepath.Join(cfg.BinDir, b)); err != nil {
+			return nil, fmt.Errorf("missing binary %s in %s (run make build): %w", b, cfg.BinDir, err)
+		}
+	}
+	c := &Cluster{cfg: cfg}
+	defer func() {
+		if err != nil {
+			c.Stop()
+		}
+	}()
+	if c.ClusterToken, err = secret(cfg.StateDir, "cluster-token", 24, hex.EncodeToString); err != nil {
+		return nil, err
+	}
+	if c.CA, err = EnsureCA(filepath.Join(cfg.StateDir, "ca"), cfg.AppsDomain); err != nil {
+		return nil, err
+	}
+	c.DatabaseURL = cfg.DatabaseURL
+	if c.DatabaseURL == "" {
+		c.DB, err = embeddedpg.Start(ctx, embeddedpg.Config{DataDir: filepath.Join(cfg.StateDir, "postgres", "data")})
+		if err != nil {
+			return nil, err
+		}
+		if err := c.DB.EnsureDatabase(ctx, "zeitwork"); err != nil {
+			return nil, err
+		}
+		c.DatabaseURL = c.DB.URL("zeitwork")
+	}
+	if c.Registry, err = StartRegistry("127.0.0.1:0"); err != nil {
+		return nil, err
+	}
+	encKey, err := secret(cfg.StateDir, "encryption-key", 32, base64.StdEncoding.EncodeToString)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.startOperator(ctx, encKey); err != nil {
+		return nil, err
+	}
+	for i, name := range cfg.Regions {
+		r := &Region{Name: name, IP: regionIP(cfg.FirstIP, i, 0)}
+		c.Regions = append(c.Regions, r)
+		if err := c.startRegion(ctx, i, r); err != nil {
+			return nil, err
+		}
+	}
+	return c, nil
+}
+
+func (c *Cluster) common() map[string]string {
+	env := map[string]string{
+		"LOG_LEVEL":     "info",
+		"ENVIRONMENT":   "development",
+		"CLUSTER_TOKEN": c.ClusterToken,
+		"APPS_DOMAIN":   c.cfg.AppsDomain,
+		"OPERATOR_URL":  c.OperatorURL,
+	}
+	return env
+}
+
+func merge(dst map[string]string, srcs ...map[string]string) map[string]string {
+	for _, s := range srcs {
+		for k, v := range s {
+			dst[k] = v
+		}
+	}
+	return dst
+}
+
+func (c *Cluster) startOperator(ctx context.Context, encKey string) error {
+	ip := c.cfg.FirstIP
+	if len(c.cfg.Regions) > 1 {
+		ip = regionIP(c.cfg.FirstIP, -1, 0) // 127.0.0.1 when regions start at 127.0.1.1
+	}
+	c.OperatorURL = "http://" + ip + ":8080"
+	c.Operator = &Proc{
+		Name: "operator", Path: c.bin("zeitwork-operator"), LogFile: c.logFile("operator"),
+		Health: c.OperatorURL + "/health/live",
+		Env: merge(c.common(), map[string]string{
+			"PORT":           "8080",
+			"LISTEN_ADDR":    ip + ":8080",
+			"DATABASE_URL":   c.DatabaseURL,
+			"ENCRYPTION_KEY": encKey,
+			"EDGE_HOSTNAME":  "edge." + c.cfg.AppsDomain,
+		}, c.cfg.Env),
+	}
+	return c.Operator.Start(ctx, 2*time.Minute)
+}
+
+func (c *Cluster) startRegion(ctx context.Context, i int, r *Region) error {
+	for n := range c.cfg.NodesPerRegion {
+		ip := regionIP(c.cfg.FirstIP, i, 10+n)
+		name := fmt.Sprintf("node-agent-%s-%d", r.Name, n)
+		p := &Proc{
+			Name: name, Path: c.bin("zeitwork-node-agent"), LogFile: c.logFile(name), KeepGroup: true,
+			Health: "http://" + ip + ":8081/health/live",
+			Env: merge(c.common(), map[string]string{
+				"PORT":                "8081",
+				"LISTEN_ADDR":         ip + ":8081",
+				"NODE_ADVERTISE_ADDR": "http://" + ip + ":8081",
+				"REGION":              r.Name,
+				"VM_WORK_DIR":         filepath.Join(c.cfg.StateDir, "nodes", name),
+				"VM_SUBNET":           fmt.Sprintf("10.%d.%d.0/24", 100+i, n),
+				"VMM":                 "qemu",
+				"INSECURE_REGISTRIES": c.Registry.Addr,
+			}, c.cfg.Env),
+		}
+		r.NodeAgents = append(r.NodeAgents, p)
+		if err := p.Start(ctx, 2*time.Minute); err != nil {
+			return err
+		}
+	}
+	r.Edge = &Proc{
+		Name: "edge-proxy-" + r.Name, Path: c.bin("zeitwork-edge-proxy"), LogFile: c.logFile("edge-proxy-" + r.Name),
+		Health: "http://" + r.IP + ":8083/health/live",
+		Env: merge(c.common(), map[string]string{
+			"HTTPS_ADDR":      r.IP + ":443",
+			"HTTP_ADDR":       r.IP + ":8083",
+			"REGION":          r.Name,
+			"SSL_CERT_PATH":   c.CA.WildcardCert,
+			"SSL_KEY_PATH":    c.CA.WildcardKey,
+			"DATABASE_URL":    c.DatabaseURL,
+			"TRUSTED_PROXIES": r.IP + "/32",
+			"STATE_DIR":       filepath.Join(c.cfg.StateDir, "edge-"+r.Name),
+		}, c.cfg.Env),
+	}
+	if err := r.Edge.Start(ctx, time.Minute); err != nil {
+		return err
+	}
+	r.LB = &Proc{
+		Name: "load-balancer-" + r.Name, Path: c.bin("zeitwork-load-balancer"), LogFile: c.logFile("load-balancer-" + r.Name),
+		Health: "http://" + r.IP + ":8084/health/live",
+		Env: merge(c.common(), map[string]string{
+			"LB_LISTENERS":      r.IP + ":8082=>443," + r.IP + ":8085=>8083",
+			"LB_ADMIN_ADDR":     r.IP + ":8084",
+			"LB_BACKENDS":       r.IP,
+			"LB_ALGORITHM":      "least-connections",
+			"LB_PROXY_PROTOCOL": "v2",
+			"REGION":            r.Name,
+		}, c.cfg.Env),
+	}
+	return r.LB.Start(ctx, time.Minute)
+}
+
+// Stop stops every process (load balancers first, the database last).
+func (c *Cluster) Stop() error {
+	var errs []error
+	for _, r := range c.Regions {
+		for _, p := range []*Proc{r.LB, r.Edge} {
+			if p != nil {
+				errs = append(errs, p.Stop(30*time.Second))
+			}
+		}
+	}
+	for _, r := range c.Regions {
+		for _, p := range r.NodeAgents {
+			errs = append(errs, p.Stop(60*time.Second))
+		}
+	}
+	if c.Operator != nil {
+		errs = append(errs, c.Operator.Stop(30*time.Second))
+	}
+	if c.Registry != nil {
+		errs = append(errs, c.Registry.Close())
+	}
+	if c.DB != nil {
+		errs = append(errs, c.DB.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// RunDev is `zeitwork dev`: it starts the platform, deploys the sample
+// app, prints how to reach it, and stops everything when ctx ends.
+func RunDev(ctx context.Context, args []string, log *slog.Logger) error {
+	return errors.New("not yet")
+}

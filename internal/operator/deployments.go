@@ -1,0 +1,458 @@
+package operator
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
+)
+
+// Deployment is the API's deployment document.
+type Deployment struct {
+	ID            uuid.UUID                  `json:"id"`
+	ProjectID     uuid.UUID                  `json:"project_id"`
+	Project       string                     `json:"project"`
+	Status        string                     `json:"status"`
+	Hostname      string                     `json:"hostname"`
+	URL           string                     `json:"url"`
+	ProductionURL string                     `json:"production_url,omitempty"`
+	Image         string                     `json:"image"`
+	ImageDigest   string                     `json:"image_digest,omitempty"`
+	CommitSHA     string                     `json:"commit_sha,omitempty"`
+	Branch        string                     `json:"branch,omitempty"`
+	Preview       bool                       `json:"preview"`
+	Active        bool                       `json:"active"`
+	FailureReason string                     `json:"failure_reason,omitempty"`
+	CreatedAt     time.Time                  `json:"created_at"`
+	PreparingAt   *time.Time                 `json:"preparing_at,omitempty"`
+	StartingAt    *time.Time                 `json:"starting_at,omitempty"`
+	HealthyAt     *time.Time                 `json:"healthy_at,omitempty"`
+	ActiveAt      *time.Time                 `json:"active_at,omitempty"`
+	FinishedAt    *time.Time                 `json:"finished_at,omitempty"`
+	Regions       map[string]RegionInstances `json:"regions"`
+	Instances     []Instance                 `json:"instances"`
+}
+
+// RegionInstances summarises one region of a deployment.
+type RegionInstances struct {
+	Desired int `json:"desired"`
+	Running int `json:"running"`
+	Healthy int `json:"healthy"`
+}
+
+// Instance is the API's instance document.
+type Instance struct {
+	ID           uuid.UUID `json:"id"`
+	DeploymentID uuid.UUID `json:"deployment_id,omitempty"`
+	NodeID       uuid.UUID `json:"node_id"`
+	Region       string    `json:"region"`
+	State        string    `json:"state"`
+	Healthy      bool      `json:"healthy"`
+	Desired      string    `json:"desired_state"`
+	Error        string    `json:"error,omitempty"`
+	Restarts     int       `json:"restarts"`
+	nodeAddress  string
+	nodeState    string
+}
+
+func (o *Operator) deployment(ctx context.Context, org principal, id string) (*Deployment, error) {
+	var d Deployment
+	err := o.pool.QueryRow(ctx, Q("DeploymentGet"), org.OrgID, id).Scan(&d.ID, &d.ProjectID, &d.Project, &d.Status, &d.Hostname,
+		&d.Image, &d.ImageDigest, &d.CommitSHA, &d.Branch, &d.Preview, &d.FailureReason, &d.CreatedAt, &d.PreparingAt,
+		&d.StartingAt, &d.HealthyAt, &d.ActiveAt, &d.FinishedAt, &d.Active)
+	if isNoRows(err) {
+		return nil, notFound("deployment " + id)
+	}
+	if err != nil {
+		return nil, err
+	}
+	d.URL = "https://" + d.Hostname
+	if !d.Preview {
+		d.ProductionURL = "https://" + AliasLabel(d.Project, org.OrgName) + "." + o.cfg.AppsDomain
+	}
+	d.Instances, err = o.instancesOf(ctx, d.ID)
+	if err != nil {
+		return nil, err
+	}
+	d.Regions = map[string]RegionInstances{}
+	for _, in := range d.Instances {
+		if in.Desired != "running" {
+			continue
+		}
+		ri := d.Regions[in.Region]
+		ri.Desired++
+		if in.State == "running" {
+			ri.Running++
+		}
+		if in.Healthy {
+			ri.Healthy++
+		}
+		d.Regions[in.Region] = ri
+	}
+	return &d, nil
+}
+
+func (o *Operator) instancesOf(ctx context.Context, deploymentID uuid.UUID) ([]Instance, error) {
+	rows, err := o.pool.Query(ctx, Q("InstancesOfDeployment"), deploymentID)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (Instance, error) {
+		var in Instance
+		err := row.Scan(&in.ID, &in.NodeID, &in.Region, &in.State, &in.Healthy, &in.Desired, &in.Error, &in.Restarts, &in.nodeAddress, &in.nodeState)
+		in.DeploymentID = deploymentID
+		return in, err
+	})
+}
+
+type deployRequest struct {
+	Image     string `json:"image"`
+	CommitSHA string `json:"commit_sha"`
+	Branch    string `json:"branch"`
+	Preview   bool   `json:"preview"`
+}
+
+func (o *Operator) createDeployment(w http.ResponseWriter, r *http.Request) error {
+	p, err := o.project(r)
+	if err != nil {
+		return err
+	}
+	body, err := io.ReadAll(io.LimitReader(r.Body, 1<<20))
+	if err != nil {
+		return invalid("cannot read body: %v", err)
+	}
+	r.Body = io.NopCloser(strings.NewReader(string(body)))
+	var req deployRequest
+	if err := decode(r, &req); err != nil {
+		return err
+	}
+	return o.idempotent(w, r, body, func() (int, any, error) {
+		id, err := o.newDeployment(r.Context(), who(r), p, req, r.Header.Get("Idempotency-Key"))
+		if err != nil {
+			return 0, nil, err
+		}
+		d, err := o.deployment(r.Context(), who(r), id.String())
+		if err != nil {
+			return 0, nil, err
+		}
+		return http.StatusAccepted, d, nil
+	})
+}
+
+func validSHA(s string) bool {
+	if len(s) < 7 || len(s) > 64 {
+		return false
+	}
+	for _, c := range s {
+		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
+			return false
+		}
+	}
+	return true
+}
+
+// newDeployment records a pending deployment and nudges the reconciler.
+// The same (project, commit) or idempotency key returns the existing one.
+func (o *Operator) newDeployment(ctx context.Context, org principal, p *Project, req deployRequest, idemKey string) (uuid.UUID, error) {
+	req.Image = strings.TrimSpace(req.Image)
+	if req.CommitSHA != "" && !validSHA(req.CommitSHA) {
+		return uuid.Nil, invalid("commit_sha %q is not a hex commit id", req.CommitSHA)
+	}
+	if req.Image == "" {
+		if req.CommitSHA == "" || p.ImageTemplate == "" {
+			return uuid.Nil, invalid("image is required (or commit_sha with a project image_template)")
+		}
+		req.Image = strings.ReplaceAll(p.ImageTemplate, "{sha}", req.CommitSHA)
+		req.Image = strings.ReplaceAll(req.Image, "{branch}", req.Branch)
+	}
+	if strings.ContainsAny(req.Image, " \t\n") || len(req.Image) > 512 {
+		return uuid.Nil, invalid("image %q is not a valid reference", req.Image)
+	}
+	id := newID()
+	host := VersionedLabel(p.Name, NanoID(), org.OrgName) + "." + o.cfg.AppsDomain
+	var key any
+	if idemKey != "" {
+		key = idemKey
+	}
+	tag, err := o.pool.Exec(ctx, Q("DeploymentInsert"), id, p.ID, org.OrgID, host, req.Image, req.CommitSHA, req.Branch, req.Preview, key,
+		fmt.Sprintf("%d seconds", int(o.cfg.DeployTimeout.Seconds())))
+	if err != nil {
+		return uuid.Nil, err
+	}
+	if tag.RowsAffected() == 0 { // an existing deployment for this key or commit
+		var existing uuid.UUID
+		if idemKey != "" {
+			if err := o.pool.QueryRow(ctx, Q("DeploymentByIdempotency"), p.ID, idemKey).Scan(&existing); err == nil {
+				return existing, nil
+			}
+		}
+		if err := o.pool.QueryRow(ctx, Q("DeploymentBySHA"), p.ID, req.CommitSHA).Scan(&existing); err != nil {
+			return uuid.Nil, err
+		}
+		return existing, nil
+	}
+	o.m.deployments.WithLabelValues("pending").Inc()
+	o.notify(ctx, "zeitwork_reconcile")
+	return id, nil
+}
+
+func (o *Operator) listDeployments(w http.ResponseWriter, r *http.Request) error {
+	p, err := o.project(r)
+	if err != nil {
+		return err
+	}
+	limit := 50
+	if l, err := strconv.Atoi(r.URL.Query().Get("limit")); err == nil && l > 0 && l <= 500 {
+		limit = l
+	}
+	rows, err := o.pool.Query(r.Context(), Q("DeploymentsList"), p.ID, limit)
+	if err != nil {
+		return err
+	}
+	ids, err := pgx.CollectRows(rows, pgx.RowTo[uuid.UUID])
+	if err != nil {
+		return err
+	}
+	out := []*Deployment{}
+	for _, id := range ids {
+		d, err := o.deployment(r.Context(), who(r), id.String())
+		if err != nil {
+			return err
+		}
+		out = append(out, d)
+	}
+	writeJSON(w, 200, map[string]any{"deployments": out})
+	return nil
+}
+
+func (o *Operator) getDeployment(w http.ResponseWriter, r *http.Request) error {
+	d, err := o.deployment(r.Context(), who(r), r.PathValue("id"))
+	if err != nil {
+		return err
+	}
+	writeJSON(w, 200, d)
+	return nil
+}
+
+func (o *Operator) stopDeployment(w http.ResponseWriter, r *http.Request) error {
+	d, err := o.deployment(r.Context(), who(r), r.PathValue("id"))
+	if err != nil {
+		return err
+	}
+	if d.Active {
+		return fmt.Errorf("%w: deployment %s serves production; promote or roll back to another one first", errConflict, d.ID)
+	}
+	err = o.tx(r.Context(), func(tx pgx.Tx) error {
+		if _, err := tx.Exec(r.Context(), Q("DeploymentSetStatus"), d.ID, "stopped", "stopped by request"); err != nil {
+			return err
+		}
+		if _, err := tx.Exec(r.Context(), Q("StopDeploymentInstances"), d.ID); err != nil {
+			return err
+		}
+		_, err := tx.Exec(r.Context(), Q("BumpRoutes"))
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	o.nudge()
+	d, err = o.deployment(r.Context(), who(r), d.ID.String())
+	if err != nil {
+		return err
+	}
+	writeJSON(w, 200, d)
+	return nil
+}
+
+func (o *Operator) promoteDeployment(w http.ResponseWriter, r *http.Request) error {
+	d, err := o.deployment(r.Context(), who(r), r.PathValue("id"))
+	if err != nil {
+		return err
+	}
+	if err := o.switchTo(r.Context(), d); err != nil {
+		return err
+	}
+	d, err = o.deployment(r.Context(), who(r), d.ID.String())
+	if err != nil {
+		return err
+	}
+	writeJSON(w, 200, d)
+	return nil
+}
+
+func (o *Operator) rollback(w http.ResponseWriter, r *http.Request) error {
+	p, err := o.project(r)
+	if err != nil {
+		return err
+	}
+	var req struct {
+		DeploymentID string `json:"deployment_id"`
+	}
+	if r.ContentLength != 0 {
+		if err := decode(r, &req); err != nil {
+			return err
+		}
+	}
+	target := req.DeploymentID
+	if target == "" {
+		var id uuid.UUID
+		err := o.pool.QueryRow(r.Context(), Q("PreviousHealthy"), p.ID, p.ActiveDeploymentID).Scan(&id)
+		if isNoRows(err) {
+			return fmt.Errorf("%w: no earlier healthy deployment to roll back to", errConflict)
+		}
+		if err != nil {
+			return err
+		}
+		target = id.String()
+	}
+	d, err := o.deployment(r.Context(), who(r), target)
+	if err != nil {
+		return err
+	}
+	if d.ProjectID != p.ID {
+		return notFound("deployment " + target)
+	}
+	if err := o.switchTo(r.Context(), d); err != nil {
+		return err
+	}
+	d, err = o.deployment(r.Context(), who(r), d.ID.String())
+	if err != nil {
+		return err
+	}
+	writeJSON(w, 200, d)
+	return nil
+}
+
+// switchTo moves the project's production alias (and its custom domains)
+// to d now when d's instances are healthy; otherwise it restarts them and
+// the reconciler promotes d once they are.
+func (o *Operator) switchTo(ctx context.Context, d *Deployment) error {
+	if d.Preview {
+		return fmt.Errorf("%w: preview deployments are not promoted", errConflict)
+	}
+	switch d.Status {
+	case "failed", "stopped":
+		return fmt.Errorf("%w: deployment %s is %s", errConflict, d.ID, d.Status)
+	}
+	healthy := 0
+	for _, in := range d.Instances {
+		if in.Desired == "running" && in.Healthy {
+			healthy++
+		}
+	}
+	if healthy > 0 && d.HealthyAt != nil {
+		return o.promote(ctx, d.ProjectID, d.ID)
+	}
+	// Its VMs are gone: start them again; promotion follows health.
+	err := o.tx(ctx, func(tx pgx.Tx) error {
+		_, err := tx.Exec(ctx, `UPDATE deployments SET status = 'starting', starting_at = now(), healthy_at = NULL,
+			finished_at = NULL, deadline_at = now() + $2::interval, failure_reason = '', promote_requested = true WHERE id = $1`,
+			d.ID, fmt.Sprintf("%d seconds", int(o.cfg.DeployTimeout.Seconds())))
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	o.notify(ctx, "zeitwork_reconcile")
+	return nil
+}
+
+// promote points the project's alias at deploymentID and supersedes the
+// previous active deployment, in one transaction, and tells edges.
+func (o *Operator) promote(ctx context.Context, projectID, deploymentID uuid.UUID) error {
+	err := o.tx(ctx, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `SELECT 1 FROM projects WHERE id = $1 FOR UPDATE`, projectID); err != nil {
+			return err
+		}
+		if _, err := tx.Exec(ctx, Q("DeploymentSupersede"), projectID, deploymentID); err != nil {
+			return err
+		}
+		if _, err := tx.Exec(ctx, `UPDATE projects SET active_deployment_id = $2, updated_at = now() WHERE id = $1`, projectID, deploymentID); err != nil {
+			return err
+		}
+		if _, err := tx.Exec(ctx, Q("DeploymentSetStatus"), deploymentID, "active", ""); err != nil {
+			return err
+		}
+		_, err := tx.Exec(ctx, Q("BumpRoutes"))
+		return err
+	})
+	if err == nil {
+		o.m.deployments.WithLabelValues("active").Inc()
+		o.log.Info("promoted", "project_id", projectID, "deployment_id", deploymentID)
+	}
+	return err
+}
+
+func (o *Operator) listInstances(w http.ResponseWriter, r *http.Request) error {
+	rows, err := o.pool.Query(r.Context(), Q("InstancesList"), who(r).OrgID, r.URL.Query().Get("deployment"))
+	if err != nil {
+		return err
+	}
+	out, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (Instance, error) {
+		var in Instance
+		return in, row.Scan(&in.ID, &in.DeploymentID, &in.NodeID, &in.Region, &in.State, &in.Healthy, &in.Desired, &in.Error, &in.Restarts)
+	})
+	if err != nil {
+		return err
+	}
+	writeJSON(w, 200, map[string]any{"instances": out})
+	return nil
+}
+
+// deploymentLogs merges the logs of a deployment's instances from their
+// node agents as NDJSON, following when asked.
+func (o *Operator) deploymentLogs(w http.ResponseWriter, r *http.Request) error {
+	d, err := o.deployment(r.Context(), who(r), r.PathValue("id"))
+	if err != nil {
+		return err
+	}
+	follow := r.URL.Query().Get("follow")
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	w.WriteHeader(200)
+	var mu sync.Mutex
+	fl, _ := w.(http.Flusher)
+	var wg sync.WaitGroup
+	for _, in := range d.Instances {
+		if in.nodeState == "down" {
+			continue
+		}
+		wg.Go(func() {
+			req, _ := http.NewRequestWithContext(r.Context(), "GET", in.nodeAddress+"/instances/"+in.ID.String()+"/logs?follow="+follow, nil)
+			req.Header.Set("Authorization", "Bearer "+o.cfg.ClusterToken)
+			client := &http.Client{}
+			resp, err := client.Do(req)
+			if err != nil {
+				return
+			}
+			defer resp.Body.Close()
+			sc := bufio.NewScanner(resp.Body)
+			sc.Buffer(make([]byte, 64<<10), 1<<20)
+			for sc.Scan() {
+				var line map[string]any
+				if json.Unmarshal(sc.Bytes(), &line) != nil {
+					continue
+				}
+				line["instance_id"] = in.ID
+				line["region"] = in.Region
+				b, _ := json.Marshal(line)
+				mu.Lock()
+				_, _ = w.Write(append(b, '\n'))
+				if fl != nil {
+					fl.Flush()
+				}
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	return nil
+}

@@ -1,0 +1,280 @@
+// Package operator is Zeitwork's control plane (zeitwork-operator, :8080):
+// the org-scoped public API, GitHub webhooks, the level-triggered
+// deployment reconciler (placement, health-gated promotion, retention,
+// failover), the route table that edge proxies follow, and the internal
+// endpoints node agents, edge proxies and load balancers report to. All
+// state is in PostgreSQL; any number of operators can serve the API, and
+// one at a time (an advisory-lock leader) runs the background work.
+package operator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/zeitwork/zeitwork/internal/envconfig"
+)
+
+// Config is the operator's configuration.
+type Config struct {
+	Addr               string
+	DatabaseURL        string
+	ClusterToken       string
+	EncryptionKey      string
+	WebhookSecret      string
+	AppsDomain         string
+	EdgeHostname       string
+	EdgeIPs            []string
+	DNSResolver        string
+	DeployTimeout      time.Duration
+	Retention          time.Duration
+	NodeDownAfter      time.Duration
+	ReconcileEvery     time.Duration
+	DomainRecheck      time.Duration
+	InsecureRegistries []string
+	Drain              time.Duration
+}
+
+// LoadConfig reads the operator's environment.
+func LoadConfig(l *envconfig.Loader) Config {
+	c := Config{
+		Addr:               l.Addr("PORT", ":8080"),
+		DatabaseURL:        l.Required("DATABASE_URL", "the operator keeps cluster state in PostgreSQL"),
+		ClusterToken:       l.Required("CLUSTER_TOKEN", "node agents, edge proxies and load balancers authenticate with it"),
+		EncryptionKey:      l.Required("ENCRYPTION_KEY", "encrypts project environment variables; 32 random bytes, base64"),
+		WebhookSecret:      l.String("GITHUB_WEBHOOK_SECRET", ""),
+		AppsDomain:         strings.ToLower(l.String("APPS_DOMAIN", "zeitwork.app")),
+		EdgeHostname:       strings.ToLower(l.String("EDGE_HOSTNAME", "edge.zeitwork.com")),
+		EdgeIPs:            l.List("EDGE_IPS", nil),
+		DNSResolver:        l.String("DNS_RESOLVER", ""),
+		DeployTimeout:      l.Duration("DEPLOY_TIMEOUT", 120*time.Second),
+		Retention:          l.Duration("RETENTION", 10*time.Minute),
+		NodeDownAfter:      l.Duration("NODE_DOWN_AFTER", 30*time.Second),
+		ReconcileEvery:     l.Duration("RECONCILE_INTERVAL", 2*time.Second),
+		DomainRecheck:      l.Duration("DOMAIN_RECHECK_INTERVAL", time.Hour),
+		InsecureRegistries: l.List("INSECURE_REGISTRIES", nil),
+		Drain:              l.Duration("DRAIN_TIMEOUT", 20*time.Second),
+	}
+	if a := l.String("LISTEN_ADDR", ""); a != "" {
+		c.Addr = l.Addr("LISTEN_ADDR", a)
+	}
+	if c.EncryptionKey != "" {
+		if _, err := newSealer(c.EncryptionKey); err != nil {
+			l.Errorf("ENCRYPTION_KEY", "%v", err)
+		}
+	}
+	if c.DNSResolver != "" {
+		if _, _, err := net.SplitHostPort(c.DNSResolver); err != nil {
+			l.Errorf("DNS_RESOLVER", "%q is not host:port", c.DNSResolver)
+		}
+	}
+	for _, ip := range c.EdgeIPs {
+		if net.ParseIP(ip) == nil {
+			l.Errorf("EDGE_IPS", "%q is not an IP address", ip)
+		}
+	}
+	return c
+}
+
+// Operator is one operator process.
+type Operator struct {
+	cfg    Config
+	pool   *pgxpool.Pool
+	log    *slog.Logger
+	seal   *sealer
+	client *http.Client
+	res    *net.Resolver
+	m      *metrics
+
+	routesMu   sync.Mutex
+	routesWake chan struct{} // closed and replaced on every routes notification
+	kick       chan struct{} // wakes the reconciler
+}
+
+type metrics struct {
+	requests    *prometheus.CounterVec
+	deployments *prometheus.CounterVec
+	leader      prometheus.Gauge
+}
+
+// New builds an operator on an open, migrated pool.
+func New(cfg Config, pool *pgxpool.Pool, reg prometheus.Registerer, log *slog.Logger) (*Operator, error) {
+	s, err := newSealer(cfg.EncryptionKey)
+	if err != nil {
+		return nil, fmt.Errorf("ENCRYPTION_KEY: %w", err)
+	}
+	o := &Operator{cfg: cfg, pool: pool, log: log, seal: s, client: &http.Client{Timeout: 15 * time.Second},
+		routesWake: make(chan struct{}), kick: make(chan struct{}, 1), res: net.DefaultResolver}
+	if cfg.DNSResolver != "" {
+		addr := cfg.DNSResolver
+		o.res = &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, network, addr)
+		}}
+	}
+	o.m = &metrics{
+		requests:    prometheus.NewCounterVec(prometheus.CounterOpts{Name: "zeitwork_operator_api_requests_total", Help: "API requests by status class."}, []string{"class"}),
+		deployments: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "zeitwork_operator_deployments_total", Help: "Deployment transitions by status."}, []string{"status"}),
+		leader:      prometheus.NewGauge(prometheus.GaugeOpts{Name: "zeitwork_operator_leader", Help: "1 while this operator runs the background work."}),
+	}
+	if reg != nil {
+		reg.MustRegister(o.m.requests, o.m.deployments, o.m.leader)
+	}
+	return o, nil
+}
+
+// Run listens for notifications and runs the background work (when this
+// operator holds leadership) until ctx ends.
+func (o *Operator) Run(ctx context.Context) error {
+	var wg sync.WaitGroup
+	wg.Go(func() { o.listen(ctx) })
+	wg.Go(func() { o.lead(ctx) })
+	wg.Wait()
+	return nil
+}
+
+// listen turns NOTIFYs into in-process wake-ups, reconnecting on errors.
+func (o *Operator) listen(ctx context.Context) {
+	for ctx.Err() == nil {
+		err := func() error {
+			conn, err := o.pool.Acquire(ctx)
+			if err != nil {
+				return err
+			}
+			defer conn.Release()
+			for _, ch := range []string{"zeitwork_routes", "zeitwork_reconcile"} {
+				if _, err := conn.Exec(ctx, "LISTEN "+ch); err != nil {
+					return err
+				}
+			}
+			for {
+				n, err := conn.Conn().WaitForNotification(ctx)
+				if err != nil {
+					return err
+				}
+				if n.Channel == "zeitwork_routes" {
+					o.wakeRoutes()
+				}
+				o.nudge()
+			}
+		}()
+		if ctx.Err() != nil {
+			return
+		}
+		o.log.Warn("notification listener failed; retrying", "err", err)
+		o.wakeRoutes() // waiters re-read the table
+		select {
+		case <-ctx.Done():
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+func (o *Operator) wakeRoutes() {
+	o.routesMu.Lock()
+	close(o.routesWake)
+	o.routesWake = make(chan struct{})
+	o.routesMu.Unlock()
+}
+
+func (o *Operator) routesChanged() <-chan struct{} {
+	o.routesMu.Lock()
+	defer o.routesMu.Unlock()
+	return o.routesWake
+}
+
+func (o *Operator) nudge() {
+	select {
+	case o.kick <- struct{}{}:
+	default:
+	}
+}
+
+const leaderLockKey = 0x7a77_6c65_6164 // "zwlead"
+
+// lead competes for the leader lock on a dedicated connection and runs the
+// reconciler while it holds it.
+func (o *Operator) lead(ctx context.Context) {
+	for ctx.Err() == nil {
+		conn, err := o.pool.Acquire(ctx)
+		if err != nil {
+			sleepCtx(ctx, time.Second)
+			continue
+		}
+		var got bool
+		if err := conn.QueryRow(ctx, "SELECT pg_try_advisory_lock($1)", leaderLockKey).Scan(&got); err != nil || !got {
+			conn.Release()
+			sleepCtx(ctx, o.cfg.ReconcileEvery)
+			continue
+		}
+		o.log.Info("became leader")
+		o.m.leader.Set(1)
+		o.reconcileLoop(ctx, conn)
+		o.m.leader.Set(0)
+		uctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		_, _ = conn.Exec(uctx, "SELECT pg_advisory_unlock($1)", leaderLockKey)
+		cancel()
+		conn.Release()
+	}
+}
+
+// reconcileLoop runs passes while the leader connection is healthy.
+func (o *Operator) reconcileLoop(ctx context.Context, conn *pgxpool.Conn) {
+	t := time.NewTicker(o.cfg.ReconcileEvery)
+	defer t.Stop()
+	backoff := time.Duration(0)
+	for {
+		pctx, cancel := context.WithTimeout(ctx, time.Minute)
+		err := o.reconcile(pctx)
+		cancel()
+		if err != nil && ctx.Err() == nil {
+			backoff = min(max(2*backoff, 500*time.Millisecond), 30*time.Second)
+			o.log.Warn("reconcile pass failed", "err", err, "backoff", backoff.String())
+			sleepCtx(ctx, jitter(backoff))
+		} else {
+			backoff = 0
+		}
+		if err := conn.Ping(ctx); err != nil {
+			return // lost the leader connection (and with it the lock)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		case <-o.kick:
+		}
+	}
+}
+
+func jitter(d time.Duration) time.Duration {
+	return d/2 + time.Duration(time.Now().UnixNano()%int64(d/2+1))
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) {
+	select {
+	case <-ctx.Done():
+	case <-time.After(d):
+	}
+}
+
+func newID() uuid.UUID { return uuid.Must(uuid.NewV7()) }
+
+// tx runs fn in a transaction.
+func (o *Operator) tx(ctx context.Context, fn func(pgx.Tx) error) error {
+	return pgx.BeginFunc(ctx, o.pool, fn)
+}
+
+var errNoRows = pgx.ErrNoRows
+
+func isNoRows(err error) bool { return errors.Is(err, pgx.ErrNoRows) }

@@ -1,0 +1,488 @@
+package operator
+
+import (
+	"bytes"
+	"context"
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/registry"
+	"github.com/google/uuid"
+
+	ib "github.com/zeitwork/zeitwork/internal/imagebuild"
+	"github.com/zeitwork/zeitwork/internal/pgtest"
+)
+
+const clusterToken = "cluster-secret"
+
+// fakeAgent speaks the node agent API and heartbeats like the real one;
+// its instances turn healthy unless their image is in bad.
+type fakeAgent struct {
+	t       *testing.T
+	id      string
+	region  string
+	srv     *httptest.Server
+	op      string
+	mu      sync.Mutex
+	insts   map[string]*agentInstance
+	creates map[string]int
+	bad     func(image string) bool
+	alive   atomic.Bool
+}
+
+func newFakeAgent(t *testing.T, region, op string, bad func(string) bool) *fakeAgent {
+	a := &fakeAgent{t: t, id: uuid.NewString(), region: region, op: op, insts: map[string]*agentInstance{}, creates: map[string]int{}, bad: bad}
+	a.alive.Store(true)
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /instances", func(w http.ResponseWriter, r *http.Request) {
+		var spec struct {
+			ID    string `json:"id"`
+			Image string `json:"image"`
+		}
+		_ = json.NewDecoder(r.Body).Decode(&spec)
+		a.mu.Lock()
+		a.creates[spec.ID]++
+		if _, ok := a.insts[spec.ID]; !ok {
+			a.insts[spec.ID] = &agentInstance{ID: spec.ID, State: "running", Healthy: !a.bad(spec.Image), IP: "10.0.0.2"}
+		}
+		a.mu.Unlock()
+		w.WriteHeader(201)
+	})
+	mux.HandleFunc("DELETE /instances/{id}", func(w http.ResponseWriter, r *http.Request) {
+		a.mu.Lock()
+		delete(a.insts, r.PathValue("id"))
+		a.mu.Unlock()
+		w.WriteHeader(204)
+	})
+	a.srv = httptest.NewServer(mux)
+	t.Cleanup(a.srv.Close)
+	return a
+}
+
+func (a *fakeAgent) heartbeat() {
+	if !a.alive.Load() {
+		return
+	}
+	a.mu.Lock()
+	var list []agentInstance
+	for _, in := range a.insts {
+		list = append(list, *in)
+	}
+	a.mu.Unlock()
+	b, _ := json.Marshal(map[string]any{"id": a.id, "hostname": "h-" + a.id[:8], "region": a.region, "address": a.srv.URL,
+		"vcpus": 16, "memory_mib": 16384, "instances": list})
+	req, _ := http.NewRequest("POST", a.op+"/api/v1/internal/nodes/"+a.id+"/heartbeat", bytes.NewReader(b))
+	req.Header.Set("Authorization", "Bearer "+clusterToken)
+	if resp, err := http.DefaultClient.Do(req); err == nil {
+		resp.Body.Close()
+	}
+}
+
+func (a *fakeAgent) count() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return len(a.insts)
+}
+
+type env struct {
+	t      *testing.T
+	url    string
+	ops    []*Operator
+	agents []*fakeAgent
+	reg    string
+	images map[string]string
+	poolDB string
+}
+
+func testConfig(dbURL string) Config {
+	return Config{DatabaseURL: dbURL, ClusterToken: clusterToken, EncryptionKey: "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+		WebhookSecret: "whsec", AppsDomain: "zeitwork.test", EdgeHostname: "edge.zeitwork.test", DeployTimeout: 4 * time.Second,
+		Retention: time.Hour, NodeDownAfter: 2 * time.Second, ReconcileEvery: 200 * time.Millisecond, DomainRecheck: time.Hour}
+}
+
+func startOperator(t *testing.T, dbURL string) (*Operator, string) {
+	pool := pgtestPool(t, dbURL)
+	op, err := New(testConfig(dbURL), pool, nil, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(op.Handler(http.NotFoundHandler()))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { _ = op.Run(ctx); close(done) }()
+	t.Cleanup(func() { srv.Close(); cancel(); <-done })
+	return op, srv.URL
+}
+
+func newEnv(t *testing.T) *env {
+	dbURL := pgtest.URL(t)
+	e := &env{t: t, images: map[string]string{}, poolDB: dbURL}
+	op, url := startOperator(t, dbURL)
+	e.ops, e.url = []*Operator{op}, url
+	reg := httptest.NewServer(registry.New(registry.Logger(log.New(io.Discard, "", 0))))
+	t.Cleanup(reg.Close)
+	e.reg = strings.TrimPrefix(reg.URL, "http://")
+	for _, v := range []string{"v1", "v2", "v3-broken", "abc1234"} {
+		l, _ := ib.Layer(ib.Entry{Name: "version", Data: []byte(v)})
+		img, _ := ib.Image(ib.Config{Cmd: []string{"/app"}}, l)
+		ref, err := ib.Push(t.Context(), e.reg+"/acme/web:"+v, img)
+		if err != nil {
+			t.Fatal(err)
+		}
+		e.images[v] = ref
+	}
+	bad := func(image string) bool { return strings.Contains(image, strings.Split(e.images["v3-broken"], "@")[1]) }
+	for _, region := range []string{"us-east", "eu-west", "ap-south"} {
+		for range 2 {
+			e.agents = append(e.agents, newFakeAgent(t, region, url, bad))
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for ctx.Err() == nil {
+			for _, a := range e.agents {
+				a.heartbeat()
+			}
+			time.Sleep(150 * time.Millisecond)
+		}
+	})
+	t.Cleanup(func() { cancel(); wg.Wait() })
+	return e
+}
+
+func (e *env) call(token, method, path string, body any, out any, hdr ...string) int {
+	e.t.Helper()
+	var rd io.Reader
+	switch b := body.(type) {
+	case nil:
+	case string:
+		rd = strings.NewReader(b)
+	default:
+		j, _ := json.Marshal(b)
+		rd = bytes.NewReader(j)
+	}
+	req, _ := http.NewRequest(method, e.url+path, rd)
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	for i := 0; i+1 < len(hdr); i += 2 {
+		req.Header.Set(hdr[i], hdr[i+1])
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if out != nil {
+		if err := json.Unmarshal(b, out); err != nil {
+			e.t.Fatalf("%s %s: %d %s", method, path, resp.StatusCode, b)
+		}
+	}
+	return resp.StatusCode
+}
+
+func (e *env) waitDeployment(tok, id string, want ...string) Deployment {
+	e.t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		var d Deployment
+		e.call(tok, "GET", "/api/v1/deployments/"+id, nil, &d)
+		for _, w := range want {
+			if d.Status == w {
+				return d
+			}
+		}
+		if time.Now().After(deadline) {
+			e.t.Fatalf("deployment %s is %s (%s), want %v", id, d.Status, d.FailureReason, want)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+func (e *env) routeFor(host string) *Route {
+	e.t.Helper()
+	var rt RouteTable
+	if code := e.call(clusterToken, "GET", "/api/v1/routes", nil, &rt); code != 200 {
+		e.t.Fatalf("routes: %d", code)
+	}
+	for _, r := range rt.Routes {
+		if r.Host == host {
+			return &r
+		}
+	}
+	return nil
+}
+
+func TestAPIAuthAndValidation(t *testing.T) {
+	e := newEnv(t)
+	a, err := e.ops[0].Bootstrap(t.Context(), "acme", "ops@acme.test", "t")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := e.ops[0].Bootstrap(t.Context(), "other", "ops@other.test", "t")
+	var apiErr apiError
+	if code := e.call("", "GET", "/api/v1/projects", nil, &apiErr); code != 401 || apiErr.Error.Code != "unauthorized" {
+		t.Fatalf("no token: %d %+v", code, apiErr)
+	}
+	if code := e.call("zw_bogus", "GET", "/api/v1/projects", nil, nil); code != 401 {
+		t.Fatalf("bad token: %d", code)
+	}
+	var p Project
+	if code := e.call(a, "POST", "/api/v1/projects", map[string]any{"name": "web", "port": 8080}, &p); code != 201 {
+		t.Fatalf("create project: %d", code)
+	}
+	for _, tc := range []struct{ body, want string }{
+		{`{"name": "Web_App"}`, "DNS label"},
+		{`{"name": "` + strings.Repeat("a", 64) + `"}`, "63"},
+		{`{"name": "x", "bogus": 1}`, "unknown field"},
+		{`{"name": `, "malformed JSON"},
+		{`{"name": "y", "port": 0, "health_path": "nope"}`, "port must be"},
+	} {
+		var ae apiError
+		if code := e.call(a, "POST", "/api/v1/projects", tc.body, &ae); code != 400 || !strings.Contains(ae.Error.Message, tc.want) {
+			t.Errorf("%s: %d %+v", tc.body, code, ae)
+		}
+	}
+	if code := e.call(a, "POST", "/api/v1/projects", map[string]any{"name": "web"}, nil); code != 409 {
+		t.Fatalf("duplicate project: %d", code)
+	}
+	// Another org's token sees nothing of acme's: 404, not 403.
+	if code := e.call(b, "GET", "/api/v1/projects/"+p.ID.String(), nil, nil); code != 404 {
+		t.Fatalf("foreign project: %d", code)
+	}
+	if code := e.call(b, "POST", "/api/v1/projects/web/deployments", map[string]any{"image": e.images["v1"]}, nil); code != 404 {
+		t.Fatalf("foreign deploy: %d", code)
+	}
+	// Env vars are write-only.
+	if code := e.call(a, "PUT", "/api/v1/projects/web/env", map[string]any{"vars": map[string]string{"DB_PASSWORD": "hunter2"}}, nil); code != 200 {
+		t.Fatalf("set env: %d", code)
+	}
+	var envList map[string]any
+	e.call(a, "GET", "/api/v1/projects/web/env", nil, &envList)
+	if s := fmt.Sprint(envList); strings.Contains(s, "hunter2") || !strings.Contains(s, "DB_PASSWORD") {
+		t.Fatalf("env listing: %s", s)
+	}
+	var stored []byte
+	_ = e.ops[0].pool.QueryRow(t.Context(), "SELECT ciphertext FROM project_env_vars").Scan(&stored)
+	if bytes.Contains(stored, []byte("hunter2")) {
+		t.Fatal("secret stored in plain text")
+	}
+	// Idempotency-Key: the same POST twice gives one deployment.
+	var d1, d2 Deployment
+	e.call(a, "POST", "/api/v1/projects/web/deployments", map[string]any{"image": e.images["v1"]}, &d1, "Idempotency-Key", "k1")
+	e.call(a, "POST", "/api/v1/projects/web/deployments", map[string]any{"image": e.images["v1"]}, &d2, "Idempotency-Key", "k1")
+	if d1.ID != d2.ID || d1.ID == uuid.Nil {
+		t.Fatalf("idempotency: %s vs %s", d1.ID, d2.ID)
+	}
+	if code := e.call(a, "POST", "/api/v1/projects/web/deployments", map[string]any{"image": "other"}, nil, "Idempotency-Key", "k1"); code != 409 {
+		t.Fatalf("reused key for another request: %d", code)
+	}
+}
+
+func sign(body []byte) string {
+	m := hmac.New(sha256.New, []byte("whsec"))
+	m.Write(body)
+	return "sha256=" + hex.EncodeToString(m.Sum(nil))
+}
+
+// TestDeploymentLifecycle drives deployments across 3 regions × 2 nodes:
+// placement, health-gated cut-over, failure, rollback, node loss, webhooks.
+func TestDeploymentLifecycle(t *testing.T) {
+	e := newEnv(t)
+	tok, _ := e.ops[0].Bootstrap(t.Context(), "acme", "ops@acme.test", "t")
+	// A second operator on the same database: the reconciler must still
+	// place every instance exactly once.
+	op2, _ := startOperator(t, e.poolDB)
+	e.ops = append(e.ops, op2)
+	e.call(tok, "POST", "/api/v1/projects", map[string]any{"name": "web", "github_repo": "acme/web", "github_branch": "main",
+		"image_template": e.reg + "/acme/web:{sha}", "min_instances_per_region": 3, "health_path": "/healthz"}, nil)
+
+	var v1 Deployment
+	if code := e.call(tok, "POST", "/api/v1/projects/web/deployments", map[string]any{"image": e.images["v1"]}, &v1); code != 202 {
+		t.Fatalf("deploy: %d", code)
+	}
+	v1 = e.waitDeployment(tok, v1.ID.String(), "active")
+	if len(v1.Regions) != 3 {
+		t.Fatalf("regions: %+v", v1.Regions)
+	}
+	perNode := map[uuid.UUID]int{}
+	for r, ri := range v1.Regions {
+		if ri.Desired != 3 || ri.Healthy != 3 {
+			t.Fatalf("region %s: %+v", r, ri)
+		}
+	}
+	for _, in := range v1.Instances {
+		perNode[in.NodeID]++
+	}
+	if len(perNode) != 6 {
+		t.Fatalf("instances not spread over all 6 nodes: %v", perNode)
+	}
+	for _, a := range e.agents {
+		for id, n := range a.creates {
+			_ = n
+			if _, err := uuid.Parse(id); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	alias := "web-acme.zeitwork.test"
+	if r := e.routeFor(alias); r == nil || r.DeploymentID != v1.ID || len(r.Instances) != 9 {
+		t.Fatalf("alias route: %+v", r)
+	}
+	if r := e.routeFor(v1.Hostname); r == nil || r.Kind != "versioned" {
+		t.Fatalf("versioned route: %+v", r)
+	}
+
+	// v2 cuts over only once healthy.
+	var v2 Deployment
+	e.call(tok, "POST", "/api/v1/projects/web/deployments", map[string]any{"image": e.images["v2"]}, &v2)
+	for {
+		d := e.waitDeployment(tok, v2.ID.String(), "pending", "preparing", "starting", "healthy", "active")
+		r := e.routeFor(alias)
+		if d.Status != "active" && r.DeploymentID != v1.ID {
+			t.Fatalf("alias moved to %s while v2 is %s", r.DeploymentID, d.Status)
+		}
+		if d.Status == "active" {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if r := e.routeFor(alias); r.DeploymentID != v2.ID {
+		t.Fatal("alias not on v2")
+	}
+	if r := e.routeFor(v1.Hostname); r == nil {
+		t.Fatal("v1 no longer reachable on its own URL")
+	}
+
+	// A broken v3 never receives traffic and fails with a reason.
+	var v3 Deployment
+	e.call(tok, "POST", "/api/v1/projects/web/deployments", map[string]any{"image": e.images["v3-broken"]}, &v3)
+	v3 = e.waitDeployment(tok, v3.ID.String(), "failed", "active")
+	if v3.Status != "failed" || !strings.Contains(v3.FailureReason, "health check") {
+		t.Fatalf("v3: %s %q", v3.Status, v3.FailureReason)
+	}
+	if r := e.routeFor(alias); r.DeploymentID != v2.ID {
+		t.Fatal("alias left v2 for a failed deployment")
+	}
+
+	// Rollback goes back to v1 at once (its VMs still run).
+	var rb Deployment
+	if code := e.call(tok, "POST", "/api/v1/projects/web/rollback", map[string]any{"deployment_id": v1.ID.String()}, &rb); code != 200 {
+		t.Fatalf("rollback: %d", code)
+	}
+	if r := e.routeFor(alias); r.DeploymentID != v1.ID {
+		t.Fatalf("rollback did not switch the alias: %s", r.DeploymentID)
+	}
+
+	// A node that stops heartbeating is marked down; its instances are
+	// replaced in the same region.
+	victim := e.agents[0]
+	before := victim.count()
+	if before == 0 {
+		t.Fatal("victim has no instances")
+	}
+	victim.alive.Store(false)
+	victim.srv.Close()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		d := e.waitDeployment(tok, v1.ID.String(), "active")
+		if ri := d.Regions[victim.region]; ri.Healthy == 3 && ri.Desired == 3 {
+			moved := true
+			for _, in := range d.Instances {
+				if in.NodeID.String() == victim.id && in.Desired == "running" {
+					moved = false
+				}
+			}
+			if moved {
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("instances of the lost node not replaced: %+v", d.Regions)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+
+	// Webhooks: a bad signature writes nothing; one push delivered 3 times
+	// concurrently creates one deployment.
+	payload, err := os.ReadFile("testdata/push.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	payload = bytes.ReplaceAll(payload, []byte("REPO"), []byte("acme/web"))
+	sha := "abc1234abc1234abc1234abc1234abc1234abc12"
+	payload = bytes.ReplaceAll(payload, []byte("AFTER"), []byte(sha))
+	// The project's template resolves {sha} to this tag.
+	l, _ := ib.Layer(ib.Entry{Name: "version", Data: []byte(sha)})
+	img, _ := ib.Image(ib.Config{Cmd: []string{"/app"}}, l)
+	if _, err := ib.Push(t.Context(), e.reg+"/acme/web:"+sha, img); err != nil {
+		t.Fatal(err)
+	}
+	if code := e.call("", "POST", "/api/v1/github/webhook", string(payload), nil, "X-GitHub-Event", "push", "X-GitHub-Delivery", "d-bad", "X-Hub-Signature-256", "sha256=00"); code != 401 {
+		t.Fatalf("bad signature: %d", code)
+	}
+	var n int
+	_ = e.ops[0].pool.QueryRow(t.Context(), "SELECT count(*) FROM webhook_deliveries").Scan(&n)
+	if n != 0 {
+		t.Fatal("a delivery with a bad signature was recorded")
+	}
+	var wg sync.WaitGroup
+	for range 3 {
+		wg.Go(func() {
+			start := time.Now()
+			code := e.call("", "POST", "/api/v1/github/webhook", string(payload), nil, "X-GitHub-Event", "push", "X-GitHub-Delivery", "d-1", "X-Hub-Signature-256", sign(payload))
+			if code/100 != 2 || time.Since(start) > time.Second {
+				t.Errorf("webhook: %d in %s", code, time.Since(start))
+			}
+		})
+	}
+	wg.Wait()
+	if code := e.call("", "POST", "/api/v1/github/webhook", string(payload), nil, "X-GitHub-Event", "push", "X-GitHub-Delivery", "d-2", "X-Hub-Signature-256", sign(payload)); code/100 != 2 {
+		t.Fatalf("redelivery under a new id: %d", code)
+	}
+	_ = e.ops[0].pool.QueryRow(t.Context(), "SELECT count(*) FROM deployments WHERE commit_sha = $1", sha).Scan(&n)
+	if n != 1 {
+		t.Fatalf("%d deployments for one pushed SHA", n)
+	}
+	var pushed Deployment
+	var id uuid.UUID
+	_ = e.ops[0].pool.QueryRow(t.Context(), "SELECT id FROM deployments WHERE commit_sha = $1", sha).Scan(&id)
+	pushed = e.waitDeployment(tok, id.String(), "active")
+	if r := e.routeFor(alias); r.DeploymentID != pushed.ID {
+		t.Fatal("pushed deployment not live")
+	}
+	// Never two instance rows for one slot: per deployment and region
+	// exactly min running instances.
+	var dupes int
+	_ = e.ops[0].pool.QueryRow(t.Context(), `SELECT count(*) FROM (SELECT deployment_id, region_id FROM instances
+		WHERE deleted_at IS NULL AND desired_state = 'running' GROUP BY 1, 2 HAVING count(*) > 3) x`).Scan(&dupes)
+	if dupes != 0 {
+		t.Fatalf("%d deployment/region pairs have more than 3 instances", dupes)
+	}
+}
+
+func pgtestPool(t *testing.T, url string) *pgxpoolPool {
+	t.Helper()
+	p, err := openPool(t.Context(), url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(p.Close)
+	return p
+}

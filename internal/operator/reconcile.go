@@ -1,0 +1,471 @@
+package operator
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
+)
+
+type openDeployment struct {
+	id               uuid.UUID
+	status, image    string
+	preview, pastDue bool
+	projectID        uuid.UUID
+	project, org     string
+	port             int
+	healthPath       string
+	minPerRegion     int
+	vcpus, memoryMiB int
+	active           bool
+	digest           string
+	finishedAt       *time.Time
+}
+
+// reconcile is one level-triggered pass over the whole cluster: it
+// compares what PostgreSQL says should run with what node agents report,
+// and takes one step where they differ.
+func (o *Operator) reconcile(ctx context.Context) error {
+	rows, err := o.pool.Query(ctx, Q("NodesMarkDown"), interval(o.cfg.NodeDownAfter))
+	if err != nil {
+		return err
+	}
+	down, err := pgx.CollectRows(rows, pgx.RowTo[uuid.UUID])
+	if err != nil {
+		return err
+	}
+	for _, id := range down {
+		o.log.Warn("node missed its heartbeats; marked down", "node_id", id)
+	}
+	// Instances on down nodes are gone; replacements are placed below.
+	if _, err := o.pool.Exec(ctx, `UPDATE instances i SET deleted_at = now(), healthy = false FROM nodes n
+		WHERE n.id = i.node_id AND n.state = 'down' AND i.deleted_at IS NULL`); err != nil {
+		return err
+	}
+	if len(down) > 0 {
+		_, _ = o.pool.Exec(ctx, Q("BumpRoutes"))
+	}
+	// Crash-looped instances are replaced.
+	if _, err := o.pool.Exec(ctx, `UPDATE instances SET desired_state = 'stopped', updated_at = now()
+		WHERE state = 'failed' AND desired_state = 'running' AND deleted_at IS NULL`); err != nil {
+		return err
+	}
+	rows, err = o.pool.Query(ctx, Q("OpenDeployments"))
+	if err != nil {
+		return err
+	}
+	deps, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (openDeployment, error) {
+		var d openDeployment
+		return d, row.Scan(&d.id, &d.status, &d.image, &d.preview, &d.pastDue, &d.projectID, &d.project, &d.org, &d.port,
+			&d.healthPath, &d.minPerRegion, &d.vcpus, &d.memoryMiB, &d.active, &d.digest, &d.finishedAt)
+	})
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, d := range deps {
+		if err := o.step(ctx, d); err != nil {
+			errs = append(errs, fmt.Errorf("deployment %s: %w", d.id, err))
+		}
+	}
+	// Superseded deployments past the retention window stop their VMs.
+	rows, err = o.pool.Query(ctx, Q("SupersededExpired"), interval(o.cfg.Retention))
+	if err != nil {
+		return err
+	}
+	expired, err := pgx.CollectRows(rows, pgx.RowTo[uuid.UUID])
+	if err != nil {
+		return err
+	}
+	for _, id := range expired {
+		o.log.Info("retention window over; stopping instances", "deployment_id", id)
+		if _, err := o.pool.Exec(ctx, Q("StopDeploymentInstances"), id); err != nil {
+			return err
+		}
+	}
+	if err := o.stopInstances(ctx); err != nil {
+		errs = append(errs, err)
+	}
+	if err := o.recheckDomains(ctx); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+func interval(d time.Duration) string { return fmt.Sprintf("%d milliseconds", d.Milliseconds()) }
+
+func (o *Operator) setStatus(ctx context.Context, id uuid.UUID, status, reason string) error {
+	err := o.tx(ctx, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, Q("DeploymentSetStatus"), id, status, reason); err != nil {
+			return err
+		}
+		if status == "failed" || status == "stopped" {
+			if _, err := tx.Exec(ctx, Q("StopDeploymentInstances"), id); err != nil {
+				return err
+			}
+		}
+		_, err := tx.Exec(ctx, Q("BumpRoutes"))
+		return err
+	})
+	if err == nil {
+		o.m.deployments.WithLabelValues(status).Inc()
+		o.log.Info("deployment status", "deployment_id", id, "status", status, "reason", reason)
+	}
+	return err
+}
+
+// step advances one deployment.
+func (o *Operator) step(ctx context.Context, d openDeployment) error {
+	switch d.status {
+	case "pending":
+		return o.setStatus(ctx, d.id, "preparing", "")
+	case "preparing":
+		ref, digest, size, err := o.resolve(ctx, d.image)
+		if err != nil {
+			return o.setStatus(ctx, d.id, "failed", fmt.Sprintf("cannot resolve image %s: %v", d.image, err))
+		}
+		var imageID uuid.UUID
+		if err := o.pool.QueryRow(ctx, Q("ImageUpsert"), newID(), d.image, digest, size, "{}").Scan(&imageID); err != nil {
+			return err
+		}
+		if _, err := o.pool.Exec(ctx, Q("DeploymentSetImage"), d.id, imageID); err != nil {
+			return err
+		}
+		_ = ref
+		return o.setStatus(ctx, d.id, "starting", "")
+	}
+	if d.digest == "" {
+		return nil
+	}
+	placed, short, err := o.ensureInstances(ctx, d)
+	if err != nil {
+		return err
+	}
+	switch d.status {
+	case "starting":
+		if placed && o.allHealthy(ctx, d) {
+			if err := o.setStatus(ctx, d.id, "healthy", ""); err != nil {
+				return err
+			}
+			d.status = "healthy"
+		} else if d.pastDue {
+			reason := short
+			if reason == "" {
+				reason = o.healthReason(ctx, d)
+			}
+			return o.setStatus(ctx, d.id, "failed", reason)
+		}
+	}
+	if d.status == "healthy" && !d.preview && !d.active {
+		var promote bool
+		err := o.pool.QueryRow(ctx, `SELECT d.promote_requested OR p.active_deployment_id IS NULL
+			OR (SELECT a.created_at FROM deployments a WHERE a.id = p.active_deployment_id) < d.created_at
+			FROM deployments d JOIN projects p ON p.id = d.project_id WHERE d.id = $1`, d.id).Scan(&promote)
+		if err != nil {
+			return err
+		}
+		if promote {
+			if _, err := o.pool.Exec(ctx, `UPDATE deployments SET promote_requested = false WHERE id = $1`, d.id); err != nil {
+				return err
+			}
+			return o.promote(ctx, d.projectID, d.id)
+		}
+	}
+	return nil
+}
+
+// resolve turns a reference into its manifest digest (linux/amd64).
+func (o *Operator) resolve(ctx context.Context, image string) (string, string, int64, error) {
+	var opts []name.Option
+	host := strings.SplitN(image, "/", 2)[0]
+	h, _, err := net.SplitHostPort(host)
+	if err != nil {
+		h = host
+	}
+	if h == "localhost" || (net.ParseIP(h) != nil && net.ParseIP(h).IsLoopback()) {
+		opts = append(opts, name.Insecure)
+	}
+	for _, r := range o.cfg.InsecureRegistries {
+		if r == host {
+			opts = append(opts, name.Insecure)
+		}
+	}
+	ref, err := name.ParseReference(image, opts...)
+	if err != nil {
+		return "", "", 0, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	desc, err := remote.Head(ref, remote.WithContext(ctx), remote.WithAuthFromKeychain(authn.DefaultKeychain))
+	if err != nil {
+		return "", "", 0, err
+	}
+	return ref.Context().Digest(desc.Digest.String()).String(), desc.Digest.String(), desc.Size, nil
+}
+
+type nodeCap struct {
+	id, regionID     uuid.UUID
+	region, address  string
+	vcpus, mem       int
+	usedCPU, usedMem int
+}
+
+// ensureInstances places missing instances: min per region in every region
+// with nodes, on distinct ready nodes where possible, within capacity. It
+// reports whether every region is fully placed and, if not, why.
+func (o *Operator) ensureInstances(ctx context.Context, d openDeployment) (bool, string, error) {
+	rows, err := o.pool.Query(ctx, Q("ReadyNodes"))
+	if err != nil {
+		return false, "", err
+	}
+	nodes, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (*nodeCap, error) {
+		n := &nodeCap{}
+		return n, row.Scan(&n.id, &n.regionID, &n.region, &n.address, &n.vcpus, &n.mem, &n.usedCPU, &n.usedMem)
+	})
+	if err != nil {
+		return false, "", err
+	}
+	rows, err = o.pool.Query(ctx, Q("AllRegions"))
+	if err != nil {
+		return false, "", err
+	}
+	type region struct {
+		id   uuid.UUID
+		name string
+	}
+	regions, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (region, error) {
+		var r region
+		return r, row.Scan(&r.id, &r.name)
+	})
+	if err != nil {
+		return false, "", err
+	}
+	if len(regions) == 0 {
+		return false, "no regions with worker nodes", nil
+	}
+	insts, err := o.instancesOf(ctx, d.id)
+	if err != nil {
+		return false, "", err
+	}
+	var env map[string]string
+	var shorts []string
+	complete := true
+	for _, r := range regions {
+		perNode := map[uuid.UUID]int{}
+		have := 0
+		healthyReady := 0
+		var draining []uuid.UUID
+		for _, in := range insts {
+			if in.Region != r.name || in.Desired != "running" {
+				continue
+			}
+			switch in.nodeState {
+			case "ready":
+				have++
+				perNode[in.NodeID]++
+				if in.Healthy {
+					healthyReady++
+				}
+			case "draining":
+				draining = append(draining, in.ID)
+			}
+		}
+		// Drained nodes give up their instances once replacements serve.
+		if healthyReady >= d.minPerRegion {
+			for _, id := range draining {
+				if _, err := o.pool.Exec(ctx, Q("InstanceSetDesired"), id, "stopped"); err != nil {
+					return false, "", err
+				}
+			}
+		}
+		for ; have < d.minPerRegion; have++ {
+			var cands []*nodeCap
+			for _, n := range nodes {
+				if n.region == r.name && n.vcpus-n.usedCPU >= d.vcpus && n.mem-n.usedMem >= d.memoryMiB {
+					cands = append(cands, n)
+				}
+			}
+			if len(cands) == 0 {
+				complete = false
+				shorts = append(shorts, fmt.Sprintf("region %s: not enough free capacity for %d instance(s) of %d vCPU / %d MiB", r.name, d.minPerRegion-have, d.vcpus, d.memoryMiB))
+				break
+			}
+			sort.Slice(cands, func(i, j int) bool {
+				a, b := cands[i], cands[j]
+				if perNode[a.id] != perNode[b.id] {
+					return perNode[a.id] < perNode[b.id] // spread over distinct nodes
+				}
+				return a.usedCPU*b.vcpus < b.usedCPU*a.vcpus // then least loaded
+			})
+			n := cands[0]
+			if env == nil {
+				if env, err = o.projectEnv(ctx, d.projectID); err != nil {
+					return false, "", err
+				}
+			}
+			id := newID()
+			if _, err := o.pool.Exec(ctx, Q("InstanceInsert"), id, d.id, n.id, r.id, d.vcpus, d.memoryMiB); err != nil {
+				return false, "", err
+			}
+			n.usedCPU += d.vcpus
+			n.usedMem += d.memoryMiB
+			perNode[n.id]++
+			insts = append(insts, Instance{ID: id, NodeID: n.id, Region: r.name, State: "pending", Desired: "running", nodeAddress: n.address, nodeState: "ready"})
+			o.log.Info("placed instance", "deployment_id", d.id, "instance_id", id, "node_id", n.id, "region", r.name)
+		}
+	}
+	// (Re)send the spec of every instance the agent has not reported yet;
+	// agents treat a repeated create as a no-op.
+	for _, in := range insts {
+		if in.Desired != "running" || in.State != "pending" || in.nodeState == "down" {
+			continue
+		}
+		if env == nil {
+			if env, err = o.projectEnv(ctx, d.projectID); err != nil {
+				return false, "", err
+			}
+		}
+		spec := map[string]any{
+			"id": in.ID, "deployment_id": d.id, "image": d.imageRef(), "port": d.port, "vcpus": d.vcpus,
+			"memory_mib": d.memoryMiB, "env": env, "health_path": d.healthPath,
+		}
+		if err := o.callAgent(ctx, in.nodeAddress, "POST", "/instances", spec); err != nil {
+			o.log.Warn("cannot create instance on node", "instance_id", in.ID, "node", in.nodeAddress, "err", err)
+		}
+	}
+	return complete, strings.Join(shorts, "; "), nil
+}
+
+func (d openDeployment) imageRef() string {
+	i := strings.LastIndex(d.image, "@")
+	repo := d.image
+	if i >= 0 {
+		repo = d.image[:i]
+	} else if j := strings.LastIndex(d.image, ":"); j > strings.LastIndex(d.image, "/") {
+		repo = d.image[:j]
+	}
+	return repo + "@" + d.digest
+}
+
+func (o *Operator) callAgent(ctx context.Context, base, method, path string, body any) error {
+	var rd *bytes.Reader
+	if body != nil {
+		b, _ := json.Marshal(body)
+		rd = bytes.NewReader(b)
+	} else {
+		rd = bytes.NewReader(nil)
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, method, base+path, rd)
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Authorization", "Bearer "+o.cfg.ClusterToken)
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := o.client.Do(req)
+	if err != nil {
+		return err
+	}
+	resp.Body.Close()
+	if resp.StatusCode == 404 && method == "DELETE" {
+		return nil
+	}
+	if resp.StatusCode/100 != 2 {
+		return fmt.Errorf("%s %s: status %d", method, path, resp.StatusCode)
+	}
+	return nil
+}
+
+// allHealthy reports whether every region has min healthy instances.
+func (o *Operator) allHealthy(ctx context.Context, d openDeployment) bool {
+	insts, err := o.instancesOf(ctx, d.id)
+	if err != nil {
+		return false
+	}
+	healthy := map[string]int{}
+	for _, in := range insts {
+		if in.Desired == "running" && in.Healthy && in.nodeState != "down" {
+			healthy[in.Region]++
+		}
+	}
+	var regions int
+	if err := o.pool.QueryRow(ctx, `SELECT count(*) FROM (`+Q("AllRegions")+`) r`).Scan(&regions); err != nil || regions == 0 {
+		return false
+	}
+	if len(healthy) < regions {
+		return false
+	}
+	for _, n := range healthy {
+		if n < d.minPerRegion {
+			return false
+		}
+	}
+	return true
+}
+
+func (o *Operator) healthReason(ctx context.Context, d openDeployment) string {
+	insts, _ := o.instancesOf(ctx, d.id)
+	total, healthy := 0, 0
+	var errs []string
+	for _, in := range insts {
+		if in.Desired != "running" {
+			continue
+		}
+		total++
+		if in.Healthy {
+			healthy++
+		} else if in.Error != "" && len(errs) < 3 {
+			errs = append(errs, in.Error)
+		}
+	}
+	reason := fmt.Sprintf("not healthy within %s: %d of %d instances passed the health check on %s", o.cfg.DeployTimeout, healthy, total, d.healthPath)
+	if len(errs) > 0 {
+		reason += " (" + strings.Join(errs, "; ") + ")"
+	}
+	return reason
+}
+
+// stopInstances asks node agents to remove instances that should not run.
+func (o *Operator) stopInstances(ctx context.Context) error {
+	rows, err := o.pool.Query(ctx, Q("InstancesToStop"))
+	if err != nil {
+		return err
+	}
+	type stop struct {
+		id   uuid.UUID
+		addr string
+	}
+	list, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (stop, error) {
+		var s stop
+		return s, row.Scan(&s.id, &s.addr)
+	})
+	if err != nil {
+		return err
+	}
+	for _, s := range list {
+		if err := o.callAgent(ctx, s.addr, "DELETE", "/instances/"+s.id.String(), nil); err != nil {
+			o.log.Warn("cannot stop instance", "instance_id", s.id, "err", err)
+			continue
+		}
+		if _, err := o.pool.Exec(ctx, Q("InstanceDelete"), s.id); err != nil {
+			return err
+		}
+	}
+	if len(list) > 0 {
+		_, _ = o.pool.Exec(ctx, Q("BumpRoutes"))
+	}
+	return nil
+}

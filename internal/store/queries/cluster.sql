@@ -1,0 +1,144 @@
+-- name: RegionUpsert
+INSERT INTO regions (id, name) VALUES ($1, $2)
+ON CONFLICT (name) WHERE deleted_at IS NULL DO UPDATE SET name = excluded.name
+RETURNING id;
+
+-- name: NodeUpsert
+INSERT INTO nodes (id, region_id, hostname, address, vcpus, memory_mib, disk_bytes, last_heartbeat_at, state)
+VALUES ($1, $2, $3, $4, $5, $6, $7, now(), 'ready')
+ON CONFLICT (id) DO UPDATE SET region_id = $2, hostname = $3, address = $4, vcpus = $5, memory_mib = $6,
+    disk_bytes = $7, last_heartbeat_at = now(), updated_at = now(),
+    state = CASE WHEN nodes.state = 'down' THEN 'ready' ELSE nodes.state END
+RETURNING (xmax = 0);
+
+-- name: InstanceReport
+UPDATE instances SET state = $2, healthy = $3, ip = $4, restarts = $5, error = $6, updated_at = now()
+WHERE id = $1 AND node_id = $7 AND deleted_at IS NULL
+  AND (state, healthy, ip, restarts, error) IS DISTINCT FROM ($2, $3, $4, $5, $6)
+RETURNING deployment_id;
+
+-- name: InstancesOfNode
+SELECT i.id, i.desired_state, i.state FROM instances i WHERE i.node_id = $1 AND i.deleted_at IS NULL;
+
+-- name: EdgeUpsert
+INSERT INTO edges (id, region_id, https_address, http_address, last_seen_at) VALUES ($1, $2, $3, $4, now())
+ON CONFLICT (id) DO UPDATE SET region_id = $2, https_address = $3, http_address = $4, last_seen_at = now();
+
+-- name: EdgesList
+SELECT e.id, r.name, e.https_address, e.http_address FROM edges e JOIN regions r ON r.id = e.region_id
+WHERE ($1 = '' OR r.name = $1) AND e.last_seen_at > now() - $2::interval ORDER BY e.id;
+
+-- name: NodesMarkDown
+UPDATE nodes SET state = 'down', updated_at = now()
+WHERE state <> 'down' AND deleted_at IS NULL AND last_heartbeat_at < now() - $1::interval
+RETURNING id;
+
+-- name: OpenDeployments
+SELECT d.id, d.status, d.image_ref, d.preview, d.deadline_at < now(), p.id, p.name, o.name, p.port, p.health_path,
+       p.min_instances_per_region, p.vcpus, p.memory_mib, p.active_deployment_id IS NOT DISTINCT FROM d.id,
+       coalesce(i.digest, ''), d.finished_at
+FROM deployments d JOIN projects p ON p.id = d.project_id JOIN organisations o ON o.id = d.organisation_id
+LEFT JOIN images i ON i.id = d.image_id
+WHERE d.deleted_at IS NULL AND p.deleted_at IS NULL
+  AND (d.status IN ('pending', 'preparing', 'starting', 'healthy', 'active')
+       OR (d.status = 'superseded' AND EXISTS (SELECT 1 FROM instances x WHERE x.deployment_id = d.id
+                                               AND x.deleted_at IS NULL AND x.desired_state = 'running')))
+ORDER BY d.created_at;
+
+-- name: ImageUpsert
+INSERT INTO images (id, reference, digest, size_bytes, config) VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (reference, digest) DO UPDATE SET size_bytes = excluded.size_bytes
+RETURNING id;
+
+-- name: DeploymentSetImage
+UPDATE deployments SET image_id = $2, updated_at = now() WHERE id = $1;
+
+-- name: ReadyNodes
+SELECT n.id, r.id, r.name, n.address, n.vcpus, n.memory_mib,
+       coalesce((SELECT sum(i.vcpus) FROM instances i WHERE i.node_id = n.id AND i.deleted_at IS NULL AND i.desired_state = 'running'), 0),
+       coalesce((SELECT sum(i.memory_mib) FROM instances i WHERE i.node_id = n.id AND i.deleted_at IS NULL AND i.desired_state = 'running'), 0)
+FROM nodes n JOIN regions r ON r.id = n.region_id
+WHERE n.deleted_at IS NULL AND n.state = 'ready' ORDER BY r.name, n.id;
+
+-- name: AllRegions
+SELECT DISTINCT r.id, r.name FROM regions r JOIN nodes n ON n.region_id = r.id
+WHERE r.deleted_at IS NULL AND n.deleted_at IS NULL ORDER BY r.name;
+
+-- name: InstanceInsert
+INSERT INTO instances (id, deployment_id, node_id, region_id, vcpus, memory_mib) VALUES ($1, $2, $3, $4, $5, $6);
+
+-- name: InstanceSetDesired
+UPDATE instances SET desired_state = $2, updated_at = now() WHERE id = $1;
+
+-- name: InstanceDelete
+UPDATE instances SET deleted_at = now(), updated_at = now() WHERE id = $1;
+
+-- name: InstancesToStop
+SELECT i.id, n.address FROM instances i JOIN nodes n ON n.id = i.node_id
+WHERE i.deleted_at IS NULL AND i.desired_state = 'stopped' AND n.state <> 'down';
+
+-- name: InstancesOnDownNodes
+SELECT i.id FROM instances i JOIN nodes n ON n.id = i.node_id
+WHERE i.deleted_at IS NULL AND n.state = 'down';
+
+-- name: InstancesDrainable
+SELECT i.id FROM instances i JOIN nodes n ON n.id = i.node_id
+WHERE i.deleted_at IS NULL AND n.state = 'draining' AND i.desired_state = 'running';
+
+-- name: ProjectPromote
+UPDATE projects SET active_deployment_id = $2, updated_at = now() WHERE id = $1
+RETURNING (SELECT active_deployment_id FROM projects WHERE id = $1);
+
+-- name: DeploymentSupersede
+UPDATE deployments SET status = 'superseded', finished_at = now(), updated_at = now()
+WHERE project_id = $1 AND id <> $2 AND status IN ('active', 'healthy') AND NOT preview;
+
+-- name: SupersededExpired
+SELECT d.id FROM deployments d JOIN projects p ON p.id = d.project_id
+WHERE d.status = 'superseded' AND d.finished_at < now() - $1::interval
+  AND p.active_deployment_id IS DISTINCT FROM d.id
+  AND EXISTS (SELECT 1 FROM instances i WHERE i.deployment_id = d.id AND i.deleted_at IS NULL AND i.desired_state = 'running');
+
+-- name: StopDeploymentInstances
+UPDATE instances SET desired_state = 'stopped', updated_at = now() WHERE deployment_id = $1 AND deleted_at IS NULL;
+
+-- name: BumpRoutes
+SELECT bump_route_version();
+
+-- name: RoutesVersion
+SELECT version FROM route_table_version;
+
+-- name: RouteDeployments
+SELECT d.id, d.hostname, p.id, p.name, o.name, p.active_deployment_id IS NOT DISTINCT FROM d.id
+FROM deployments d JOIN projects p ON p.id = d.project_id JOIN organisations o ON o.id = d.organisation_id
+WHERE d.deleted_at IS NULL AND p.deleted_at IS NULL AND o.deleted_at IS NULL
+  AND d.status IN ('starting', 'healthy', 'active', 'superseded');
+
+-- name: RouteInstances
+SELECT i.id, i.deployment_id, n.id, n.address, r.name, i.healthy AND i.state = 'running' AND n.state <> 'down'
+FROM instances i JOIN nodes n ON n.id = i.node_id JOIN regions r ON r.id = i.region_id
+WHERE i.deleted_at IS NULL AND i.desired_state = 'running';
+
+-- name: RouteDomains
+SELECT dm.name, p.active_deployment_id, p.id
+FROM domains dm JOIN projects p ON p.id = dm.project_id
+WHERE dm.deleted_at IS NULL AND dm.verified_at IS NOT NULL AND p.deleted_at IS NULL AND p.active_deployment_id IS NOT NULL;
+
+-- name: WebhookDeliveryInsert
+INSERT INTO webhook_deliveries (delivery_id, event) VALUES ($1, $2) ON CONFLICT DO NOTHING;
+
+-- name: WebhookDeliveryUpdate
+UPDATE webhook_deliveries SET status = $2, project_id = $3, deployment_id = $4 WHERE delivery_id = $1;
+
+-- name: ProjectsByRepo
+SELECT p.id, p.organisation_id, p.name, p.github_branch, p.image_template
+FROM projects p WHERE lower(p.github_repo) = lower($1) AND p.deleted_at IS NULL;
+
+-- name: OrgName
+SELECT name FROM organisations WHERE id = $1;
+
+-- name: PreviousHealthy
+SELECT d.id FROM deployments d
+WHERE d.project_id = $1 AND d.id IS DISTINCT FROM $2 AND NOT d.preview AND d.healthy_at IS NOT NULL
+  AND d.status IN ('superseded', 'healthy', 'active') AND d.deleted_at IS NULL
+ORDER BY d.healthy_at DESC LIMIT 1;
