@@ -1,0 +1,427 @@
+// Package edge is Zeitwork's HTTP(S) front door (zeitwork-edge-proxy):
+// TLS termination (a static wildcard certificate for the apps domain, ACME
+// certificates on demand for verified customer domains), client IPs from
+// the load balancer's PROXY header, per-IP rate limiting, and routing by
+// Host to a healthy instance of the right deployment through its node
+// agent, with least-outstanding-requests balancing, one retry of idempotent
+// requests on connection failure, and passive ejection of failing
+// instances.
+package edge
+
+import (
+	"context"
+	crand "crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/zeitwork/zeitwork/internal/edge/ratelimit"
+	"github.com/zeitwork/zeitwork/internal/edge/routetable"
+)
+
+// Config is the proxy's configuration.
+type Config struct {
+	AppsDomain   string
+	ClusterToken string
+	RateRPS      float64
+	RateBurst    int
+	RateMaxKeys  int
+	MaxBodyBytes int64
+	AccessLog    bool
+	// EjectAfter consecutive upstream failures eject an instance for
+	// EjectFor.
+	EjectAfter int
+	EjectFor   time.Duration
+}
+
+// Proxy routes requests to instances.
+type Proxy struct {
+	cfg     Config
+	routes  *routetable.Client
+	limiter *ratelimit.Limiter
+	log     *slog.Logger
+	m       *metrics
+	rp      *httputil.ReverseProxy
+
+	mu    sync.Mutex
+	state map[string]*instState // by instance id
+}
+
+type instState struct {
+	outstanding  atomic.Int64
+	failures     atomic.Int64
+	ejectedUntil atomic.Int64 // unix nanos
+}
+
+type metrics struct {
+	requests    *prometheus.CounterVec
+	latency     *prometheus.HistogramVec
+	upstreamErr *prometheus.CounterVec
+	limited     prometheus.Counter
+	certExpiry  *prometheus.GaugeVec
+	staleness   prometheus.GaugeFunc
+}
+
+// New builds the proxy.
+func New(cfg Config, routes *routetable.Client, reg prometheus.Registerer, log *slog.Logger) *Proxy {
+	if cfg.EjectAfter == 0 {
+		cfg.EjectAfter = 3
+	}
+	if cfg.EjectFor == 0 {
+		cfg.EjectFor = 10 * time.Second
+	}
+	if cfg.RateMaxKeys == 0 {
+		cfg.RateMaxKeys = 100_000
+	}
+	p := &Proxy{cfg: cfg, routes: routes, log: log, state: map[string]*instState{}}
+	if cfg.RateRPS > 0 {
+		p.limiter = ratelimit.New(cfg.RateRPS, cfg.RateBurst, cfg.RateMaxKeys)
+	}
+	p.m = &metrics{
+		requests:    prometheus.NewCounterVec(prometheus.CounterOpts{Name: "zeitwork_edge_proxy_requests_total", Help: "Requests by status class and host class."}, []string{"code", "host_class"}),
+		latency:     prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "zeitwork_edge_proxy_request_duration_seconds", Help: "Time to response headers.", Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16)}, []string{"host_class"}),
+		upstreamErr: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "zeitwork_edge_proxy_upstream_errors_total", Help: "Upstream failures by kind."}, []string{"kind"}),
+		limited:     prometheus.NewCounter(prometheus.CounterOpts{Name: "zeitwork_edge_proxy_rate_limited_total", Help: "Requests answered 429."}),
+		certExpiry:  prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "zeitwork_edge_proxy_certificate_expiry_seconds", Help: "Seconds until a served certificate expires."}, []string{"name"}),
+		staleness: prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "zeitwork_edge_proxy_route_table_staleness_seconds", Help: "Seconds since the route table was last synced (-1: never)."},
+			func() float64 { return routes.Staleness().Seconds() }),
+	}
+	if reg != nil {
+		reg.MustRegister(p.m.requests, p.m.latency, p.m.upstreamErr, p.m.limited, p.m.certExpiry, p.m.staleness)
+	}
+	p.rp = &httputil.ReverseProxy{
+		Rewrite:      p.rewrite,
+		Transport:    &retryTransport{p: p, base: newTransport()},
+		ErrorHandler: p.upstreamError,
+		BufferPool:   bufferPool{},
+	}
+	return p
+}
+
+func newTransport() *http.Transport {
+	return &http.Transport{
+		Proxy:                 nil,
+		DialContext:           (&net.Dialer{Timeout: 3 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		MaxIdleConns:          4096,
+		MaxIdleConnsPerHost:   1024,
+		IdleConnTimeout:       90 * time.Second,
+		ExpectContinueTimeout: time.Second,
+		ResponseHeaderTimeout: 0, // long polls and streams are fine
+	}
+}
+
+type bufferPool struct{}
+
+var bufs = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+
+func (bufferPool) Get() []byte  { return *(bufs.Get().(*[]byte)) }
+func (bufferPool) Put(b []byte) { bufs.Put(&b) }
+
+// Limiter exposes the rate limiter (nil when disabled).
+func (p *Proxy) Limiter() *ratelimit.Limiter { return p.limiter }
+
+// CertExpiry records a certificate's expiry for /metrics.
+func (p *Proxy) CertExpiry(name string, notAfter time.Time) {
+	p.m.certExpiry.WithLabelValues(name).Set(time.Until(notAfter).Seconds())
+}
+
+// hostOf returns the lower-case host without port.
+func hostOf(h string) string {
+	if host, _, err := net.SplitHostPort(h); err == nil {
+		h = host
+	}
+	return strings.TrimSuffix(strings.ToLower(h), ".")
+}
+
+func (p *Proxy) hostClass(r *routetable.Route) string {
+	if r == nil {
+		return "unknown"
+	}
+	return r.Kind
+}
+
+type ctxKey struct{}
+
+type reqState struct {
+	route    *routetable.Route
+	client   string
+	tried    []string
+	instance *routetable.Instance
+	reqID    string
+}
+
+// ServeHTTP handles one request (HTTPS, or plain HTTP on the internal
+// port).
+func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	start := time.Now()
+	host := hostOf(r.Host)
+	route := p.routes.Table().Lookup(host)
+	class := p.hostClass(route)
+	sw := &statusWriter{ResponseWriter: w}
+	defer func() {
+		code := sw.code
+		if code == 0 {
+			code = 200
+		}
+		p.m.requests.WithLabelValues(strconv.Itoa(code/100)+"xx", class).Inc()
+		p.m.latency.WithLabelValues(class).Observe(time.Since(start).Seconds())
+		if p.cfg.AccessLog {
+			p.log.Info("request", "host", host, "method", r.Method, "path", r.URL.Path, "status", code, "client", clientIP(r),
+				"duration_ms", time.Since(start).Milliseconds(), "request_id", sw.Header().Get("X-Request-Id"))
+		}
+	}()
+	client := clientIP(r)
+	if p.limiter != nil {
+		if ok, wait := p.limiter.Allow(client, start); !ok {
+			p.m.limited.Inc()
+			secs := int(wait/time.Second) + 1
+			sw.Header().Set("Retry-After", strconv.Itoa(secs))
+			http.Error(sw, "429 Too Many Requests: slow down", http.StatusTooManyRequests)
+			return
+		}
+	}
+	if route == nil {
+		sw.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		sw.WriteHeader(http.StatusNotFound)
+		fmt.Fprintf(sw, "404 Not Found: no Zeitwork deployment answers for %s\n", host)
+		return
+	}
+	if r.TLS != nil && route.Kind == "custom" {
+		sw.Header().Set("Strict-Transport-Security", "max-age=31536000")
+	}
+	if p.cfg.MaxBodyBytes > 0 {
+		if r.ContentLength > p.cfg.MaxBodyBytes {
+			http.Error(sw, "413 Request Entity Too Large", http.StatusRequestEntityTooLarge)
+			return
+		}
+		if r.Body != nil && r.Body != http.NoBody {
+			r.Body = http.MaxBytesReader(sw, r.Body, p.cfg.MaxBodyBytes)
+		}
+	}
+	st := &reqState{route: route, client: client, reqID: r.Header.Get("X-Request-Id")}
+	if st.reqID == "" || len(st.reqID) > 200 {
+		var b [12]byte
+		_, _ = crand.Read(b[:])
+		st.reqID = hex.EncodeToString(b[:])
+	}
+	sw.Header().Set("X-Request-Id", st.reqID)
+	st.instance = p.pick(route, nil)
+	if st.instance == nil {
+		sw.Header().Set("Retry-After", "2")
+		sw.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		sw.WriteHeader(http.StatusServiceUnavailable)
+		fmt.Fprintf(sw, "503 Service Unavailable: %s has no healthy instance right now\n", host)
+		return
+	}
+	p.rp.ServeHTTP(sw, r.WithContext(context.WithValue(r.Context(), ctxKey{}, st)))
+}
+
+// pick chooses a healthy, non-ejected instance by the power of two random
+// choices on outstanding requests, skipping those already tried.
+func (p *Proxy) pick(route *routetable.Route, tried []string) *routetable.Instance {
+	now := time.Now().UnixNano()
+	var cands []*routetable.Instance
+	var buf [16]*routetable.Instance
+	cands = buf[:0]
+	for i := range route.Instances {
+		in := &route.Instances[i]
+		if !in.Healthy || contains(tried, in.ID) {
+			continue
+		}
+		if p.stateOf(in.ID).ejectedUntil.Load() > now {
+			continue
+		}
+		cands = append(cands, in)
+	}
+	if len(cands) == 0 {
+		// Everything ejected: try the healthy ones anyway rather than fail.
+		for i := range route.Instances {
+			if in := &route.Instances[i]; in.Healthy && !contains(tried, in.ID) {
+				cands = append(cands, in)
+			}
+		}
+	}
+	switch len(cands) {
+	case 0:
+		return nil
+	case 1:
+		return cands[0]
+	}
+	a, b := cands[rand.IntN(len(cands))], cands[rand.IntN(len(cands))]
+	if p.stateOf(b.ID).outstanding.Load() < p.stateOf(a.ID).outstanding.Load() {
+		return b
+	}
+	return a
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+func (p *Proxy) stateOf(id string) *instState {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	s, ok := p.state[id]
+	if !ok {
+		s = &instState{}
+		p.state[id] = s
+	}
+	return s
+}
+
+func (p *Proxy) rewrite(pr *httputil.ProxyRequest) {
+	st := pr.In.Context().Value(ctxKey{}).(*reqState)
+	pr.Out.Header["X-Forwarded-For"] = pr.In.Header["X-Forwarded-For"]
+	pr.SetXForwarded() // appends the client IP; sets X-Forwarded-Host/Proto
+	pr.Out.Header.Set("X-Real-IP", st.client)
+	pr.Out.Header.Set("X-Request-Id", st.reqID)
+	pr.Out.Host = pr.In.Host
+	pr.Out.URL.Scheme = "http"
+	pr.Out.URL.Host = "instance.invalid" // set per attempt by retryTransport
+}
+
+func clientIP(r *http.Request) string {
+	host, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		return r.RemoteAddr
+	}
+	return host
+}
+
+func (p *Proxy) upstreamError(w http.ResponseWriter, r *http.Request, err error) {
+	var mbe *http.MaxBytesError
+	if errors.As(err, &mbe) {
+		http.Error(w, "413 Request Entity Too Large", http.StatusRequestEntityTooLarge)
+		return
+	}
+	if errors.Is(err, context.Canceled) {
+		w.WriteHeader(499)
+		return
+	}
+	p.m.upstreamErr.WithLabelValues("proxy").Inc()
+	w.Header().Set("Retry-After", "1")
+	http.Error(w, "502 Bad Gateway: the app did not answer", http.StatusBadGateway)
+}
+
+// retryTransport sends each attempt to the chosen instance's node agent
+// and retries an idempotent request once on another instance when the
+// connection fails.
+type retryTransport struct {
+	p    *Proxy
+	base *http.Transport
+}
+
+func idempotent(r *http.Request) bool {
+	switch r.Method {
+	case http.MethodGet, http.MethodHead, http.MethodOptions, http.MethodTrace:
+		return r.Body == nil || r.Body == http.NoBody
+	case http.MethodPut, http.MethodDelete:
+		return r.Body == nil || r.Body == http.NoBody
+	}
+	return false
+}
+
+var nodeURLs sync.Map // node address → *url.URL
+
+func nodeURL(addr string) (*url.URL, error) {
+	if u, ok := nodeURLs.Load(addr); ok {
+		return u.(*url.URL), nil
+	}
+	u, err := url.Parse(addr)
+	if err != nil {
+		return nil, err
+	}
+	nodeURLs.Store(addr, u)
+	return u, nil
+}
+
+func (t *retryTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	st := r.Context().Value(ctxKey{}).(*reqState)
+	in := st.instance
+	for attempt := 0; ; attempt++ {
+		u, err := nodeURL(in.NodeAddress)
+		if err != nil {
+			return nil, err
+		}
+		r.URL.Scheme, r.URL.Host = u.Scheme, u.Host
+		r.Header.Set("X-Zeitwork-Instance", in.ID)
+		r.Header.Set("X-Zeitwork-Token", t.p.cfg.ClusterToken)
+		s := t.p.stateOf(in.ID)
+		s.outstanding.Add(1)
+		resp, err := t.base.RoundTrip(r)
+		s.outstanding.Add(-1)
+		if err == nil && resp.StatusCode != http.StatusBadGateway && resp.StatusCode != http.StatusServiceUnavailable {
+			s.failures.Store(0)
+			return resp, nil
+		}
+		// Connection failure, or the node agent says the VM is gone.
+		t.p.m.upstreamErr.WithLabelValues("connect").Inc()
+		if n := s.failures.Add(1); n >= int64(t.p.cfg.EjectAfter) {
+			s.ejectedUntil.Store(time.Now().Add(t.p.cfg.EjectFor).UnixNano())
+		}
+		st.tried = append(st.tried, in.ID)
+		if attempt > 0 || !idempotent(r) || r.Context().Err() != nil {
+			if err != nil {
+				return nil, err
+			}
+			return resp, nil
+		}
+		next := t.p.pick(st.route, st.tried)
+		if next == nil {
+			if err != nil {
+				return nil, err
+			}
+			return resp, nil
+		}
+		if resp != nil {
+			resp.Body.Close()
+		}
+		in = next
+	}
+}
+
+type statusWriter struct {
+	http.ResponseWriter
+	code int
+}
+
+func (s *statusWriter) WriteHeader(code int) {
+	if s.code == 0 {
+		s.code = code
+	}
+	s.ResponseWriter.WriteHeader(code)
+}
+
+func (s *statusWriter) Write(b []byte) (int, error) {
+	if s.code == 0 {
+		s.code = 200
+	}
+	return s.ResponseWriter.Write(b)
+}
+
+// Unwrap lets http.ResponseController reach Flush/Hijack (SSE, WebSockets).
+func (s *statusWriter) Unwrap() http.ResponseWriter { return s.ResponseWriter }
+
+func (s *statusWriter) Flush() {
+	if f, ok := s.ResponseWriter.(http.Flusher); ok {
+		f.Flush()
+	}
+}
