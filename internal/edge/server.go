@@ -257,3 +257,5 @@ func (s *Server) heartbeat(ctx context.Context) {
 		}
 	}
 }
+
+func urlParse(s string) (*url.URL, error) { return url.Parse(s) }
