@@ -79,6 +79,7 @@ func newRoot(stdout, stderr io.Writer) *cobra.Command {
 	root.SetVersionTemplate(buildinfo.String("zeitwork") + "\n")
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error { return usageError{err} })
 	root.AddCommand(devCommand())
+	addCommands(root, &app{stdout: stdout, stderr: stderr})
 	return root
 }
 
