@@ -13,13 +13,14 @@ import (
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
-	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/zeitwork/zeitwork/internal/embeddedpg"
@@ -39,6 +40,13 @@ type Config struct {
 	FirstIP string
 	// Env adds or overrides variables of every service (e.g. RETENTION).
 	Env map[string]string
+	// EdgeEnv adds variables of the edge proxies only.
+	EdgeEnv map[string]string
+	// RegistryAddr is where the local OCI registry listens (default a
+	// free loopback port).
+	RegistryAddr string
+	// KernelDir caches the guest kernel (shared by all node agents).
+	KernelDir string
 }
 
 // Region is one running region.
@@ -52,18 +60,18 @@ type Region struct {
 
 // Cluster is a running platform.
 type Cluster struct {
-	cfg          Config
-	DB           *embeddedpg.Server
-	DatabaseURL  string
-	Registry     *Registry
-	CA           *CA
-	Operator     *Proc
-	OperatorURL  string
-	Regions      []*Region
-	ClusterToken string
-	// Token is the API token of the demo organisation (Org).
-	Token string
-	Org   string
+	cfg           Config
+	DB            *embeddedpg.Server
+	DatabaseURL   string
+	Registry      *Registry
+	CA            *CA
+	Operator      *Proc
+	OperatorURL   string
+	Regions       []*Region
+	ClusterToken  string
+	WebhookSecret string
+	encKey        string
+	operatorAddr  string
 }
 
 func (c *Config) defaults() {
@@ -75,6 +83,12 @@ func (c *Config) defaults() {
 	}
 	if c.AppsDomain == "" {
 		c.AppsDomain = "zeitwork.test"
+	}
+	if c.RegistryAddr == "" {
+		c.RegistryAddr = "127.0.0.1:0"
+	}
+	if c.KernelDir == "" {
+		c.KernelDir = "/var/cache/zeitwork/kernel"
 	}
 	if c.FirstIP == "" {
 		c.FirstIP = "127.0.0.1"
@@ -131,6 +145,9 @@ func Start(ctx context.Context, cfg Config) (_ *Cluster, err error) {
 	if c.ClusterToken, err = secret(cfg.StateDir, "cluster-token", 24, hex.EncodeToString); err != nil {
 		return nil, err
 	}
+	if c.WebhookSecret, err = secret(cfg.StateDir, "webhook-secret", 24, hex.EncodeToString); err != nil {
+		return nil, err
+	}
 	if c.CA, err = EnsureCA(filepath.Join(cfg.StateDir, "ca"), cfg.AppsDomain); err != nil {
 		return nil, err
 	}
@@ -145,7 +162,7 @@ func Start(ctx context.Context, cfg Config) (_ *Cluster, err error) {
 		}
 		c.DatabaseURL = c.DB.URL("zeitwork")
 	}
-	if c.Registry, err = StartRegistry("127.0.0.1:0"); err != nil {
+	if c.Registry, err = StartRegistry(cfg.RegistryAddr); err != nil {
 		return nil, err
 	}
 	encKey, err := secret(cfg.StateDir, "encryption-key", 32, base64.StdEncoding.EncodeToString)
@@ -166,14 +183,13 @@ func Start(ctx context.Context, cfg Config) (_ *Cluster, err error) {
 }
 
 func (c *Cluster) common() map[string]string {
-	env := map[string]string{
+	return map[string]string{
 		"LOG_LEVEL":     "info",
 		"ENVIRONMENT":   "development",
 		"CLUSTER_TOKEN": c.ClusterToken,
 		"APPS_DOMAIN":   c.cfg.AppsDomain,
 		"OPERATOR_URL":  c.OperatorURL,
 	}
-	return env
 }
 
 func merge(dst map[string]string, srcs ...map[string]string) map[string]string {
@@ -185,46 +201,58 @@ func merge(dst map[string]string, srcs ...map[string]string) map[string]string {
 	return dst
 }
 
+// OperatorEnv is the operator's environment (also used to run its
+// subcommands, e.g. bootstrap).
+func (c *Cluster) OperatorEnv() map[string]string {
+	return merge(c.common(), map[string]string{
+		"LISTEN_ADDR":           c.operatorAddr,
+		"DATABASE_URL":          c.DatabaseURL,
+		"ENCRYPTION_KEY":        c.encKey,
+		"EDGE_HOSTNAME":         "edge." + c.cfg.AppsDomain,
+		"GITHUB_WEBHOOK_SECRET": c.WebhookSecret,
+		"INSECURE_REGISTRIES":   c.Registry.Addr,
+		"RECONCILE_INTERVAL":    "500ms",
+	}, c.cfg.Env)
+}
+
 func (c *Cluster) startOperator(ctx context.Context, encKey string) error {
 	ip := c.cfg.FirstIP
 	if len(c.cfg.Regions) > 1 {
-		ip = regionIP(c.cfg.FirstIP, -1, 0) // 127.0.0.1 when regions start at 127.0.1.1
+		ip = "127.0.0.1"
 	}
-	c.OperatorURL = "http://" + ip + ":8080"
-	c.Operator = &Proc{
-		Name: "operator", Path: c.bin("zeitwork-operator"), LogFile: c.logFile("operator"),
-		Health: c.OperatorURL + "/health/live",
+	c.encKey = encKey
+	c.operatorAddr = ip + ":8080"
+	c.OperatorURL = "http://" + c.operatorAddr
+	c.Operator = &Proc{Name: "operator", Path: c.bin("zeitwork-operator"), LogFile: c.logFile("operator"),
+		Health: c.OperatorURL + "/health/live", Env: c.OperatorEnv()}
+	return c.Operator.Start(ctx, 2*time.Minute)
+}
+
+// NodeAgentEnv is the environment of node agent n of region i.
+func (c *Cluster) nodeAgent(i int, r *Region, n int) *Proc {
+	ip := regionIP(c.cfg.FirstIP, i, 10+n)
+	name := fmt.Sprintf("node-agent-%s-%d", r.Name, n)
+	return &Proc{
+		Name: name, Path: c.bin("zeitwork-node-agent"), LogFile: c.logFile(name), KeepGroup: true,
+		Health: "http://" + ip + ":8081/health/live",
 		Env: merge(c.common(), map[string]string{
-			"PORT":           "8080",
-			"LISTEN_ADDR":    ip + ":8080",
-			"DATABASE_URL":   c.DatabaseURL,
-			"ENCRYPTION_KEY": encKey,
-			"EDGE_HOSTNAME":  "edge." + c.cfg.AppsDomain,
+			"LISTEN_ADDR":         ip + ":8081",
+			"NODE_ADVERTISE_ADDR": "http://" + ip + ":8081",
+			"REGION":              r.Name,
+			"VM_WORK_DIR":         filepath.Join(c.cfg.StateDir, "nodes", name),
+			"VM_SUBNET":           fmt.Sprintf("10.%d.%d.0/24", 200+i, n),
+			"KERNEL_DIR":          c.cfg.KernelDir,
+			"INSECURE_REGISTRIES": c.Registry.Addr,
+			"HEARTBEAT_INTERVAL":  "1s",
 		}, c.cfg.Env),
 	}
-	return c.Operator.Start(ctx, 2*time.Minute)
 }
 
 func (c *Cluster) startRegion(ctx context.Context, i int, r *Region) error {
 	for n := range c.cfg.NodesPerRegion {
-		ip := regionIP(c.cfg.FirstIP, i, 10+n)
-		name := fmt.Sprintf("node-agent-%s-%d", r.Name, n)
-		p := &Proc{
-			Name: name, Path: c.bin("zeitwork-node-agent"), LogFile: c.logFile(name), KeepGroup: true,
-			Health: "http://" + ip + ":8081/health/live",
-			Env: merge(c.common(), map[string]string{
-				"PORT":                "8081",
-				"LISTEN_ADDR":         ip + ":8081",
-				"NODE_ADVERTISE_ADDR": "http://" + ip + ":8081",
-				"REGION":              r.Name,
-				"VM_WORK_DIR":         filepath.Join(c.cfg.StateDir, "nodes", name),
-				"VM_SUBNET":           fmt.Sprintf("10.%d.%d.0/24", 100+i, n),
-				"VMM":                 "qemu",
-				"INSECURE_REGISTRIES": c.Registry.Addr,
-			}, c.cfg.Env),
-		}
+		p := c.nodeAgent(i, r, n)
 		r.NodeAgents = append(r.NodeAgents, p)
-		if err := p.Start(ctx, 2*time.Minute); err != nil {
+		if err := p.Start(ctx, 5*time.Minute); err != nil {
 			return err
 		}
 	}
@@ -232,15 +260,18 @@ func (c *Cluster) startRegion(ctx context.Context, i int, r *Region) error {
 		Name: "edge-proxy-" + r.Name, Path: c.bin("zeitwork-edge-proxy"), LogFile: c.logFile("edge-proxy-" + r.Name),
 		Health: "http://" + r.IP + ":8083/health/live",
 		Env: merge(c.common(), map[string]string{
-			"HTTPS_ADDR":      r.IP + ":443",
-			"HTTP_ADDR":       r.IP + ":8083",
-			"REGION":          r.Name,
-			"SSL_CERT_PATH":   c.CA.WildcardCert,
-			"SSL_KEY_PATH":    c.CA.WildcardKey,
-			"DATABASE_URL":    c.DatabaseURL,
-			"TRUSTED_PROXIES": r.IP + "/32",
-			"STATE_DIR":       filepath.Join(c.cfg.StateDir, "edge-"+r.Name),
-		}, c.cfg.Env),
+			"HTTPS_ADDR":           r.IP + ":443",
+			"HTTP_ADDR":            r.IP + ":8083",
+			"EDGE_ID":              "edge-" + r.Name,
+			"EDGE_ADVERTISE_HTTPS": r.IP + ":443",
+			"EDGE_ADVERTISE_HTTP":  r.IP + ":8083",
+			"REGION":               r.Name,
+			"SSL_CERT_PATH":        c.CA.WildcardCert,
+			"SSL_KEY_PATH":         c.CA.WildcardKey,
+			"TRUSTED_PROXIES":      r.IP + "/32",
+			"STATE_DIR":            filepath.Join(c.cfg.StateDir, "edge-"+r.Name),
+			"ACCESS_LOG":           "false",
+		}, c.cfg.EdgeEnv, c.cfg.Env),
 	}
 	if err := r.Edge.Start(ctx, time.Minute); err != nil {
 		return err
@@ -260,7 +291,35 @@ func (c *Cluster) startRegion(ctx context.Context, i int, r *Region) error {
 	return r.LB.Start(ctx, time.Minute)
 }
 
-// Stop stops every process (load balancers first, the database last).
+// RestartNodeAgent starts a stopped or killed node agent again.
+func (c *Cluster) RestartNodeAgent(ctx context.Context, region, n int) error {
+	r := c.Regions[region]
+	p := c.nodeAgent(region, r, n)
+	r.NodeAgents[n] = p
+	return p.Start(ctx, 5*time.Minute)
+}
+
+// Bootstrap creates an organisation with an owner and returns an API token.
+func (c *Cluster) Bootstrap(ctx context.Context, org, email string) (string, error) {
+	cmd := exec.CommandContext(ctx, c.bin("zeitwork-operator"), "bootstrap", org, email)
+	cmd.Env = os.Environ()
+	for k, v := range c.OperatorEnv() {
+		cmd.Env = append(cmd.Env, k+"="+v)
+	}
+	out, err := cmd.Output()
+	if err != nil {
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			return "", fmt.Errorf("bootstrap: %v: %s", err, ee.Stderr)
+		}
+		return "", err
+	}
+	return strings.TrimSpace(string(out)), nil
+}
+
+// Stop stops every process (load balancers first, the database last). VMs
+// are stopped through their agents' instances being deleted by the caller
+// when wanted; a dev cluster keeps them for the next run.
 func (c *Cluster) Stop() error {
 	var errs []error
 	for _, r := range c.Regions {
@@ -287,8 +346,33 @@ func (c *Cluster) Stop() error {
 	return errors.Join(errs...)
 }
 
-// RunDev is `zeitwork dev`: it starts the platform, deploys the sample
-// app, prints how to reach it, and stops everything when ctx ends.
-func RunDev(ctx context.Context, args []string, log *slog.Logger) error {
-	return errors.New("not yet")
+// StopVMs kills the microVMs the cluster's node agents started and removes
+// their taps (node agents leave VMs running on purpose when they stop).
+func (c *Cluster) StopVMs() {
+	pids, _ := filepath.Glob(filepath.Join(c.cfg.StateDir, "nodes", "*", "instances", "*", "vmm.pid"))
+	for _, p := range pids {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			continue
+		}
+		var pid int
+		if _, err := fmt.Sscan(string(b), &pid); err == nil && pid > 1 {
+			if cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid)); err == nil && strings.Contains(string(cmdline), filepath.Dir(p)) {
+				_ = syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
+	}
+	leases, _ := filepath.Glob(filepath.Join(c.cfg.StateDir, "nodes", "*", "net", "*.json"))
+	for _, l := range leases {
+		b, err := os.ReadFile(l)
+		if err != nil {
+			continue
+		}
+		var lease struct {
+			Tap string `json:"tap"`
+		}
+		if json.Unmarshal(b, &lease) == nil && lease.Tap != "" {
+			_ = exec.Command("ip", "link", "del", lease.Tap).Run()
+		}
+	}
 }
