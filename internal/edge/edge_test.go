@@ -308,7 +308,9 @@ func TestRoutingTLSAndHeaders(t *testing.T) {
 
 func (e *edgeEnv) h1client() *http.Client {
 	return &http.Client{Transport: &http.Transport{
-		DialContext:     func(ctx context.Context, _, _ string) (net.Conn, error) { return (&net.Dialer{}).DialContext(ctx, "tcp", e.https) },
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, "tcp", e.https)
+		},
 		TLSClientConfig: &tls.Config{RootCAs: e.ca, NextProtos: []string{"http/1.1"}},
 	}}
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -191,7 +192,13 @@ func (s *Server) httpHandler() http.Handler {
 func (s *Server) Run(ctx context.Context, reload <-chan struct{}) error {
 	wrap := func(ln net.Listener) net.Listener {
 		return proxyproto.NewListener(ln, proxyproto.ListenerConfig{Trusted: s.cfg.Trusted, HeaderTimeout: 5 * time.Second,
-			OnReject: func(peer net.Addr, err error) { s.log.Warn("rejected connection", "peer", peer.String(), "err", err) }})
+			OnReject: func(peer net.Addr, err error) {
+				if errors.Is(err, proxyproto.ErrUntrusted) {
+					s.log.Warn("rejected PROXY header from an untrusted peer", "peer", peer.String())
+				} else {
+					s.log.Debug("connection closed before a request", "peer", peer.String(), "err", err)
+				}
+			}})
 	}
 	tlsCfg := TLSConfig(s.getCertificate)
 	if s.acme != nil {

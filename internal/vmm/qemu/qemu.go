@@ -6,6 +6,8 @@ package qemu
 import (
 	"bufio"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
@@ -123,7 +125,10 @@ func (q *QEMU) Start(ctx context.Context, spec vmm.Spec) (vmm.Machine, error) {
 	if out, err := exec.CommandContext(ctx, q.ImgBin, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", spec.RootDisk, overlay).CombinedOutput(); err != nil {
 		return nil, fmt.Errorf("cannot create overlay disk: %v: %s", err, out)
 	}
-	sock := filepath.Join(spec.Dir, "agent.sock")
+	sock, err := socketPath(spec.Dir)
+	if err != nil {
+		return nil, err
+	}
 	_ = os.Remove(sock)
 	accel := "tcg,tb-size=32"
 	cpu := []string{}
@@ -204,7 +209,8 @@ func (q *QEMU) Adopt(ctx context.Context, dir string) (vmm.Machine, error) {
 		return nil, vmm.ErrGone
 	}
 	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-	if err != nil || !strings.Contains(string(cmdline), filepath.Join(dir, "agent.sock")) {
+	sock, _ := socketPath(dir)
+	if err != nil || !strings.Contains(string(cmdline), sock) {
 		return nil, vmm.ErrGone
 	}
 	fd, err := unix.PidfdOpen(pid, 0)
@@ -233,9 +239,26 @@ type machine struct {
 	done chan struct{}
 }
 
-func (m *machine) ID() string            { return m.id }
-func (m *machine) PID() int              { return m.pid }
-func (m *machine) AgentSocket() string   { return filepath.Join(m.dir, "agent.sock") }
+func (m *machine) ID() string { return m.id }
+func (m *machine) PID() int   { return m.pid }
+func (m *machine) AgentSocket() string {
+	s, _ := socketPath(m.dir)
+	return s
+}
+
+// socketDir holds agent sockets: Unix socket paths are limited to 108
+// bytes, which a state directory deep in VM_WORK_DIR can exceed, so the
+// socket gets a short name derived from the state directory.
+const socketDir = "/run/zeitwork-vm"
+
+func socketPath(stateDir string) (string, error) {
+	if err := os.MkdirAll(socketDir, 0o700); err != nil {
+		return "", fmt.Errorf("cannot create %s: %w", socketDir, err)
+	}
+	abs, _ := filepath.Abs(stateDir)
+	h := sha256.Sum256([]byte(abs))
+	return filepath.Join(socketDir, hex.EncodeToString(h[:10])+".sock"), nil
+}
 func (m *machine) Done() <-chan struct{} { return m.done }
 
 func (m *machine) Kill() error {
