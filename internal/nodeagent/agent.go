@@ -181,7 +181,7 @@ func New(ctx context.Context, cfg Config, reg prometheus.Registerer, log *slog.L
 	if a.kernel, err = guestkernel.Ensure(ctx, kdir, initBin); err != nil {
 		return nil, fmt.Errorf("cannot prepare the guest kernel: %w", err)
 	}
-	if a.images, err = rootfs.NewStore(filepath.Join(cfg.WorkDir, "images"), cfg.CacheBytes, cfg.Insecure); err != nil {
+	if a.images, err = rootfs.New(rootfs.Settings{Dir: filepath.Join(cfg.WorkDir, "images"), MaxBytes: cfg.CacheBytes, Insecure: cfg.Insecure, Log: log}); err != nil {
 		return nil, err
 	}
 	if a.net, err = hostnet.New(hostnet.Config{Subnet: cfg.Subnet, StateDir: filepath.Join(cfg.WorkDir, "net"), EgressNAT: cfg.EgressNAT}); err != nil {

@@ -1,29 +1,33 @@
 // Package rootfs turns OCI images into the ext4 root disks microVMs boot.
-// It pulls an image (go-containerregistry), flattens its layers in order —
-// whiteouts, opaque directories, hard links, symlinks, modes, ownership and
+// It pulls an image (go-containerregistry; linux/amd64 from an index; auth
+// from the default keychain; plain HTTP only for loopback and configured
+// registries), flattens its layers in order — whiteouts, opaque
+// directories, hard links, symlinks, device nodes, modes, ownership and
 // xattrs — writing only through an os.Root so no entry can escape, and
 // builds an ext4 image with `mkfs.ext4 -d`. Images are cached by manifest
-// digest, built atomically (temp + rename), once for concurrent requests,
-// and evicted least-recently-used beyond a size bound (never while in use).
+// digest, built atomically (temp dir + rename), once for concurrent
+// requests, and evicted least-recently-used beyond a size bound, never
+// while a VM uses them. Each VM boots a copy-on-write overlay of the image
+// (the VMM's job); the image itself is never written after it is built.
 package rootfs
 
 import (
-	"bufio"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
-
-	"archive/tar"
 
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
@@ -32,19 +36,17 @@ import (
 	"golang.org/x/sync/singleflight"
 )
 
-// Stats counts what a conversion wrote.
-type Stats struct {
-	Files   int
-	Bytes   int64
-	Skipped int
-}
-
 // Image is a converted image.
 type Image struct {
+	// Digest is the image manifest digest ("sha256:…"), the cache key.
 	Digest string `json:"digest"`
-	Path   string `json:"path"` // ext4 file
+	// Ref pins the image by digest ("registry/repo@sha256:…"); getting it
+	// again is served from the cache without the registry.
+	Ref    string `json:"ref"`
+	Path   string `json:"path"` // the ext4 file
 	Size   int64  `json:"size"`
 	Config Config `json:"config"`
+	Stats  Stats  `json:"stats"`
 }
 
 // Config is what the VM's init needs from the image config.
@@ -53,106 +55,210 @@ type Config struct {
 	Cmd        []string `json:"cmd,omitempty"`
 	Env        []string `json:"env,omitempty"`
 	WorkDir    string   `json:"workdir,omitempty"`
-	User       string   `json:"user,omitempty"`
+	User       string   `json:"user,omitempty"` // as written in the image
 	UID        uint32   `json:"uid"`
 	GID        uint32   `json:"gid"`
+	Groups     []uint32 `json:"groups,omitempty"`
+	Home       string   `json:"home,omitempty"`
+	Ports      []int    `json:"ports,omitempty"` // EXPOSEd TCP ports
+}
+
+// Settings configures a Store.
+type Settings struct {
+	Dir string
+	// MaxBytes bounds the cache; least recently used images not in use are
+	// evicted beyond it (0 = unbounded).
+	MaxBytes int64
+	// MaxImageBytes bounds the file content of one image (0 = unbounded).
+	MaxImageBytes int64
+	// Headroom is the free space left in each ext4 image for the app's
+	// writes (default 64 MiB).
+	Headroom int64
+	// Insecure lists registries ("host:port") reached over plain HTTP;
+	// loopback registries always are.
+	Insecure []string
+	// Keychain resolves registry credentials (default authn.DefaultKeychain).
+	Keychain authn.Keychain
+	// Timeout bounds one pull and conversion (default 30 min).
+	Timeout time.Duration
+	Log     *slog.Logger
 }
 
 // Store is the on-disk cache of converted images.
 type Store struct {
-	Dir      string
-	MaxBytes int64 // eviction bound; 0 = unbounded
-	// Insecure lists registries reachable over plain HTTP; loopback
-	// registries always are.
-	Insecure []string
+	cfg Settings
+	sf  singleflight.Group
+	wg  sync.WaitGroup // conversions in flight
 
-	sf    singleflight.Group
-	mu    sync.Mutex
+	mu    sync.Mutex // guards inUse and eviction
 	inUse map[string]int
 }
 
-// NewStore opens (creating) a cache in dir and removes leftovers of
-// interrupted conversions.
-func NewStore(dir string, maxBytes int64, insecure []string) (*Store, error) {
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return nil, err
+// New opens (creating) a cache and removes leftovers of conversions that
+// were interrupted.
+func New(cfg Settings) (*Store, error) {
+	if cfg.Dir == "" {
+		return nil, errors.New("rootfs: no cache directory")
 	}
-	tmps, _ := filepath.Glob(filepath.Join(dir, "tmp-*"))
-	for _, t := range tmps {
-		_ = os.RemoveAll(t)
+	if cfg.Headroom <= 0 {
+		cfg.Headroom = 64 << 20
 	}
-	return &Store{Dir: dir, MaxBytes: maxBytes, Insecure: insecure, inUse: map[string]int{}}, nil
-}
-
-func (s *Store) nameOptions(ref string) []name.Option {
-	host := ref
-	if i := strings.IndexByte(ref, '/'); i > 0 {
-		host = ref[:i]
+	if cfg.Keychain == nil {
+		cfg.Keychain = authn.DefaultKeychain
 	}
-	h, _, err := net.SplitHostPort(host)
-	if err != nil {
-		h = host
+	if cfg.Timeout <= 0 {
+		cfg.Timeout = 30 * time.Minute
 	}
-	if h == "localhost" || (net.ParseIP(h) != nil && net.ParseIP(h).IsLoopback()) {
-		return []name.Option{name.Insecure}
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
 	}
-	for _, r := range s.Insecure {
-		if r == host {
-			return []name.Option{name.Insecure}
+	for _, d := range []string{cfg.Dir, filepath.Join(cfg.Dir, "refs")} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return nil, fmt.Errorf("cannot create image cache: %w", err)
 		}
 	}
-	return nil
+	entries, _ := os.ReadDir(cfg.Dir)
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), "tmp-") {
+			_ = os.RemoveAll(filepath.Join(cfg.Dir, e.Name()))
+		}
+	}
+	return &Store{cfg: cfg, inUse: map[string]int{}}, nil
 }
 
-// Get returns the converted image for ref (tag or digest), converting it
-// when it is not cached. release must be called when the VM using it is
-// gone; until then the image is not evicted.
-func (s *Store) Get(ctx context.Context, ref string) (*Image, func(), error) {
-	r, err := name.ParseReference(ref, s.nameOptions(ref)...)
+// Close waits for conversions still running for callers that gave up.
+func (s *Store) Close() { s.wg.Wait() }
+
+// Insecure reports whether the registry of ref is reached over plain HTTP.
+func (s *Store) insecure(registry string) bool {
+	h, _, err := net.SplitHostPort(registry)
 	if err != nil {
-		return nil, nil, fmt.Errorf("bad image reference %q: %w", ref, err)
+		h = registry
 	}
-	img, err := remote.Image(r, remote.WithContext(ctx), remote.WithAuthFromKeychain(authn.DefaultKeychain),
+	if h == "localhost" {
+		return true
+	}
+	if ip := net.ParseIP(h); ip != nil && ip.IsLoopback() {
+		return true
+	}
+	return slices.Contains(s.cfg.Insecure, registry)
+}
+
+// ParseReference parses an image reference, allowing plain HTTP for
+// loopback and configured registries.
+func (s *Store) ParseReference(ref string) (name.Reference, error) {
+	r, err := name.ParseReference(ref)
+	if err != nil {
+		return nil, fmt.Errorf("bad image reference %q: %w", ref, err)
+	}
+	if s.insecure(r.Context().RegistryStr()) {
+		r, err = name.ParseReference(ref, name.Insecure)
+	}
+	return r, err
+}
+
+// Get returns the converted image for ref (by tag or digest), pulling and
+// converting it when it is not cached. A reference by digest that was
+// converted before is served without the registry. release must be called
+// when the VM using the image is gone; until then it is not evicted.
+func (s *Store) Get(ctx context.Context, ref string) (*Image, func(), error) {
+	r, err := s.ParseReference(ref)
+	if err != nil {
+		return nil, nil, err
+	}
+	refKey := refFile(r.String())
+	if _, byDigest := r.(name.Digest); byDigest {
+		if key, err := os.ReadFile(filepath.Join(s.cfg.Dir, "refs", refKey)); err == nil {
+			if im, release, err := s.acquire(string(key)); err == nil {
+				return im, release, nil
+			}
+		}
+	}
+	img, err := remote.Image(r, remote.WithContext(ctx), remote.WithAuthFromKeychain(s.cfg.Keychain),
 		remote.WithPlatform(v1.Platform{OS: "linux", Architecture: "amd64"}))
 	if err != nil {
 		return nil, nil, fmt.Errorf("cannot pull %s: %w", ref, err)
 	}
 	digest, err := img.Digest()
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, fmt.Errorf("cannot pull %s: %w", ref, err)
 	}
 	key := digest.Hex
-	v, err, _ := s.sf.Do(key, func() (any, error) {
-		if im, err := s.load(key); err == nil {
-			return im, nil
+	pinned := r.Context().Digest(digest.String()).String()
+	for attempt := 0; ; attempt++ {
+		if im, release, err := s.acquire(key); err == nil {
+			s.remember(r, refKey, pinned, key)
+			return im, release, nil
 		}
-		return s.convert(ctx, img, key)
-	})
+		if attempt == 2 {
+			return nil, nil, fmt.Errorf("cannot convert %s: evicted while being converted", ref)
+		}
+		ch := s.sf.DoChan(key, func() (any, error) {
+			// The conversion outlives a caller that gives up: others may be
+			// waiting for it, and the result is cached.
+			s.wg.Add(1)
+			defer s.wg.Done()
+			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.Timeout)
+			defer cancel()
+			if _, err := s.load(key); err == nil {
+				return nil, nil
+			}
+			return nil, s.convert(cctx, img, key, pinned)
+		})
+		select {
+		case <-ctx.Done():
+			return nil, nil, ctx.Err()
+		case res := <-ch:
+			if res.Err != nil {
+				return nil, nil, fmt.Errorf("cannot convert %s: %w", ref, res.Err)
+			}
+		}
+	}
+}
+
+// remember records that a digest reference names key, so the next Get of
+// it needs no registry. Tags move and are always resolved.
+func (s *Store) remember(r name.Reference, refKey, pinned, key string) {
+	_ = writeFileAtomic(filepath.Join(s.cfg.Dir, "refs", refFile(pinned)), []byte(key))
+	if _, ok := r.(name.Digest); ok {
+		_ = writeFileAtomic(filepath.Join(s.cfg.Dir, "refs", refKey), []byte(key))
+	}
+}
+
+func refFile(ref string) string {
+	h := sha256.Sum256([]byte(ref))
+	return hex.EncodeToString(h[:16])
+}
+
+// acquire marks a cached image in use and returns it, refreshing its LRU
+// clock and evicting others if the cache is over its bound.
+func (s *Store) acquire(key string) (*Image, func(), error) {
+	s.mu.Lock()
+	im, err := s.load(key)
 	if err != nil {
+		s.mu.Unlock()
 		return nil, nil, err
 	}
-	im := v.(*Image)
-	s.mu.Lock()
 	s.inUse[key]++
-	s.mu.Unlock()
 	now := time.Now()
-	_ = os.Chtimes(filepath.Join(s.Dir, key), now, now) // LRU clock
-	s.evict()
+	_ = os.Chtimes(filepath.Join(s.cfg.Dir, key), now, now)
+	s.evictLocked()
+	s.mu.Unlock()
 	var once sync.Once
 	return im, func() {
 		once.Do(func() {
 			s.mu.Lock()
-			s.inUse[key]--
-			if s.inUse[key] <= 0 {
+			defer s.mu.Unlock()
+			if s.inUse[key]--; s.inUse[key] <= 0 {
 				delete(s.inUse, key)
 			}
-			s.mu.Unlock()
 		})
 	}, nil
 }
 
 func (s *Store) load(key string) (*Image, error) {
-	b, err := os.ReadFile(filepath.Join(s.Dir, key, "image.json"))
+	dir := filepath.Join(s.cfg.Dir, key)
+	b, err := os.ReadFile(filepath.Join(dir, "image.json"))
 	if err != nil {
 		return nil, err
 	}
@@ -160,225 +266,209 @@ func (s *Store) load(key string) (*Image, error) {
 	if err := json.Unmarshal(b, &im); err != nil {
 		return nil, err
 	}
-	im.Path = filepath.Join(s.Dir, key, "rootfs.ext4")
+	im.Path = filepath.Join(dir, "rootfs.ext4")
+	if _, err := os.Stat(im.Path); err != nil {
+		return nil, err
+	}
 	return &im, nil
 }
 
-// Convert flattens img into a new ext4 image in the store.
-func (s *Store) convert(ctx context.Context, img v1.Image, key string) (*Image, error) {
-	tmp, err := os.MkdirTemp(s.Dir, "tmp-")
+// convert flattens img into a new ext4 image in the store. The result
+// appears atomically: a reader sees the complete directory or nothing.
+func (s *Store) convert(ctx context.Context, img v1.Image, key, pinned string) error {
+	start := time.Now()
+	tmp, err := os.MkdirTemp(s.cfg.Dir, "tmp-")
 	if err != nil {
-		return nil, err
+		return err
 	}
 	defer os.RemoveAll(tmp)
 	tree := filepath.Join(tmp, "tree")
 	if err := os.Mkdir(tree, 0o755); err != nil {
-		return nil, err
-	}
-	stats, err := Flatten(ctx, img, tree)
-	if err != nil {
-		return nil, err
+		return err
 	}
 	cf, err := img.ConfigFile()
 	if err != nil {
-		return nil, fmt.Errorf("cannot read image config: %w", err)
+		return fmt.Errorf("cannot read image config: %w", err)
 	}
-	cfg := Config{Entrypoint: cf.Config.Entrypoint, Cmd: cf.Config.Cmd, Env: cf.Config.Env, WorkDir: cf.Config.WorkingDir, User: cf.Config.User}
-	if cfg.UID, cfg.GID, err = ResolveUser(tree, cf.Config.User); err != nil {
-		return nil, err
+	if cf.OS != "" && cf.OS != "linux" || cf.Architecture != "" && cf.Architecture != "amd64" {
+		return fmt.Errorf("image is %s/%s, not linux/amd64", cf.OS, cf.Architecture)
 	}
-	if len(cfg.Entrypoint)+len(cfg.Cmd) == 0 {
-		return nil, errors.New("image has neither ENTRYPOINT nor CMD")
-	}
-	ext4 := filepath.Join(tmp, "rootfs.ext4")
-	if err := MakeExt4(ctx, tree, ext4, stats); err != nil {
-		return nil, err
-	}
-	fi, err := os.Stat(ext4)
-	if err != nil {
-		return nil, err
-	}
-	im := &Image{Digest: "sha256:" + key, Size: fi.Size(), Config: cfg}
-	b, _ := json.Marshal(im)
-	final := filepath.Join(s.Dir, key)
-	if err := os.MkdirAll(final+".new", 0o755); err != nil {
-		return nil, err
-	}
-	if err := os.Rename(ext4, filepath.Join(final+".new", "rootfs.ext4")); err != nil {
-		return nil, err
-	}
-	if err := os.WriteFile(filepath.Join(final+".new", "image.json"), b, 0o644); err != nil {
-		return nil, err
-	}
-	_ = os.RemoveAll(final)
-	if err := os.Rename(final+".new", final); err != nil {
-		return nil, err
-	}
-	im.Path = filepath.Join(final, "rootfs.ext4")
-	return im, nil
-}
-
-// Flatten extracts img's layers, bottom first, into dir.
-func Flatten(ctx context.Context, img v1.Image, dir string) (Stats, error) {
-	var st Stats
-	layers, err := img.Layers()
-	if err != nil {
-		return st, fmt.Errorf("cannot list layers: %w", err)
-	}
-	root, err := os.OpenRoot(dir)
-	if err != nil {
-		return st, err
-	}
-	defer root.Close()
-	for i, l := range layers {
-		if err := ctx.Err(); err != nil {
-			return st, err
-		}
-		for pass := range 2 {
-			rc, err := l.Uncompressed()
-			if err != nil {
-				return st, fmt.Errorf("layer %d: %w", i, err)
-			}
-			tr := tar.NewReader(bufio.NewReaderSize(rc, 1<<20))
-			if pass == 0 {
-				err = applyWhiteouts(root, tr)
-			} else {
-				err = extract(root, tr, &st)
-			}
-			rc.Close()
-			if err != nil {
-				return st, fmt.Errorf("layer %d: %w", i, err)
-			}
-		}
-	}
-	return st, nil
-}
-
-// MakeExt4 builds an ext4 image of dir sized to its content plus headroom.
-func MakeExt4(ctx context.Context, dir, out string, st Stats) error {
-	used, inodes, err := du(dir)
+	stats, err := Flatten(ctx, img, tree, s.cfg.MaxImageBytes)
 	if err != nil {
 		return err
 	}
-	size := used + used/4 + 64<<20 // content + 25% + 64 MiB of free space for the app
-	size = (size + 1<<20 - 1) &^ (1<<20 - 1)
-	cmd := exec.CommandContext(ctx, "mkfs.ext4", "-q", "-F", "-d", dir, "-N", strconv.FormatInt(inodes*2+4096, 10),
-		"-E", "root_owner=0:0", "-O", "^has_journal", "-L", "zeitwork-root", out, strconv.FormatInt(size/1024, 10)+"k")
-	if b, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("mkfs.ext4: %v: %s", err, strings.TrimSpace(string(b)))
+	cfg := Config{Entrypoint: cf.Config.Entrypoint, Cmd: cf.Config.Cmd, Env: cf.Config.Env,
+		WorkDir: cf.Config.WorkingDir, User: cf.Config.User}
+	if len(cfg.Entrypoint)+len(cfg.Cmd) == 0 {
+		return errors.New("image has neither ENTRYPOINT nor CMD")
+	}
+	u, err := ResolveUser(tree, cf.Config.User)
+	if err != nil {
+		return err
+	}
+	cfg.UID, cfg.GID, cfg.Groups, cfg.Home = u.UID, u.GID, u.Groups, u.Home
+	for p := range cf.Config.ExposedPorts {
+		num, proto, _ := strings.Cut(p, "/")
+		if n, err := strconv.Atoi(num); err == nil && (proto == "" || proto == "tcp") {
+			cfg.Ports = append(cfg.Ports, n)
+		}
+	}
+	sort.Ints(cfg.Ports)
+	if err := prepareTree(tree, cfg.WorkDir); err != nil {
+		return err
+	}
+	ext4 := filepath.Join(tmp, "rootfs.ext4")
+	if err := MakeExt4(ctx, tree, ext4, s.cfg.Headroom); err != nil {
+		return err
+	}
+	fi, err := os.Stat(ext4)
+	if err != nil {
+		return err
+	}
+	im := &Image{Digest: "sha256:" + key, Ref: pinned, Size: fi.Size(), Config: cfg, Stats: stats}
+	b, err := json.Marshal(im)
+	if err != nil {
+		return err
+	}
+	out := filepath.Join(tmp, "out")
+	if err := os.Mkdir(out, 0o755); err != nil {
+		return err
+	}
+	if err := os.Rename(ext4, filepath.Join(out, "rootfs.ext4")); err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(out, "image.json"), b, 0o644); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	final := filepath.Join(s.cfg.Dir, key)
+	if s.inUse[key] == 0 {
+		_ = os.RemoveAll(final) // a partial directory from an older layout
+	}
+	if err := os.Rename(out, final); err != nil {
+		if _, lerr := s.load(key); lerr == nil {
+			return nil // another process converted it meanwhile
+		}
+		return fmt.Errorf("cannot store image: %w", err)
+	}
+	s.cfg.Log.Info("image converted", "digest", im.Digest, "files", stats.Files, "bytes", stats.Bytes,
+		"ext4_bytes", im.Size, "duration", time.Since(start).Round(time.Millisecond).String())
+	return nil
+}
+
+// prepareTree adds what every microVM root needs and the image may lack:
+// mount points for init and the image's working directory.
+func prepareTree(tree, workdir string) error {
+	root, err := os.OpenRoot(tree)
+	if err != nil {
+		return err
+	}
+	defer root.Close()
+	for _, d := range []string{"proc", "sys", "dev", "tmp", "run", "etc"} {
+		if _, err := root.Lstat(d); err == nil {
+			continue
+		}
+		mode := os.FileMode(0o755)
+		if d == "tmp" {
+			mode = 0o777 | os.ModeSticky
+		}
+		if err := root.Mkdir(d, 0o755); err != nil {
+			return fmt.Errorf("cannot create /%s: %w", d, err)
+		}
+		if err := root.Chmod(d, mode); err != nil {
+			return err
+		}
+	}
+	if w := CleanName(workdir); w != "" {
+		x := &extractor{root: root}
+		p, err := x.resolve(w)
+		if err == nil {
+			_ = root.MkdirAll(p, 0o755) // Docker creates a missing WORKDIR
+		}
 	}
 	return nil
 }
 
-// du returns the disk space (rounded to 4 KiB blocks) and inode count of dir.
-func du(dir string) (bytes, inodes int64, err error) {
-	err = filepath.Walk(dir, func(_ string, fi os.FileInfo, err error) error {
-		if err != nil {
-			return err
-		}
-		inodes++
-		bytes += (fi.Size() + 4095) &^ 4095
-		if fi.IsDir() {
-			bytes += 4096
-		}
-		return nil
-	})
-	return bytes, inodes, err
+// CacheStats describes the cache, for metrics and /node/resources.
+type CacheStats struct {
+	Images int   `json:"images"`
+	Bytes  int64 `json:"bytes"`
+	InUse  int   `json:"in_use"`
 }
 
-// evict removes least recently used images until the store is within
-// MaxBytes, skipping images in use.
-func (s *Store) evict() {
-	if s.MaxBytes <= 0 {
-		return
+// Usage reports what the cache holds.
+func (s *Store) Usage() CacheStats {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var st CacheStats
+	for _, it := range s.items() {
+		st.Images++
+		st.Bytes += it.size
 	}
-	entries, _ := os.ReadDir(s.Dir)
-	type item struct {
-		key  string
-		size int64
-		used time.Time
-	}
-	var items []item
-	var total int64
+	st.InUse = len(s.inUse)
+	return st
+}
+
+type cacheItem struct {
+	key  string
+	size int64
+	used time.Time
+}
+
+func (s *Store) items() []cacheItem {
+	entries, _ := os.ReadDir(s.cfg.Dir)
+	var items []cacheItem
 	for _, e := range entries {
-		if !e.IsDir() || strings.HasPrefix(e.Name(), "tmp-") || strings.HasSuffix(e.Name(), ".new") {
+		if !e.IsDir() || len(e.Name()) != 64 {
 			continue
 		}
-		fi, err := os.Stat(filepath.Join(s.Dir, e.Name(), "rootfs.ext4"))
+		fi, err := os.Stat(filepath.Join(s.cfg.Dir, e.Name(), "rootfs.ext4"))
 		if err != nil {
 			continue
 		}
-		di, _ := e.Info()
-		items = append(items, item{e.Name(), fi.Size(), di.ModTime()})
-		total += fi.Size()
+		di, err := e.Info()
+		if err != nil {
+			continue
+		}
+		items = append(items, cacheItem{e.Name(), fi.Size(), di.ModTime()})
+	}
+	return items
+}
+
+// evictLocked removes least recently used images until the cache is
+// within MaxBytes, skipping images in use. s.mu is held.
+func (s *Store) evictLocked() {
+	if s.cfg.MaxBytes <= 0 {
+		return
+	}
+	items := s.items()
+	var total int64
+	for _, it := range items {
+		total += it.size
 	}
 	sort.Slice(items, func(i, j int) bool { return items[i].used.Before(items[j].used) })
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	for _, it := range items {
-		if total <= s.MaxBytes {
+		if total <= s.cfg.MaxBytes {
 			return
 		}
 		if s.inUse[it.key] > 0 {
 			continue
 		}
-		if os.RemoveAll(filepath.Join(s.Dir, it.key)) == nil {
+		// Rename first so a concurrent reader never sees half a directory.
+		doomed := filepath.Join(s.cfg.Dir, "tmp-evict-"+it.key)
+		if os.Rename(filepath.Join(s.cfg.Dir, it.key), doomed) == nil {
+			_ = os.RemoveAll(doomed)
 			total -= it.size
+			s.cfg.Log.Info("image evicted", "digest", "sha256:"+it.key, "bytes", it.size)
 		}
 	}
 }
 
-// ResolveUser maps an image's USER ("name", "uid", "uid:gid", "name:group")
-// to numeric ids using the image's /etc/passwd and /etc/group.
-func ResolveUser(tree, user string) (uint32, uint32, error) {
-	if user == "" {
-		return 0, 0, nil
+func writeFileAtomic(path string, b []byte) error {
+	tmp := path + ".tmp-" + strconv.Itoa(os.Getpid())
+	if err := os.WriteFile(tmp, b, 0o644); err != nil {
+		return err
 	}
-	u, g, hasGroup := strings.Cut(user, ":")
-	root, err := os.OpenRoot(tree)
-	if err != nil {
-		return 0, 0, err
-	}
-	defer root.Close()
-	var uid, gid uint64
-	if n, err := strconv.ParseUint(u, 10, 32); err == nil {
-		uid = n
-		gid = n
-		if e := lookup(root, "etc/passwd", func(f []string) bool { return f[2] == u }); e != nil {
-			gid, _ = strconv.ParseUint(e[3], 10, 32)
-		}
-	} else {
-		e := lookup(root, "etc/passwd", func(f []string) bool { return f[0] == u })
-		if e == nil {
-			return 0, 0, fmt.Errorf("image USER %q is not in /etc/passwd", u)
-		}
-		uid, _ = strconv.ParseUint(e[2], 10, 32)
-		gid, _ = strconv.ParseUint(e[3], 10, 32)
-	}
-	if hasGroup {
-		if n, err := strconv.ParseUint(g, 10, 32); err == nil {
-			gid = n
-		} else {
-			e := lookup(root, "etc/group", func(f []string) bool { return f[0] == g })
-			if e == nil {
-				return 0, 0, fmt.Errorf("image group %q is not in /etc/group", g)
-			}
-			gid, _ = strconv.ParseUint(e[2], 10, 32)
-		}
-	}
-	return uint32(uid), uint32(gid), nil
-}
-
-func lookup(root *os.Root, file string, match func([]string) bool) []string {
-	b, err := root.ReadFile(file)
-	if err != nil {
-		return nil
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Split(line, ":")
-		if len(f) >= 4 && match(f) {
-			return f
-		}
-	}
-	return nil
+	return os.Rename(tmp, path)
 }
