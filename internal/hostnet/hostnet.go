@@ -1,9 +1,16 @@
-// Package hostnet gives each microVM its network: a tap device, a private
-// /30 from the node's VM subnet (host side .1, guest .2), a permanent
-// neighbour entry (no ARP stall on the first request), and nftables rules
-// that keep VMs from reaching each other or the node's own services. Leases
-// are persisted so addresses are never reused while a VM holds them, and
-// taps left over by a crash are removed at start.
+// Package hostnet gives each microVM its network on the node: a tap
+// device, a private /30 carved from the node's VM subnet (host side .1,
+// guest .2), a permanent neighbour entry for the guest (no ARP stall on
+// the first request), and an nftables table that keeps VMs from reaching
+// each other, the node's own services and its private networks, with
+// optional egress NAT to the outside world.
+//
+// Leases are persisted (one file per VM, written atomically) so a
+// restarted agent finds its VMs' addresses; an address is never handed
+// out while a lease holds it, and freed addresses are reused last
+// (next-fit). Taps left behind by a crash are removed at Setup. All of it
+// can run inside a named network namespace (Config.Netns), which is how
+// the tests run it.
 package hostnet
 
 import (
@@ -37,59 +44,77 @@ func (l *Lease) GuestCIDR() string { return fmt.Sprintf("%s/%d", l.GuestIP, l.Bi
 
 // Config for a Manager.
 type Config struct {
-	Subnet    netip.Prefix // e.g. 10.100.0.0/16; carved into /30s
+	Subnet    netip.Prefix // e.g. 10.100.0.0/16, carved into /30s
 	StateDir  string       // leases are stored here
 	EgressNAT bool         // let VMs reach the outside world through the host
-	MTU       int
+	MTU       int          // tap MTU (0 = default)
+	Netns     string       // named network namespace to work in ("" = the agent's)
 }
 
 // Manager allocates and tears down VM networks.
 type Manager struct {
 	cfg    Config
-	tag    string // per-subnet tap prefix, so several agents can share a host
+	tag    string // tap name prefix, per subnet, so several agents can share a host
 	mu     sync.Mutex
 	leases map[string]*Lease // by VM id
 	slots  map[int]string
+	next   int // next-fit allocation cursor
 }
 
-// New loads persisted leases.
+const stateFile = "allocator.json"
+
+// New validates cfg and loads persisted leases.
 func New(cfg Config) (*Manager, error) {
-	if !cfg.Subnet.Addr().Is4() || cfg.Subnet.Bits() > 28 {
-		return nil, fmt.Errorf("VM subnet %s must be IPv4 and at least a /28", cfg.Subnet)
+	if !cfg.Subnet.IsValid() || !cfg.Subnet.Addr().Is4() || cfg.Subnet.Bits() > 30 {
+		return nil, fmt.Errorf("VM subnet %s must be an IPv4 prefix of /30 or larger", cfg.Subnet)
 	}
+	cfg.Subnet = cfg.Subnet.Masked()
 	if err := os.MkdirAll(cfg.StateDir, 0o755); err != nil {
-		return nil, err
+		return nil, fmt.Errorf("cannot create network state directory: %w", err)
 	}
 	h := fnv.New32a()
-	h.Write([]byte(cfg.Subnet.Masked().String()))
+	h.Write([]byte(cfg.Subnet.String() + "\x00" + cfg.Netns))
 	m := &Manager{cfg: cfg, tag: fmt.Sprintf("zw%05x", h.Sum32()&0xfffff), leases: map[string]*Lease{}, slots: map[int]string{}}
-	files, _ := filepath.Glob(filepath.Join(cfg.StateDir, "*.json"))
+	files, _ := filepath.Glob(filepath.Join(cfg.StateDir, "lease-*.json"))
 	for _, f := range files {
 		b, err := os.ReadFile(f)
 		if err != nil {
 			continue
 		}
 		var l Lease
-		if json.Unmarshal(b, &l) == nil && l.ID != "" {
-			m.leases[l.ID] = &l
-			m.slots[l.Slot] = l.ID
+		if json.Unmarshal(b, &l) != nil || l.ID == "" || l.Slot < 0 || l.Slot >= m.slotCount() {
+			_ = os.Remove(f) // from another subnet or corrupt: nothing can use it
+			continue
+		}
+		m.leases[l.ID] = &l
+		m.slots[l.Slot] = l.ID
+	}
+	if b, err := os.ReadFile(filepath.Join(cfg.StateDir, stateFile)); err == nil {
+		var st struct{ Next int }
+		if json.Unmarshal(b, &st) == nil {
+			m.next = st.Next
 		}
 	}
 	return m, nil
 }
 
+func (m *Manager) slotCount() int { return 1 << (32 - m.cfg.Subnet.Bits()) / 4 }
+
 // TapPrefix is the name prefix of this manager's taps.
 func (m *Manager) TapPrefix() string { return m.tag }
 
+// Table is the name of this manager's nftables table (family inet).
+func (m *Manager) Table() string { return "zeitwork_" + strings.TrimPrefix(m.tag, "zw") }
+
 // Setup installs the isolation rules and removes taps that no lease
-// explains (left by a crash).
+// explains (left behind by a crash).
 func (m *Manager) Setup() error {
 	if err := m.installRules(); err != nil {
 		return err
 	}
-	out, err := exec.Command("ip", "-o", "link", "show").Output()
+	taps, err := m.taps()
 	if err != nil {
-		return fmt.Errorf("ip link: %w", err)
+		return err
 	}
 	m.mu.Lock()
 	known := map[string]bool{}
@@ -97,94 +122,134 @@ func (m *Manager) Setup() error {
 		known[l.Tap] = true
 	}
 	m.mu.Unlock()
-	for _, line := range strings.Split(string(out), "\n") {
+	var errs []error
+	for _, t := range taps {
+		if !known[t] {
+			errs = append(errs, m.ip("link", "del", t))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// taps lists the links carrying this manager's prefix.
+func (m *Manager) taps() ([]string, error) {
+	out, err := m.output(m.ipArgs("-o", "link", "show")...)
+	if err != nil {
+		return nil, err
+	}
+	var taps []string
+	for _, line := range strings.Split(out, "\n") {
 		f := strings.Fields(line)
 		if len(f) < 2 {
 			continue
 		}
 		name := strings.TrimSuffix(strings.SplitN(f[1], "@", 2)[0], ":")
-		if strings.HasPrefix(name, m.tag) && !known[name] {
-			_ = run("ip", "link", "del", name)
+		if strings.HasPrefix(name, m.tag) {
+			taps = append(taps, name)
+		}
+	}
+	return taps, nil
+}
+
+// Rules is the nftables script Setup applies (declare, delete, re-create:
+// an idempotent replacement in one transaction).
+func (m *Manager) Rules() string {
+	t, vm := m.Table(), m.tag+"*"
+	var b bytes.Buffer
+	fmt.Fprintf(&b, "table inet %s\ndelete table inet %s\n", t, t)
+	fmt.Fprintf(&b, "table inet %s {\n", t)
+	// Guest → this host: nothing but replies to connections the host opened
+	// (health checks, proxied requests).
+	fmt.Fprintf(&b, "  chain input {\n    type filter hook input priority 0; policy accept;\n")
+	fmt.Fprintf(&b, "    iifname %q ct state established,related accept\n", vm)
+	fmt.Fprintf(&b, "    iifname %q drop\n  }\n", vm)
+	fmt.Fprintf(&b, "  chain forward {\n    type filter hook forward priority 0; policy accept;\n")
+	// Guest → any VM of any agent on this host.
+	fmt.Fprintf(&b, "    iifname %q oifname \"zw*\" drop\n", vm)
+	// Anything → guest, except replies.
+	fmt.Fprintf(&b, "    oifname %q ct state established,related accept\n", vm)
+	fmt.Fprintf(&b, "    oifname %q drop\n", vm)
+	if m.cfg.EgressNAT {
+		// Guest → the node's private networks and metadata services: never.
+		fmt.Fprintf(&b, "    iifname %q ip daddr { 10.0.0.0/8, 100.64.0.0/10, 127.0.0.0/8, 169.254.0.0/16, 172.16.0.0/12, 192.168.0.0/16, 224.0.0.0/4 } drop\n", vm)
+		fmt.Fprintf(&b, "    iifname %q meta nfproto ipv4 accept\n", vm)
+	}
+	fmt.Fprintf(&b, "    iifname %q drop\n  }\n", vm)
+	if m.cfg.EgressNAT {
+		fmt.Fprintf(&b, "  chain postrouting {\n    type nat hook postrouting priority srcnat;\n")
+		fmt.Fprintf(&b, "    ip saddr %s oifname != \"zw*\" masquerade\n  }\n", m.cfg.Subnet)
+	}
+	fmt.Fprintf(&b, "}\n")
+	return b.String()
+}
+
+func (m *Manager) installRules() error {
+	args := []string{"nft", "-f", "-"}
+	if m.cfg.Netns != "" {
+		args = append([]string{"ip", "netns", "exec", m.cfg.Netns}, args...)
+	}
+	cmd := exec.Command(args[0], args[1:]...)
+	cmd.Stdin = strings.NewReader(m.Rules())
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("cannot install nftables rules: %v: %s", err, strings.TrimSpace(string(out)))
+	}
+	if m.cfg.EgressNAT {
+		args := []string{"sysctl", "-q", "-w", "net.ipv4.ip_forward=1"}
+		if m.cfg.Netns != "" {
+			args = append([]string{"ip", "netns", "exec", m.cfg.Netns}, args...)
+		}
+		if err := run(args...); err != nil {
+			return fmt.Errorf("cannot enable forwarding for egress NAT: %w", err)
 		}
 	}
 	return nil
 }
 
-func (m *Manager) table() string { return "zeitwork_" + strings.TrimPrefix(m.tag, "zw") }
-
-func (m *Manager) installRules() error {
-	t := m.table()
-	var b bytes.Buffer
-	// Declare, delete, re-create: idempotent replacement in one transaction.
-	fmt.Fprintf(&b, "table inet %s\ndelete table inet %s\n", t, t)
-	fmt.Fprintf(&b, "table inet %s {\n", t)
-	fmt.Fprintf(&b, "  chain input {\n    type filter hook input priority 0; policy accept;\n")
-	fmt.Fprintf(&b, "    iifname \"%s*\" ct state established,related accept\n", m.tag)
-	fmt.Fprintf(&b, "    iifname \"%s*\" drop\n  }\n", m.tag)
-	fmt.Fprintf(&b, "  chain forward {\n    type filter hook forward priority 0; policy accept;\n")
-	fmt.Fprintf(&b, "    iifname \"%s*\" oifname \"zw*\" drop\n", m.tag)
-	fmt.Fprintf(&b, "    iifname \"zw*\" oifname \"%s*\" ct state established,related accept\n", m.tag)
-	fmt.Fprintf(&b, "    iifname \"zw*\" oifname \"%s*\" drop\n", m.tag)
-	fmt.Fprintf(&b, "    ip daddr { 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 169.254.0.0/16 } iifname \"%s*\" drop\n", m.tag)
-	if !m.cfg.EgressNAT {
-		fmt.Fprintf(&b, "    iifname \"%s*\" drop\n", m.tag)
-	}
-	fmt.Fprintf(&b, "  }\n")
-	if m.cfg.EgressNAT {
-		fmt.Fprintf(&b, "  chain postrouting {\n    type nat hook postrouting priority 100;\n    ip saddr %s oifname != \"zw*\" masquerade\n  }\n", m.cfg.Subnet.Masked())
-	}
-	fmt.Fprintf(&b, "}\n")
-	cmd := exec.Command("nft", "-f", "-")
-	cmd.Stdin = &b
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("nft: %v: %s", err, strings.TrimSpace(string(out)))
-	}
-	if m.cfg.EgressNAT {
-		_ = os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("1\n"), 0o644)
-	}
-	return nil
-}
-
-// Teardown removes the isolation rules (used when the last agent on a host
-// goes away for good; not on restart).
+// Teardown removes the isolation rules and every tap of this manager
+// (for an agent leaving the node for good; not on restart).
 func (m *Manager) Teardown() error {
-	return run("nft", "delete", "table", "inet", m.table())
+	var errs []error
+	taps, err := m.taps()
+	errs = append(errs, err)
+	for _, t := range taps {
+		errs = append(errs, m.ip("link", "del", t))
+	}
+	args := []string{"nft", "delete", "table", "inet", m.Table()}
+	if m.cfg.Netns != "" {
+		args = append([]string{"ip", "netns", "exec", m.cfg.Netns}, args...)
+	}
+	errs = append(errs, run(args...))
+	return errors.Join(errs...)
 }
 
-// Allocate returns id's lease, creating its tap when needed.
+// Allocate returns id's lease, creating it and its tap when needed. It is
+// idempotent: a restarted agent calls it again for its VMs.
 func (m *Manager) Allocate(id string) (*Lease, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	l, ok := m.leases[id]
 	if !ok {
-		slots := 1 << (32 - m.cfg.Subnet.Bits()) / 4
+		n := m.slotCount()
 		slot := -1
-		for i := 0; i < slots; i++ {
-			if _, used := m.slots[i]; !used {
-				slot = i
+		for i := range n {
+			s := (m.next + i) % n
+			if _, used := m.slots[s]; !used {
+				slot = s
 				break
 			}
 		}
 		if slot < 0 {
-			return nil, fmt.Errorf("VM subnet %s is full", m.cfg.Subnet)
+			return nil, fmt.Errorf("VM subnet %s is full (%d VMs)", m.cfg.Subnet, n)
 		}
-		base := m.cfg.Subnet.Masked().Addr().As4()
-		n := uint32(base[0])<<24 | uint32(base[1])<<16 | uint32(base[2])<<8 | uint32(base[3])
-		n += uint32(slot * 4)
-		ip := func(off uint32) string {
-			v := n + off
-			return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)}).String()
-		}
-		h := fnv.New32a()
-		h.Write([]byte(id))
-		s := h.Sum32()
-		l = &Lease{ID: id, Slot: slot, Tap: m.tag + strconv.Itoa(slot), HostIP: ip(1), GuestIP: ip(2), Bits: 30,
-			MAC: fmt.Sprintf("06:5a:%02x:%02x:%02x:%02x", byte(s>>24), byte(s>>16), byte(s>>8), byte(s))}
+		l = m.lease(id, slot)
 		b, _ := json.Marshal(l)
-		if err := os.WriteFile(filepath.Join(m.cfg.StateDir, id+".json"), b, 0o644); err != nil {
-			return nil, err
+		if err := writeFileAtomic(m.leasePath(id), b); err != nil {
+			return nil, fmt.Errorf("cannot persist lease: %w", err)
 		}
 		m.leases[id], m.slots[slot] = l, id
+		m.next = (slot + 1) % n
+		b, _ = json.Marshal(struct{ Next int }{m.next})
+		_ = writeFileAtomic(filepath.Join(m.cfg.StateDir, stateFile), b)
 	}
 	if err := m.ensureTap(l); err != nil {
 		return nil, err
@@ -192,23 +257,43 @@ func (m *Manager) Allocate(id string) (*Lease, error) {
 	return l, nil
 }
 
+func (m *Manager) leasePath(id string) string {
+	return filepath.Join(m.cfg.StateDir, "lease-"+id+".json")
+}
+
+// lease computes slot's addresses; the MAC is derived from the id.
+func (m *Manager) lease(id string, slot int) *Lease {
+	base := m.cfg.Subnet.Addr().As4()
+	n := uint32(base[0])<<24 | uint32(base[1])<<16 | uint32(base[2])<<8 | uint32(base[3])
+	n += uint32(slot * 4)
+	ip := func(off uint32) string {
+		v := n + off
+		return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)}).String()
+	}
+	h := fnv.New32a()
+	h.Write([]byte(id))
+	s := h.Sum32()
+	return &Lease{ID: id, Slot: slot, Tap: m.tag + strconv.Itoa(slot), HostIP: ip(1), GuestIP: ip(2), Bits: 30,
+		MAC: fmt.Sprintf("06:5a:%02x:%02x:%02x:%02x", byte(s>>24), byte(s>>16), byte(s>>8), byte(s))}
+}
+
 func (m *Manager) ensureTap(l *Lease) error {
-	if err := exec.Command("ip", "link", "show", l.Tap).Run(); err != nil {
-		if err := run("ip", "tuntap", "add", "dev", l.Tap, "mode", "tap"); err != nil {
+	if _, err := m.output(m.ipArgs("link", "show", "dev", l.Tap)...); err != nil {
+		if err := m.ip("tuntap", "add", "dev", l.Tap, "mode", "tap"); err != nil {
 			return err
 		}
 	}
 	steps := [][]string{
-		{"ip", "addr", "replace", fmt.Sprintf("%s/%d", l.HostIP, l.Bits), "dev", l.Tap},
-		{"ip", "link", "set", l.Tap, "up"},
-		{"ip", "neigh", "replace", l.GuestIP, "lladdr", l.MAC, "dev", l.Tap, "nud", "permanent"},
+		{"addr", "replace", fmt.Sprintf("%s/%d", l.HostIP, l.Bits), "dev", l.Tap},
+		{"link", "set", "dev", l.Tap, "up"},
+		{"neigh", "replace", l.GuestIP, "lladdr", l.MAC, "dev", l.Tap, "nud", "permanent"},
 	}
 	if m.cfg.MTU > 0 {
-		steps = append(steps, []string{"ip", "link", "set", l.Tap, "mtu", strconv.Itoa(m.cfg.MTU)})
+		steps = append(steps, []string{"link", "set", "dev", l.Tap, "mtu", strconv.Itoa(m.cfg.MTU)})
 	}
 	for _, s := range steps {
-		if err := run(s...); err != nil {
-			return err
+		if err := m.ip(s...); err != nil {
+			return fmt.Errorf("cannot set up %s: %w", l.Tap, err)
 		}
 	}
 	return nil
@@ -223,15 +308,18 @@ func (m *Manager) Release(id string) error {
 		return nil
 	}
 	var errs []error
-	if exec.Command("ip", "link", "show", l.Tap).Run() == nil {
-		errs = append(errs, run("ip", "link", "del", l.Tap))
+	if _, err := m.output(m.ipArgs("link", "show", "dev", l.Tap)...); err == nil {
+		errs = append(errs, m.ip("link", "del", "dev", l.Tap))
 	}
-	if err := os.Remove(filepath.Join(m.cfg.StateDir, id+".json")); err != nil && !os.IsNotExist(err) {
+	if err := os.Remove(m.leasePath(id)); err != nil && !os.IsNotExist(err) {
 		errs = append(errs, err)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("cannot release network of %s: %w", id, err)
 	}
 	delete(m.leases, id)
 	delete(m.slots, l.Slot)
-	return errors.Join(errs...)
+	return nil
 }
 
 // Lease returns id's lease, if any.
@@ -242,10 +330,46 @@ func (m *Manager) Lease(id string) (*Lease, bool) {
 	return l, ok
 }
 
+// Leases returns every lease.
+func (m *Manager) Leases() []Lease {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := make([]Lease, 0, len(m.leases))
+	for _, l := range m.leases {
+		out = append(out, *l)
+	}
+	return out
+}
+
+func (m *Manager) ipArgs(args ...string) []string {
+	if m.cfg.Netns != "" {
+		return append([]string{"ip", "-n", m.cfg.Netns}, args...)
+	}
+	return append([]string{"ip"}, args...)
+}
+
+func (m *Manager) ip(args ...string) error { return run(m.ipArgs(args...)...) }
+
+func (m *Manager) output(args ...string) (string, error) {
+	out, err := exec.Command(args[0], args[1:]...).Output()
+	if err != nil {
+		return "", fmt.Errorf("%s: %w", strings.Join(args, " "), err)
+	}
+	return string(out), nil
+}
+
 func run(args ...string) error {
 	out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
 	if err != nil {
 		return fmt.Errorf("%s: %v: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
 	}
 	return nil
+}
+
+func writeFileAtomic(path string, b []byte) error {
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
 }
