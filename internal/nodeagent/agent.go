@@ -14,6 +14,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -43,53 +44,61 @@ import (
 
 // Config is the agent's configuration.
 type Config struct {
-	Addr           string
-	Advertise      string // URL others use to reach this agent
-	NodeID         string
-	Region         string
-	WorkDir        string
-	Operators      []*url.URL
-	Token          string
-	Subnet         netip.Prefix
-	EgressNAT      bool
-	KernelDir      string
-	InitBin        string
-	VMM            string
-	Insecure       []string
-	DNS            []string
-	CacheBytes     int64
-	HealthInterval time.Duration
-	Heartbeat      time.Duration
-	StopGrace      time.Duration
-	MaxRestarts    int
-	MaxBackoff     time.Duration
-	VCPUs          int // capacity offered to the operator
-	MemoryMiB      int
+	Addr            string
+	Advertise       string // URL others use to reach this agent
+	NodeID          string
+	Region          string
+	WorkDir         string
+	Operators       []*url.URL
+	Token           string
+	Subnet          netip.Prefix
+	EgressNAT       bool
+	KernelDir       string
+	InitBin         string
+	VMM             string
+	QEMUBin         string
+	FirecrackerBin  string
+	Insecure        []string
+	DNS             []string
+	CacheBytes      int64
+	HealthInterval  time.Duration
+	Heartbeat       time.Duration
+	StopGrace       time.Duration
+	MaxRestarts     int
+	MaxBackoff      time.Duration
+	BootTimeout     time.Duration // how long a boot holds its slot at most
+	BootConcurrency int           // boots at once
+	VCPUs           int           // capacity offered to the operator
+	MemoryMiB       int
 }
 
 // LoadConfig reads the agent's environment.
 func LoadConfig(l *envconfig.Loader) Config {
 	c := Config{
-		Addr:           l.Addr("PORT", ":8081"),
-		NodeID:         l.String("NODE_ID", ""),
-		Region:         l.String("REGION", "local"),
-		WorkDir:        l.String("VM_WORK_DIR", "/var/lib/zeitwork"),
-		Operators:      l.URLs("OPERATOR_URL", nil),
-		Token:          l.String("CLUSTER_TOKEN", ""),
-		EgressNAT:      l.Bool("VM_EGRESS_NAT", false),
-		KernelDir:      l.String("KERNEL_DIR", ""),
-		InitBin:        l.String("INIT_BIN", ""),
-		VMM:            l.Enum("VMM", "qemu", "qemu", "firecracker"),
-		Insecure:       l.List("INSECURE_REGISTRIES", nil),
-		DNS:            l.List("VM_DNS", []string{"1.1.1.1", "8.8.8.8"}),
-		CacheBytes:     int64(l.Int("IMAGE_CACHE_MIB", 20480, 64, 1<<24)) << 20,
-		HealthInterval: l.Duration("HEALTH_INTERVAL", time.Second),
-		Heartbeat:      l.Duration("HEARTBEAT_INTERVAL", 5*time.Second),
-		StopGrace:      l.Duration("STOP_GRACE", 10*time.Second),
-		MaxRestarts:    l.Int("MAX_RESTARTS", 5, 1, 1000),
-		MaxBackoff:     l.Duration("MAX_BACKOFF", 30*time.Second),
-		VCPUs:          l.Int("NODE_VCPUS", runtime.NumCPU()*4, 1, 100000),
-		MemoryMiB:      l.Int("NODE_MEMORY_MIB", hostMemoryMiB(), 128, 1<<30),
+		Addr:            l.Addr("PORT", ":8081"),
+		NodeID:          l.String("NODE_ID", ""),
+		Region:          l.String("REGION", "local"),
+		WorkDir:         l.String("VM_WORK_DIR", "/var/lib/zeitwork"),
+		Operators:       l.URLs("OPERATOR_URL", nil),
+		Token:           l.String("CLUSTER_TOKEN", ""),
+		EgressNAT:       l.Bool("VM_EGRESS_NAT", false),
+		KernelDir:       l.String("KERNEL_DIR", ""),
+		InitBin:         l.String("INIT_BIN", ""),
+		VMM:             l.Enum("VMM", "qemu", "qemu", "firecracker"),
+		QEMUBin:         l.String("QEMU_BIN", "qemu-system-x86_64"),
+		FirecrackerBin:  l.String("FIRECRACKER_BIN", "firecracker"),
+		Insecure:        l.List("INSECURE_REGISTRIES", nil),
+		DNS:             l.List("VM_DNS", []string{"1.1.1.1", "8.8.8.8"}),
+		CacheBytes:      int64(l.Int("IMAGE_CACHE_MIB", 20480, 64, 1<<24)) << 20,
+		HealthInterval:  l.Duration("HEALTH_INTERVAL", time.Second),
+		Heartbeat:       l.Duration("HEARTBEAT_INTERVAL", 5*time.Second),
+		StopGrace:       l.Duration("STOP_GRACE", 10*time.Second),
+		MaxRestarts:     l.Int("MAX_RESTARTS", 5, 1, 1000),
+		MaxBackoff:      l.Duration("MAX_BACKOFF", 30*time.Second),
+		BootTimeout:     l.Duration("BOOT_TIMEOUT", 60*time.Second),
+		BootConcurrency: l.Int("BOOT_CONCURRENCY", max(2, runtime.NumCPU()), 1, 1024),
+		VCPUs:           l.Int("NODE_VCPUS", runtime.NumCPU()*4, 1, 100000),
+		MemoryMiB:       l.Int("NODE_MEMORY_MIB", hostMemoryMiB(), 128, 1<<30),
 	}
 	if a := l.String("LISTEN_ADDR", ""); a != "" {
 		c.Addr = l.Addr("LISTEN_ADDR", a)
@@ -112,7 +121,10 @@ func LoadConfig(l *envconfig.Loader) Config {
 		l.Errorf("CLUSTER_TOKEN", "is required with OPERATOR_URL")
 	}
 	if c.VMM == "firecracker" {
-		l.Errorf("VMM", "firecracker is not available on this build's hosts; use qemu")
+		l.Errorf("VMM", "the firecracker backend is not in this build; use qemu")
+	}
+	if c.Token == "" && l.String("ENVIRONMENT", "production") == "production" {
+		l.Errorf("CLUSTER_TOKEN", "is required in production (the instance API and data plane authenticate with it)")
 	}
 	return c
 }
@@ -127,14 +139,15 @@ func hostMemoryMiB() int {
 
 // Agent is the running node agent.
 type Agent struct {
-	cfg     Config
-	log     *slog.Logger
-	vmm     vmm.VMM
-	kernel  *guestkernel.Kernel
-	images  *rootfs.Store
-	net     *hostnet.Manager
-	metrics *metrics
-	client  *http.Client
+	cfg       Config
+	log       *slog.Logger
+	vmm       vmm.VMM
+	kernel    *guestkernel.Kernel
+	images    *rootfs.Store
+	net       *hostnet.Manager
+	metrics   *metrics
+	client    *http.Client
+	bootSlots chan struct{}
 
 	mu        sync.Mutex
 	instances map[string]*instance
@@ -162,13 +175,18 @@ func New(ctx context.Context, cfg Config, reg prometheus.Registerer, log *slog.L
 		}
 		cfg.NodeID = id
 	}
-	a := &Agent{cfg: cfg, log: log.With("node_id", cfg.NodeID), instances: map[string]*instance{}, detached: make(chan struct{}), client: &http.Client{Timeout: 10 * time.Second}}
-	q, err := qemu.New()
-	if err != nil {
+	var err error
+	if cfg.BootConcurrency < 1 {
+		cfg.BootConcurrency = 2
+	}
+	if cfg.BootTimeout <= 0 {
+		cfg.BootTimeout = 60 * time.Second
+	}
+	a := &Agent{cfg: cfg, bootSlots: make(chan struct{}, cfg.BootConcurrency), log: log.With("node_id", cfg.NodeID), instances: map[string]*instance{}, detached: make(chan struct{}), client: &http.Client{Timeout: 10 * time.Second}}
+	if a.vmm, err = newVMM(cfg); err != nil {
 		return nil, err
 	}
-	a.vmm = q
-	a.log.Info("microVM backend", "vmm", q.Name(), "accelerator", string(q.Accel))
+	a.log.Info("microVM backend", "vmm", a.vmm.Name(), "accelerator", accelerator(a.vmm))
 	initBin := cfg.InitBin
 	if initBin == "" {
 		self, _ := os.Executable()
@@ -202,6 +220,43 @@ func New(ctx context.Context, cfg Config, reg prometheus.Registerer, log *slog.L
 	return a, nil
 }
 
+// newVMM returns the configured backend.
+func newVMM(cfg Config) (vmm.VMM, error) {
+	switch cfg.VMM {
+	case "qemu", "":
+		q, err := qemu.New()
+		if err != nil {
+			return nil, err
+		}
+		if cfg.QEMUBin != "" && cfg.QEMUBin != "qemu-system-x86_64" {
+			q.Bin = cfg.QEMUBin
+		}
+		return q, nil
+	default:
+		return nil, fmt.Errorf("VMM %q is not available", cfg.VMM)
+	}
+}
+
+// accelerator names what runs the guests' CPUs (kvm, tcg), when the
+// backend says.
+func accelerator(v vmm.VMM) string {
+	switch b := v.(type) {
+	case interface{ Accelerator() string }:
+		return b.Accelerator()
+	case *qemu.QEMU:
+		return string(b.Accel)
+	}
+	return "kvm"
+}
+
+func writeFileAtomic(path string, b []byte) error {
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
+}
+
 func persistentID(path string) (string, error) {
 	if b, err := os.ReadFile(path); err == nil && len(bytes.TrimSpace(b)) > 0 {
 		return string(bytes.TrimSpace(b)), nil
@@ -212,7 +267,7 @@ func persistentID(path string) (string, error) {
 	b[8] = (b[8] & 0x3f) | 0x80
 	h := hex.EncodeToString(b[:])
 	id := h[0:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:]
-	if err := os.WriteFile(path, []byte(id+"\n"), 0o644); err != nil {
+	if err := writeFileAtomic(path, []byte(id+"\n")); err != nil {
 		return "", fmt.Errorf("cannot persist node id: %w", err)
 	}
 	return id, nil
@@ -226,16 +281,24 @@ func (a *Agent) NodeID() string { return a.cfg.NodeID }
 func (a *Agent) adopt(ctx context.Context) {
 	dirs, _ := filepath.Glob(filepath.Join(a.cfg.WorkDir, "instances", "*"))
 	for _, dir := range dirs {
-		b, err := os.ReadFile(filepath.Join(dir, "status.json"))
-		if err != nil {
-			continue
-		}
 		var st Status
-		if json.Unmarshal(b, &st) != nil || st.ID == "" {
+		b, err := os.ReadFile(filepath.Join(dir, "status.json"))
+		if err == nil {
+			err = json.Unmarshal(b, &st)
+		}
+		if err != nil || st.ID == "" || st.ID != filepath.Base(dir) {
+			// Half-created (the agent died before persisting it): nobody
+			// asked for it any more, so nothing of it may survive.
+			a.log.Warn("removing leftover instance directory", "dir", dir)
+			if m, err := a.vmm.Adopt(ctx, dir); err == nil {
+				_ = m.Kill()
+			}
+			_ = a.net.Release(filepath.Base(dir))
+			_ = os.RemoveAll(dir)
 			continue
 		}
 		in := a.newInstance(st.Spec, dir)
-		in.st = st
+		in.st, in.saved = st, b
 		if st.State == StateStopped || st.State == StateFailed {
 			close(in.done)
 			a.instances[st.ID] = in
@@ -249,6 +312,10 @@ func (a *Agent) adopt(ctx context.Context) {
 			a.log.Info("re-adopted running instance", "instance_id", st.ID, "pid", m.PID())
 			if l, ok := a.net.Lease(st.ID); ok {
 				in.lease = l
+			}
+			// Pin the image it runs on, without the registry.
+			if _, err := in.acquireImage(ctx); err != nil {
+				a.log.Warn("re-adopted instance's image is not in the cache", "instance_id", st.ID, "err", err)
 			}
 		}
 		a.instances[st.ID] = in
@@ -302,6 +369,16 @@ func (a *Agent) Create(spec Spec) (Status, bool, error) {
 	if in, ok := a.instances[spec.ID]; ok {
 		return in.status(), false, nil
 	}
+	cpus, mem := 0, 0
+	for _, in := range a.instances {
+		if st := in.status(); st.State != StateStopped && st.State != StateFailed {
+			cpus, mem = cpus+st.VCPUs, mem+st.MemoryMiB
+		}
+	}
+	if cpus+spec.VCPUs > a.cfg.VCPUs || mem+spec.MemoryMiB > a.cfg.MemoryMiB {
+		return Status{}, false, fmt.Errorf("%w: %d vCPUs and %d MiB requested, %d vCPUs and %d MiB free",
+			errCapacity, spec.VCPUs, spec.MemoryMiB, a.cfg.VCPUs-cpus, a.cfg.MemoryMiB-mem)
+	}
 	dir := filepath.Join(a.cfg.WorkDir, "instances", spec.ID)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return Status{}, false, err
@@ -316,6 +393,7 @@ func (a *Agent) Create(spec Spec) (Status, bool, error) {
 var (
 	errInvalid  = errors.New("invalid request")
 	errNotFound = errors.New("not found")
+	errCapacity = errors.New("insufficient capacity")
 )
 
 func (a *Agent) get(id string) (*instance, error) {
@@ -385,11 +463,23 @@ func (a *Agent) List() []Status {
 func (a *Agent) Run(ctx context.Context) error {
 	t := time.NewTicker(a.cfg.Heartbeat)
 	defer t.Stop()
+	registered := false
 	for {
 		a.updateGauges()
 		if len(a.cfg.Operators) > 0 {
-			if err := a.heartbeat(ctx); err != nil && ctx.Err() == nil {
-				a.log.Warn("heartbeat failed", "err", err)
+			// Registration first (retried until an operator answers), then
+			// heartbeats; an absent operator only costs a warning.
+			path := "heartbeat"
+			if !registered {
+				path = "register"
+			}
+			if err := a.report(ctx, path); err != nil {
+				if ctx.Err() == nil {
+					a.log.Warn("cannot reach the operator", "call", path, "err", err)
+				}
+			} else if !registered {
+				registered = true
+				a.log.Info("registered with the operator")
 			}
 		}
 		select {
@@ -426,67 +516,87 @@ func (a *Agent) updateGauges() {
 
 // Info is GET /node/info.
 func (a *Agent) Info() map[string]any {
-	q := a.vmm.(*qemu.QEMU)
 	host, _ := os.Hostname()
 	return map[string]any{
 		"id": a.cfg.NodeID, "hostname": host, "region": a.cfg.Region, "address": a.cfg.Advertise,
-		"vmm": a.vmm.Name(), "accelerator": string(q.Accel), "kernel": a.kernel.Version,
+		"vmm": a.vmm.Name(), "accelerator": accelerator(a.vmm), "kernel": a.kernel.Version,
 		"vm_subnet": a.cfg.Subnet.String(),
 	}
 }
 
-// Resources is GET /node/resources: real host capacity and what instances
-// have been given.
-func (a *Agent) Resources() map[string]any {
-	allocCPU, allocMem := 0, 0
-	for _, s := range a.List() {
-		if s.State != StateStopped && s.State != StateFailed {
-			allocCPU += s.VCPUs
-			allocMem += s.MemoryMiB
-		}
-	}
-	var fs syscall.Statfs_t
-	var diskTotal, diskFree uint64
-	if syscall.Statfs(a.cfg.WorkDir, &fs) == nil {
-		diskTotal, diskFree = fs.Blocks*uint64(fs.Bsize), fs.Bavail*uint64(fs.Bsize)
-	}
-	var si syscall.Sysinfo_t
-	_ = syscall.Sysinfo(&si)
-	return map[string]any{
-		"host_cpus":            runtime.NumCPU(),
-		"host_memory_mib":      hostMemoryMiB(),
-		"host_memory_free_mib": int(uint64(si.Freeram) * uint64(si.Unit) >> 20),
-		"vcpus":                a.cfg.VCPUs,
-		"memory_mib":           a.cfg.MemoryMiB,
-		"allocated_vcpus":      allocCPU,
-		"allocated_memory_mib": allocMem,
-		"free_vcpus":           a.cfg.VCPUs - allocCPU,
-		"free_memory_mib":      a.cfg.MemoryMiB - allocMem,
-		"disk_bytes":           diskTotal,
-		"disk_free_bytes":      diskFree,
-	}
+// Resources is the body of GET /node/resources: the host's real capacity,
+// the capacity offered to the operator, and what instances were given.
+type Resources struct {
+	HostCPUs           int    `json:"host_cpus"`
+	HostMemoryMiB      int    `json:"host_memory_mib"`
+	HostMemoryFreeMiB  int    `json:"host_memory_free_mib"`
+	VCPUs              int    `json:"vcpus"`
+	MemoryMiB          int    `json:"memory_mib"`
+	AllocatedVCPUs     int    `json:"allocated_vcpus"`
+	AllocatedMemoryMiB int    `json:"allocated_memory_mib"`
+	FreeVCPUs          int    `json:"free_vcpus"`
+	FreeMemoryMiB      int    `json:"free_memory_mib"`
+	Instances          int    `json:"instances"`
+	DiskBytes          uint64 `json:"disk_bytes"`
+	DiskFreeBytes      uint64 `json:"disk_free_bytes"`
+	ImageCacheBytes    int64  `json:"image_cache_bytes"`
+	ImageCacheImages   int    `json:"image_cache_images"`
 }
 
-func (a *Agent) heartbeat(ctx context.Context) error {
+// Resources measures the host and sums the live instances' allocations.
+func (a *Agent) Resources() Resources {
+	r := Resources{HostCPUs: runtime.NumCPU(), HostMemoryMiB: hostMemoryMiB(), VCPUs: a.cfg.VCPUs, MemoryMiB: a.cfg.MemoryMiB}
+	for _, s := range a.List() {
+		if s.State != StateStopped && s.State != StateFailed {
+			r.AllocatedVCPUs += s.VCPUs
+			r.AllocatedMemoryMiB += s.MemoryMiB
+			r.Instances++
+		}
+	}
+	r.FreeVCPUs, r.FreeMemoryMiB = a.cfg.VCPUs-r.AllocatedVCPUs, a.cfg.MemoryMiB-r.AllocatedMemoryMiB
+	var fs syscall.Statfs_t
+	if syscall.Statfs(a.cfg.WorkDir, &fs) == nil {
+		r.DiskBytes, r.DiskFreeBytes = fs.Blocks*uint64(fs.Bsize), fs.Bavail*uint64(fs.Bsize)
+	}
+	var si syscall.Sysinfo_t
+	if syscall.Sysinfo(&si) == nil {
+		r.HostMemoryFreeMiB = int((uint64(si.Freeram) + uint64(si.Bufferram)) * uint64(si.Unit) >> 20)
+	}
+	u := a.images.Usage()
+	r.ImageCacheBytes, r.ImageCacheImages = u.Bytes, u.Images
+	return r
+}
+
+// report sends the node's registration or heartbeat to the first
+// operator that accepts it.
+func (a *Agent) report(ctx context.Context, call string) error {
 	var body bytes.Buffer
 	host, _ := os.Hostname()
+	res := a.Resources()
 	_ = json.NewEncoder(&body).Encode(map[string]any{
 		"id": a.cfg.NodeID, "hostname": host, "region": a.cfg.Region, "address": a.cfg.Advertise,
-		"vcpus": a.cfg.VCPUs, "memory_mib": a.cfg.MemoryMiB, "disk_bytes": a.Resources()["disk_bytes"],
-		"instances": a.List(), "resources": a.Resources(),
+		"vcpus": a.cfg.VCPUs, "memory_mib": a.cfg.MemoryMiB, "disk_bytes": res.DiskBytes,
+		"instances": a.List(), "resources": res,
 	})
 	var lastErr error
 	for _, op := range a.cfg.Operators {
-		u := op.JoinPath("/api/v1/internal/nodes", a.cfg.NodeID, "heartbeat")
-		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, u.String(), bytes.NewReader(body.Bytes()))
+		u := op.JoinPath("/api/v1/internal/nodes/register")
+		if call == "heartbeat" {
+			u = op.JoinPath("/api/v1/internal/nodes", a.cfg.NodeID, "heartbeat")
+		}
+		rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		req, _ := http.NewRequestWithContext(rctx, http.MethodPost, u.String(), bytes.NewReader(body.Bytes()))
 		req.Header.Set("Authorization", "Bearer "+a.cfg.Token)
 		req.Header.Set("Content-Type", "application/json")
 		resp, err := a.client.Do(req)
 		if err != nil {
+			cancel()
 			lastErr = err
 			continue
 		}
+		_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<16))
 		resp.Body.Close()
+		cancel()
 		if resp.StatusCode/100 == 2 {
 			return nil
 		}
@@ -687,6 +797,8 @@ func writeErr(w http.ResponseWriter, err error) {
 	switch {
 	case errors.Is(err, errNotFound):
 		writeJSON(w, 404, apiError("not_found", err.Error()))
+	case errors.Is(err, errCapacity):
+		writeJSON(w, 409, apiError("insufficient_capacity", err.Error()))
 	case errors.Is(err, errInvalid):
 		writeJSON(w, 400, apiError("invalid", err.Error()))
 	default:

@@ -1,6 +1,7 @@
 package nodeagent
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -10,6 +11,9 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -74,12 +78,16 @@ type instance struct {
 
 	mu       sync.Mutex
 	st       Status
+	saved    []byte // last persisted status
 	logs     []LogLine
+	logBase  int // sequence number of logs[0]
 	logWake  chan struct{}
 	machine  vmm.Machine
 	conn     net.Conn
 	lease    *hostnet.Lease
-	release  func()
+	image    *rootfs.Image
+	release  func() // of image
+	bootDone func() // frees the boot slot; idempotent
 	deleting bool
 }
 
@@ -89,35 +97,44 @@ func (in *instance) status() Status {
 	return in.st
 }
 
+// update changes the status and persists it (atomically, and only when it
+// changed): the state directory is what a restarted agent re-adopts from.
 func (in *instance) update(f func(*Status)) {
 	in.mu.Lock()
+	defer in.mu.Unlock()
 	f(&in.st)
-	st := in.st
-	in.mu.Unlock()
-	b, _ := json.Marshal(st)
-	_ = os.WriteFile(filepath.Join(in.dir, "status.json"), b, 0o644)
+	b, err := json.Marshal(in.st)
+	if err != nil || bytes.Equal(b, in.saved) {
+		return
+	}
+	if err := writeFileAtomic(filepath.Join(in.dir, "status.json"), b); err != nil {
+		in.log.Error("cannot persist instance state", "err", err)
+		return
+	}
+	in.saved = b
 }
 
+// appendLog adds a line to the ring buffer and wakes followers.
 func (in *instance) appendLog(stream, line string) {
 	in.mu.Lock()
 	in.logs = append(in.logs, LogLine{Time: time.Now().UTC(), Stream: stream, Line: line})
-	if len(in.logs) > logRing {
-		in.logs = in.logs[len(in.logs)-logRing:]
+	if n := len(in.logs) - logRing; n > 0 {
+		in.logs = append(in.logs[:0:0], in.logs[n:]...)
+		in.logBase += n
 	}
 	close(in.logWake)
 	in.logWake = make(chan struct{})
 	in.mu.Unlock()
 }
 
-// logsSince returns lines after index from and a channel closed on the
-// next line.
+// logsSince returns the lines from sequence number from on (or the oldest
+// still buffered), the next sequence number, and a channel closed when
+// another line arrives.
 func (in *instance) logsSince(from int) ([]LogLine, int, <-chan struct{}) {
 	in.mu.Lock()
 	defer in.mu.Unlock()
-	if from > len(in.logs) {
-		from = len(in.logs)
-	}
-	return append([]LogLine(nil), in.logs[from:]...), len(in.logs), in.logWake
+	i := min(max(from-in.logBase, 0), len(in.logs))
+	return append([]LogLine(nil), in.logs[i:]...), in.logBase + len(in.logs), in.logWake
 }
 
 // supervise owns the VM: prepares it, boots it, restarts it with
@@ -161,12 +178,17 @@ func (in *instance) supervise(adopted vmm.Machine) {
 		wg.Go(func() { in.channel(ctx, m) })
 		wg.Go(func() { in.healthLoop(ctx) })
 		started := time.Now()
+		bootBound := time.AfterFunc(in.a.cfg.BootTimeout, in.endBoot)
 		select {
 		case <-in.a.detached:
+			bootBound.Stop()
+			in.endBoot()
 			cancel()
 			wg.Wait()
 			return
 		case <-in.stop:
+			bootBound.Stop()
+			in.endBoot()
 			in.update(func(s *Status) { s.State = StateStopping; s.Healthy = false })
 			in.shutdown(m)
 			cancel()
@@ -177,6 +199,8 @@ func (in *instance) supervise(adopted vmm.Machine) {
 			cancel()
 			wg.Wait()
 		}
+		bootBound.Stop()
+		in.endBoot()
 		// The VM died on its own: crash loop handling.
 		if time.Since(started) > 5*time.Minute {
 			failures, backoff = 0, time.Second
@@ -205,6 +229,17 @@ func (in *instance) supervise(adopted vmm.Machine) {
 
 var errStopped = errors.New("stopped")
 
+// endBoot frees the instance's boot slot, if it holds one.
+func (in *instance) endBoot() {
+	in.mu.Lock()
+	f := in.bootDone
+	in.bootDone = nil
+	in.mu.Unlock()
+	if f != nil {
+		f()
+	}
+}
+
 func (in *instance) sleep(d time.Duration) bool {
 	select {
 	case <-in.a.detached:
@@ -225,7 +260,7 @@ func (in *instance) finish(state, reason string) {
 	}
 	in.mu.Lock()
 	lease, release := in.lease, in.release
-	in.lease, in.release, in.machine = nil, nil, nil
+	in.lease, in.release, in.machine, in.image = nil, nil, nil, nil
 	in.mu.Unlock()
 	if release != nil {
 		release()
@@ -257,29 +292,12 @@ func (in *instance) boot() (vmm.Machine, error) {
 	}()
 	spec := in.status().Spec
 	in.update(func(s *Status) { s.State = StatePreparing })
-	in.mu.Lock()
-	haveImage := in.release != nil
-	in.mu.Unlock()
-	var img *rootfs.Image
-	var err error
-	if !haveImage {
-		var release func()
-		img, release, err = in.a.images.Get(ctx, spec.Image)
-		if err != nil {
-			if ctx.Err() != nil {
-				return nil, errStopped
-			}
-			return nil, err
+	img, err := in.acquireImage(ctx)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, errStopped
 		}
-		in.mu.Lock()
-		in.release = release
-		in.mu.Unlock()
-		b, _ := json.Marshal(img)
-		_ = os.WriteFile(filepath.Join(in.dir, "image.json"), b, 0o644)
-	} else {
-		img = &rootfs.Image{}
-		b, _ := os.ReadFile(filepath.Join(in.dir, "image.json"))
-		_ = json.Unmarshal(b, img)
+		return nil, err
 	}
 	lease, err := in.a.net.Allocate(spec.ID)
 	if err != nil {
@@ -289,12 +307,25 @@ func (in *instance) boot() (vmm.Machine, error) {
 	in.lease = lease
 	in.mu.Unlock()
 	in.update(func(s *Status) { s.State = StateStarting; s.IP = lease.GuestIP })
+	// Boots are CPU-bound (all of it under software emulation): at most
+	// BootConcurrency at a time; the slot is held until the guest's init
+	// reports ready (see channel) or a bound passes.
+	select {
+	case in.a.bootSlots <- struct{}{}:
+	case <-ctx.Done():
+		return nil, errStopped
+	}
+	var once sync.Once
+	in.mu.Lock()
+	in.bootDone = func() { once.Do(func() { <-in.a.bootSlots }) }
+	in.mu.Unlock()
 	m, err := in.a.vmm.Start(ctx, vmm.Spec{
 		ID: spec.ID, VCPUs: spec.VCPUs, MemoryMiB: spec.MemoryMiB,
 		Kernel: in.a.kernel.BzImage, Initrd: in.a.kernel.Initrd,
 		RootDisk: img.Path, Tap: lease.Tap, MAC: lease.MAC, Dir: in.dir,
 	})
 	if err != nil {
+		in.endBoot()
 		if ctx.Err() != nil {
 			return nil, errStopped
 		}
@@ -303,13 +334,9 @@ func (in *instance) boot() (vmm.Machine, error) {
 	// The run configuration is sent once the channel is up (see channel).
 	cfg := &guest.Config{
 		Entrypoint: img.Config.Entrypoint, Cmd: img.Config.Cmd, WorkDir: img.Config.WorkDir,
-		UID: img.Config.UID, GID: img.Config.GID, Hostname: shortID(spec.ID),
+		UID: img.Config.UID, GID: img.Config.GID, Groups: img.Config.Groups, Hostname: shortID(spec.ID),
 		Address: lease.GuestCIDR(), Gateway: lease.HostIP, MTU: 1500, DNS: in.a.cfg.DNS, StopGraceMS: int(in.a.cfg.StopGrace / time.Millisecond),
-	}
-	cfg.Env = append(cfg.Env, img.Config.Env...)
-	cfg.Env = append(cfg.Env, fmt.Sprintf("PORT=%d", spec.Port))
-	for k, v := range spec.Env {
-		cfg.Env = append(cfg.Env, k+"="+v)
+		Env: runEnv(img.Config, spec),
 	}
 	b, _ := json.Marshal(cfg)
 	if err := os.WriteFile(filepath.Join(in.dir, "guest-config.json"), b, 0o600); err != nil {
@@ -322,6 +349,73 @@ func (in *instance) boot() (vmm.Machine, error) {
 	now := time.Now().UTC()
 	in.update(func(s *Status) { s.StartedAt = &now; s.Error = ""; s.ExitCode = nil })
 	return m, nil
+}
+
+// acquireImage returns the instance's converted image, marking it in use.
+// After the first pull the image is pinned by digest (image.json), so
+// restarts and re-adoption never depend on the registry or a moving tag.
+func (in *instance) acquireImage(ctx context.Context) (*rootfs.Image, error) {
+	in.mu.Lock()
+	img := in.image
+	in.mu.Unlock()
+	if img != nil {
+		return img, nil
+	}
+	ref := in.status().Image
+	var pinned rootfs.Image
+	if b, err := os.ReadFile(filepath.Join(in.dir, "image.json")); err == nil && json.Unmarshal(b, &pinned) == nil && pinned.Ref != "" {
+		ref = pinned.Ref
+	}
+	img, release, err := in.a.images.Get(ctx, ref)
+	if err != nil {
+		return nil, err
+	}
+	b, _ := json.Marshal(img)
+	if err := writeFileAtomic(filepath.Join(in.dir, "image.json"), b); err != nil {
+		release()
+		return nil, err
+	}
+	in.mu.Lock()
+	in.image, in.release = img, release
+	in.mu.Unlock()
+	return img, nil
+}
+
+// runEnv is the app's environment: the image's, then PORT, then the
+// project's (later wins), plus HOME from the image's passwd when unset.
+func runEnv(c rootfs.Config, spec Spec) []string {
+	var keys []string
+	vals := map[string]string{}
+	set := func(k, v string) {
+		if _, ok := vals[k]; !ok {
+			keys = append(keys, k)
+		}
+		vals[k] = v
+	}
+	for _, kv := range c.Env {
+		k, v, _ := strings.Cut(kv, "=")
+		set(k, v)
+	}
+	set("PORT", strconv.Itoa(spec.Port))
+	projectKeys := make([]string, 0, len(spec.Env))
+	for k := range spec.Env {
+		projectKeys = append(projectKeys, k)
+	}
+	sort.Strings(projectKeys)
+	for _, k := range projectKeys {
+		set(k, spec.Env[k])
+	}
+	if _, ok := vals["HOME"]; !ok && c.Home != "" {
+		set("HOME", c.Home)
+	}
+	if _, ok := vals["PATH"]; !ok {
+		set("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+	}
+	out := make([]string, 0, len(keys))
+	for _, k := range keys {
+		out = append(out, k+"="+vals[k])
+	}
+	return out
 }
 
 func shortID(id string) string {
@@ -354,6 +448,7 @@ func (in *instance) channel(ctx context.Context, m vmm.Machine) {
 		}
 		switch f.Type {
 		case guest.TypeReady:
+			in.endBoot()
 			in.update(func(s *Status) { s.State = StateRunning })
 			b, err := os.ReadFile(filepath.Join(in.dir, "guest-config.json"))
 			if err != nil {
@@ -386,13 +481,27 @@ func (in *instance) shutdown(m vmm.Machine) {
 	in.mu.Lock()
 	conn := in.conn
 	in.mu.Unlock()
+	asked := false
 	if conn != nil {
-		_ = guest.NewWriter(conn).Send(&guest.Frame{Type: guest.TypeStop})
+		asked = guest.NewWriter(conn).Send(&guest.Frame{Type: guest.TypeStop}) == nil
+	}
+	if !asked {
+		// No agent channel (init not up yet, or gone): ask the VMM for an
+		// ACPI / Ctrl-Alt-Del shutdown where it can.
+		if s, ok := m.(interface{ Shutdown(context.Context) error }); ok {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			asked = s.Shutdown(ctx) == nil
+			cancel()
+		}
+	}
+	grace := in.a.cfg.StopGrace + 5*time.Second
+	if !asked {
+		grace = time.Second
 	}
 	select {
 	case <-m.Done():
-	case <-time.After(in.a.cfg.StopGrace + 5*time.Second):
-		in.log.Warn("VM did not power off in time; killing it")
+	case <-time.After(grace):
+		in.log.Warn("VM did not power off in time; killing it", "grace", grace.String())
 		_ = m.Kill()
 	}
 }
