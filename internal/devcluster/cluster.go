@@ -376,3 +376,19 @@ func (c *Cluster) StopVMs() {
 		}
 	}
 }
+
+// RestartDB starts the embedded PostgreSQL again after DB.Stop.
+func (c *Cluster) RestartDB(ctx context.Context) error {
+	if c.DB == nil {
+		return errors.New("no embedded database")
+	}
+	db, err := embeddedpg.Start(ctx, embeddedpg.Config{DataDir: filepath.Join(c.cfg.StateDir, "postgres", "data"), Port: c.DB.Port()})
+	if err != nil {
+		return err
+	}
+	c.DB = db
+	return nil
+}
+
+// StateDir is where the cluster keeps its state.
+func (c *Cluster) StateDir() string { return c.cfg.StateDir }
