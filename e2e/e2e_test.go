@@ -383,7 +383,14 @@ func TestPlatform(t *testing.T) {
 // vmPIDs lists the running VM processes of the cluster's node agents.
 func vmPIDs(t *testing.T, s *suite) []int {
 	t.Helper()
-	files, _ := filepath.Glob(filepath.Join(s.c.StateDir(), "nodes", "*", "instances", "*", "vmm.pid"))
+	return vmPIDsOf(t, s, filepath.Join(s.c.StateDir(), "nodes", "*"))
+}
+
+// vmPIDsOf lists the running VM processes under a node agent's work dir
+// (a glob).
+func vmPIDsOf(t *testing.T, s *suite, workDir string) []int {
+	t.Helper()
+	files, _ := filepath.Glob(filepath.Join(workDir, "instances", "*", "vmm.pid"))
 	var pids []int
 	for _, f := range files {
 		b, err := os.ReadFile(f)
