@@ -299,6 +299,7 @@ func (a *Agent) adopt(ctx context.Context) {
 		}
 		in := a.newInstance(st.Spec, dir)
 		in.st, in.saved = st, b
+		in.loadLogs()
 		if st.State == StateStopped || st.State == StateFailed {
 			close(in.done)
 			a.instances[st.ID] = in

@@ -82,13 +82,14 @@ type instance struct {
 	logs     []LogLine
 	logBase  int // sequence number of logs[0]
 	logWake  chan struct{}
+	logFile  *os.File
+	logSize  int64
 	machine  vmm.Machine
 	conn     net.Conn
 	lease    *hostnet.Lease
 	image    *rootfs.Image
 	release  func() // of image
 	bootDone func() // frees the boot slot; idempotent
-	deleting bool
 }
 
 func (in *instance) status() Status {
@@ -114,10 +115,17 @@ func (in *instance) update(f func(*Status)) {
 	in.saved = b
 }
 
-// appendLog adds a line to the ring buffer and wakes followers.
+// maxLogFile bounds an instance's log file; one older generation is kept.
+const maxLogFile = 8 << 20
+
+// appendLog adds a line to the ring buffer and the instance's log file
+// (so logs survive an agent restart) and wakes followers.
 func (in *instance) appendLog(stream, line string) {
+	l := LogLine{Time: time.Now().UTC(), Stream: stream, Line: line}
+	b, _ := json.Marshal(l)
 	in.mu.Lock()
-	in.logs = append(in.logs, LogLine{Time: time.Now().UTC(), Stream: stream, Line: line})
+	in.writeLogFile(append(b, '\n'))
+	in.logs = append(in.logs, l)
 	if n := len(in.logs) - logRing; n > 0 {
 		in.logs = append(in.logs[:0:0], in.logs[n:]...)
 		in.logBase += n
@@ -125,6 +133,60 @@ func (in *instance) appendLog(stream, line string) {
 	close(in.logWake)
 	in.logWake = make(chan struct{})
 	in.mu.Unlock()
+}
+
+// writeLogFile appends to logs.ndjson, rotating it beyond maxLogFile.
+// in.mu is held.
+func (in *instance) writeLogFile(b []byte) {
+	path := filepath.Join(in.dir, "logs.ndjson")
+	if in.logFile == nil {
+		f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+		if err != nil {
+			return
+		}
+		in.logFile = f
+		if fi, err := f.Stat(); err == nil {
+			in.logSize = fi.Size()
+		}
+	}
+	if in.logSize+int64(len(b)) > maxLogFile {
+		in.logFile.Close()
+		in.logFile = nil
+		_ = os.Rename(path, path+".1")
+		in.logSize = 0
+		in.writeLogFile(b)
+		return
+	}
+	n, _ := in.logFile.Write(b)
+	in.logSize += int64(n)
+}
+
+// loadLogs fills the ring buffer from the log file (re-adoption).
+func (in *instance) loadLogs() {
+	b, err := os.ReadFile(filepath.Join(in.dir, "logs.ndjson"))
+	if err != nil {
+		return
+	}
+	lines := bytes.Split(b, []byte("\n"))
+	if len(lines) > logRing+1 {
+		lines = lines[len(lines)-logRing-1:]
+	}
+	for _, raw := range lines {
+		var l LogLine
+		if json.Unmarshal(raw, &l) == nil {
+			in.logs = append(in.logs, l)
+		}
+	}
+}
+
+// closeLogs closes the log file.
+func (in *instance) closeLogs() {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	if in.logFile != nil {
+		in.logFile.Close()
+		in.logFile = nil
+	}
 }
 
 // logsSince returns the lines from sequence number from on (or the oldest
@@ -141,6 +203,7 @@ func (in *instance) logsSince(from int) ([]LogLine, int, <-chan struct{}) {
 // exponential backoff when it dies, and stops it when asked.
 func (in *instance) supervise(adopted vmm.Machine) {
 	defer close(in.done)
+	defer in.closeLogs()
 	backoff := time.Second
 	failures := 0
 	m := adopted

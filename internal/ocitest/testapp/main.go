@@ -7,7 +7,7 @@
 //	GET /healthz     "ok"
 //	GET /report?path=P&path=Q   identity, env, workdir and each path's lstat
 //	GET /dial?addr=H:P          "connected" or "blocked: <error>"
-//	GET /stream?n=N             N chunks, flushed 50 ms apart
+//	GET /stream?n=N[&hold=1]    N chunks, flushed 50 ms apart (then held open)
 //	GET /echo (WebSocket upgrade done by hand: echoes bytes back)
 //
 // EXIT_AT_START=<code> makes it exit at once (crash-loop tests).
@@ -74,6 +74,12 @@ func main() {
 			fl.Flush()
 			time.Sleep(50 * time.Millisecond)
 		}
+		if r.URL.Query().Get("hold") != "" { // keep the response open until the client leaves
+			select {
+			case <-r.Context().Done():
+			case <-time.After(60 * time.Second):
+			}
+		}
 	})
 	mux.HandleFunc("/echo", func(w http.ResponseWriter, r *http.Request) {
 		if r.Header.Get("Upgrade") == "" {
@@ -91,6 +97,7 @@ func main() {
 		_, _ = io.Copy(c, brw)
 	})
 	log.SetOutput(os.Stdout)
+	log.SetFlags(0)
 	log.Printf("testapp listening on :%s as uid %d", port, os.Getuid())
 	fmt.Fprintln(os.Stderr, "testapp stderr line")
 	log.Fatal(http.ListenAndServe(":"+port, mux))
