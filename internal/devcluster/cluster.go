@@ -270,6 +270,7 @@ func (c *Cluster) startRegion(ctx context.Context, i int, r *Region) error {
 			"SSL_KEY_PATH":         c.CA.WildcardKey,
 			"TRUSTED_PROXIES":      r.IP + "/32",
 			"STATE_DIR":            filepath.Join(c.cfg.StateDir, "edge-"+r.Name),
+			"DATABASE_URL":         c.DatabaseURL, // ACME storage, when ACME is on
 			"ACCESS_LOG":           "false",
 		}, c.cfg.EdgeEnv, c.cfg.Env),
 	}
