@@ -1,0 +1,62 @@
+package main
+
+import (
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/zeitwork/zeitwork/internal/pgtest"
+	"github.com/zeitwork/zeitwork/internal/servicetest"
+)
+
+const key = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="
+
+func TestBinary(t *testing.T) {
+	bin := servicetest.Binary(t, "zeitwork-operator")
+	servicetest.ExpectBadConfig(t, bin, map[string]string{"PORT": "http", "ENCRYPTION_KEY": "short"}, "DATABASE_URL", "PORT", "ENCRYPTION_KEY", "CLUSTER_TOKEN")
+
+	// Two operators start at once on an empty database: both migrate
+	// safely and serve.
+	dbURL := pgtest.EmptyURL(t)
+	var procs []*servicetest.Process
+	var addrs []string
+	for range 2 {
+		addr := servicetest.FreeAddr(t)
+		addrs = append(addrs, addr)
+	}
+	done := make(chan *servicetest.Process, 2)
+	for _, addr := range addrs {
+		go func() {
+			done <- servicetest.Start(t, bin, map[string]string{"LISTEN_ADDR": addr, "DATABASE_URL": dbURL, "CLUSTER_TOKEN": "t", "ENCRYPTION_KEY": key}, servicetest.URL(addr)+"/health")
+		}()
+	}
+	for range 2 {
+		procs = append(procs, <-done)
+	}
+	for i, p := range procs {
+		servicetest.CheckContract(t, bin, p, servicetest.URL(addrs[i]), "zeitwork_operator")
+	}
+	out, err := exec.Command(bin, "migrate").CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "DATABASE_URL") {
+		t.Fatalf("migrate without DATABASE_URL: %v %s", err, out)
+	}
+	cmd := exec.Command(bin, "migrate")
+	cmd.Env = []string{"DATABASE_URL=" + dbURL}
+	if out, err := cmd.CombinedOutput(); err != nil || !strings.Contains(string(out), "0 migrations applied now") {
+		t.Fatalf("second migrate: %v %s", err, out)
+	}
+	cmd = exec.Command(bin, "bootstrap", "acme", "ops@acme.test")
+	cmd.Env = []string{"DATABASE_URL=" + dbURL, "CLUSTER_TOKEN=t", "ENCRYPTION_KEY=" + key}
+	tok, err := cmd.Output()
+	if err != nil || !strings.HasPrefix(string(tok), "zw_") {
+		t.Fatalf("bootstrap: %v %q", err, tok)
+	}
+	code, body := servicetest.Get(t, servicetest.URL(addrs[0])+"/api/v1/projects")
+	if code != 401 || !strings.Contains(body, `"code":"unauthorized"`) {
+		t.Fatalf("unauthenticated API call: %d %s", code, body)
+	}
+	for _, p := range procs {
+		p.StopOK(t, 30*time.Second)
+	}
+}
