@@ -149,11 +149,13 @@ type Agent struct {
 	client    *http.Client
 	bootSlots chan struct{}
 
-	mu        sync.Mutex
-	instances map[string]*instance
-	closing   bool
-	detached  chan struct{}  // closed when the agent stops: supervisors let go of their VMs
-	wg        sync.WaitGroup // instance supervisors
+	mu           sync.Mutex
+	instances    map[string]*instance
+	closing      bool
+	detached     chan struct{}   // closed when the agent stops: supervisors let go of their VMs
+	detachCtx    context.Context // done when detached is closed
+	cancelDetach context.CancelFunc
+	wg           sync.WaitGroup // instance supervisors
 }
 
 type metrics struct {
@@ -183,6 +185,7 @@ func New(ctx context.Context, cfg Config, reg prometheus.Registerer, log *slog.L
 		cfg.BootTimeout = 60 * time.Second
 	}
 	a := &Agent{cfg: cfg, bootSlots: make(chan struct{}, cfg.BootConcurrency), log: log.With("node_id", cfg.NodeID), instances: map[string]*instance{}, detached: make(chan struct{}), client: &http.Client{Timeout: 10 * time.Second}}
+	a.detachCtx, a.cancelDetach = context.WithCancel(context.Background())
 	if a.vmm, err = newVMM(cfg); err != nil {
 		return nil, err
 	}
@@ -300,8 +303,10 @@ func (a *Agent) adopt(ctx context.Context) {
 		in := a.newInstance(st.Spec, dir)
 		in.st, in.saved = st, b
 		in.loadLogs()
+		if in.st.Desired == "" {
+			in.st.Desired = DesiredRunning
+		}
 		if st.State == StateStopped || st.State == StateFailed {
-			close(in.done)
 			a.instances[st.ID] = in
 			continue
 		}
@@ -320,17 +325,35 @@ func (a *Agent) adopt(ctx context.Context) {
 			}
 		}
 		a.instances[st.ID] = in
-		a.wg.Go(func() { in.supervise(m) })
+		a.launch(in, m)
 	}
+}
+
+// launch starts in's supervisor unless one is running; m is a re-adopted
+// machine or nil.
+func (a *Agent) launch(in *instance, m vmm.Machine) {
+	in.mu.Lock()
+	select {
+	case <-in.done: // the previous lifecycle ended (or none ran yet)
+	default:
+		in.mu.Unlock()
+		return
+	}
+	done := make(chan struct{})
+	in.done = done
+	in.mu.Unlock()
+	a.wg.Go(func() { in.supervise(m, done) })
 }
 
 var idPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$`)
 
 func (a *Agent) newInstance(spec Spec, dir string) *instance {
+	done := make(chan struct{})
+	close(done) // no lifecycle yet
 	return &instance{
 		a: a, dir: dir, log: a.log.With("instance_id", spec.ID, "deployment_id", spec.DeploymentID),
-		stop: make(chan struct{}), done: make(chan struct{}), logWake: make(chan struct{}),
-		st: Status{Spec: spec, State: StatePending, CreatedAt: time.Now().UTC()},
+		wake: make(chan struct{}, 1), done: done, logWake: make(chan struct{}),
+		st: Status{Spec: spec, State: StatePending, Desired: DesiredRunning, CreatedAt: time.Now().UTC()},
 	}
 }
 
@@ -387,7 +410,7 @@ func (a *Agent) Create(spec Spec) (Status, bool, error) {
 	in := a.newInstance(spec, dir)
 	in.update(func(*Status) {})
 	a.instances[spec.ID] = in
-	a.wg.Go(func() { in.supervise(nil) })
+	a.launch(in, nil)
 	return in.status(), true, nil
 }
 
@@ -407,40 +430,61 @@ func (a *Agent) get(id string) (*instance, error) {
 	return in, nil
 }
 
-// Stop stops an instance's VM (it stays listed as stopped).
+// Stop asks for an instance's VM to stop (gracefully, then forced); the
+// instance stays listed as stopped and can be started again.
 func (a *Agent) Stop(id string) (Status, error) {
 	in, err := a.get(id)
 	if err != nil {
 		return Status{}, err
 	}
-	in.mu.Lock()
-	select {
-	case <-in.stop:
-	default:
-		close(in.stop)
+	in.setDesired(DesiredStopped)
+	return in.status(), nil
+}
+
+// Start asks for a stopped or failed instance to run again (a running one
+// is left alone).
+func (a *Agent) Start(id string) (Status, error) {
+	in, err := a.get(id)
+	if err != nil {
+		return Status{}, err
 	}
-	in.mu.Unlock()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.closing {
+		return Status{}, errors.New("agent is shutting down")
+	}
+	in.setDesired(DesiredRunning)
+	in.update(func(s *Status) {
+		if s.State == StateFailed || s.State == StateStopped {
+			s.State, s.Error, s.ExitCode = StatePending, "", nil
+		}
+	})
+	a.launch(in, nil)
 	return in.status(), nil
 }
 
 // Delete stops an instance and removes everything it left on the node.
 func (a *Agent) Delete(ctx context.Context, id string) error {
-	in, err := a.Stop(id)
-	_ = in
+	in, err := a.get(id)
 	if err != nil {
 		return err
 	}
-	inst, _ := a.get(id)
+	in.setDesired(DesiredStopped)
 	select {
-	case <-inst.done:
+	case <-in.doneCh():
 	case <-ctx.Done():
 		return ctx.Err()
 	}
 	a.mu.Lock()
 	delete(a.instances, id)
 	a.mu.Unlock()
-	_ = a.net.Release(id)
-	return os.RemoveAll(inst.dir)
+	var errs []error
+	errs = append(errs, a.net.Release(id))
+	errs = append(errs, os.RemoveAll(in.dir))
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("cannot remove instance %s: %w", id, err)
+	}
+	return nil
 }
 
 // List returns every instance, sorted by creation.
@@ -499,6 +543,7 @@ func (a *Agent) detach() {
 	a.closing = true
 	a.mu.Unlock()
 	close(a.detached)
+	a.cancelDetach()
 	a.wg.Wait()
 }
 
@@ -627,6 +672,14 @@ func (a *Agent) Handler(admin http.Handler) http.Handler {
 		}
 		writeJSON(w, 202, st)
 	})
+	api.HandleFunc("POST /instances/{id}/start", func(w http.ResponseWriter, r *http.Request) {
+		st, err := a.Start(r.PathValue("id"))
+		if err != nil {
+			writeErr(w, err)
+			return
+		}
+		writeJSON(w, 202, st)
+	})
 	api.HandleFunc("DELETE /instances/{id}", func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), a.cfg.StopGrace+30*time.Second)
 		defer cancel()
@@ -716,7 +769,7 @@ func (a *Agent) handleLogs(w http.ResponseWriter, r *http.Request) {
 		select {
 		case <-r.Context().Done():
 			return
-		case <-in.done:
+		case <-in.doneCh():
 			lines, _, _ := in.logsSince(pos)
 			for _, l := range lines {
 				_ = enc.Encode(l)

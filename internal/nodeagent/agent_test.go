@@ -392,6 +392,18 @@ func TestNodeAgent(t *testing.T) {
 	if got := <-follow; !hasLine(got, "stdout", "testapp listening") {
 		t.Fatalf("followed logs: %+v", got)
 	}
+	// A stopped instance starts again (a new VM).
+	if code := f.do("POST", "/instances/i3/start", nil, nil); code != 202 {
+		t.Fatalf("start: %d", code)
+	}
+	if st := f.waitHealthy("i3"); st.IP == "" || st.Desired != DesiredRunning {
+		t.Fatalf("restarted i3: %+v (lease %s)", st, lease.GuestIP)
+	}
+	oldPID := pids["i3"]
+	pids["i3"] = pidOf(t, filepath.Join(f.cfg.WorkDir, "instances", "i3"))
+	if pids["i3"] == oldPID || !alive(pids["i3"]) {
+		t.Fatal("start did not boot a new VM")
+	}
 
 	// Crash loop: restarts with backoff, then failed with the exit code.
 	f.do("POST", "/instances", Spec{ID: "crash", Image: f.crash, Port: 8080}, nil)

@@ -50,6 +50,7 @@ type Spec struct {
 type Status struct {
 	Spec
 	State     string     `json:"state"`
+	Desired   string     `json:"desired_state"` // running | stopped
 	Healthy   bool       `json:"healthy"`
 	IP        string     `json:"ip,omitempty"`
 	Restarts  int        `json:"restarts"`
@@ -73,23 +74,31 @@ type instance struct {
 	a    *Agent
 	dir  string
 	log  *slog.Logger
-	stop chan struct{} // closed to ask the supervisor to stop the VM
-	done chan struct{} // closed when the supervisor has returned
+	wake chan struct{} // pokes the supervisor (capacity 1)
+	done chan struct{} // closed when the current supervisor has returned
 
-	mu       sync.Mutex
-	st       Status
-	saved    []byte // last persisted status
-	logs     []LogLine
-	logBase  int // sequence number of logs[0]
-	logWake  chan struct{}
-	logFile  *os.File
-	logSize  int64
-	machine  vmm.Machine
-	conn     net.Conn
-	lease    *hostnet.Lease
-	image    *rootfs.Image
-	release  func() // of image
-	bootDone func() // frees the boot slot; idempotent
+	mu         sync.Mutex
+	st         Status
+	saved      []byte // last persisted status
+	logs       []LogLine
+	logBase    int // sequence number of logs[0]
+	logWake    chan struct{}
+	logFile    *os.File
+	logSize    int64
+	machine    vmm.Machine
+	conn       net.Conn
+	lease      *hostnet.Lease
+	image      *rootfs.Image
+	release    func()             // of image
+	bootDone   func()             // frees the boot slot; idempotent
+	bootCancel context.CancelFunc // cancels a boot in progress
+}
+
+// doneCh is closed when the current lifecycle has ended.
+func (in *instance) doneCh() <-chan struct{} {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	return in.done
 }
 
 func (in *instance) status() Status {
@@ -199,95 +208,172 @@ func (in *instance) logsSince(from int) ([]LogLine, int, <-chan struct{}) {
 	return append([]LogLine(nil), in.logs[i:]...), in.logBase + len(in.logs), in.logWake
 }
 
-// supervise owns the VM: prepares it, boots it, restarts it with
-// exponential backoff when it dies, and stops it when asked.
-func (in *instance) supervise(adopted vmm.Machine) {
-	defer close(in.done)
-	defer in.closeLogs()
-	backoff := time.Second
-	failures := 0
-	m := adopted
-	for {
-		var err error
-		if m == nil {
-			m, err = in.boot()
-			if err != nil {
-				if errors.Is(err, errStopped) {
-					in.finish(StateStopped, "")
-					return
-				}
-				failures++
-				in.log.Warn("instance failed to start", "err", err, "failures", failures)
-				in.update(func(s *Status) { s.Error = err.Error(); s.Healthy = false })
-				if failures >= in.a.cfg.MaxRestarts {
-					in.finish(StateFailed, fmt.Sprintf("gave up after %d failed starts: %v", failures, err))
-					return
-				}
-				if !in.sleep(backoff) {
-					in.finish(StateStopped, "")
-					return
-				}
-				backoff = min(backoff*2, in.a.cfg.MaxBackoff)
-				continue
-			}
-		} else {
-			in.mu.Lock()
-			in.machine = m
-			in.mu.Unlock()
-			in.update(func(s *Status) { s.State = StateRunning })
+// Desired states (Status.Desired).
+const (
+	DesiredRunning = "running"
+	DesiredStopped = "stopped"
+)
+
+// poke wakes the supervisor to re-evaluate desired against actual state.
+func (in *instance) poke() {
+	select {
+	case in.wake <- struct{}{}:
+	default:
+	}
+}
+
+// setDesired records what the instance should be doing and wakes its
+// supervisor; stopping also cancels a boot in progress.
+func (in *instance) setDesired(d string) {
+	in.update(func(s *Status) { s.Desired = d })
+	if d == DesiredStopped {
+		in.mu.Lock()
+		if in.bootCancel != nil {
+			in.bootCancel()
 		}
-		ctx, cancel := context.WithCancel(context.Background())
-		var wg sync.WaitGroup
-		wg.Go(func() { in.channel(ctx, m) })
-		wg.Go(func() { in.healthLoop(ctx) })
-		started := time.Now()
-		bootBound := time.AfterFunc(in.a.cfg.BootTimeout, in.endBoot)
+		in.mu.Unlock()
+	}
+	in.poke()
+}
+
+// supervise is the instance's one lifecycle: a level-triggered loop that
+// compares the desired state with what it observes (is there a live VMM
+// process, did it exit, is a retry due) and takes one step towards the
+// desired state per iteration — boot, watch, restart after a backoff,
+// shut down, give up. Events (API calls, VM exit, agent detach) only wake
+// it. It returns on a terminal state (stopped, failed) or when the agent
+// detaches, leaving the VM running for the next agent process. m is a
+// re-adopted machine, or nil.
+func (in *instance) supervise(m vmm.Machine, done chan struct{}) {
+	defer close(done)
+	defer in.closeLogs()
+	var (
+		w        *watch // channel and health checks of the current machine
+		failures int
+		backoff  = time.Second
+		retryAt  time.Time
+		reason   string
+		started  time.Time
+	)
+	if m != nil {
+		w, started = in.watch(m), time.Now()
+		in.update(func(s *Status) { s.State = StateRunning })
+	}
+	stopWatch := func() {
+		if w != nil {
+			w.stop()
+			w = nil
+		}
+	}
+	for {
 		select {
 		case <-in.a.detached:
-			bootBound.Stop()
-			in.endBoot()
-			cancel()
-			wg.Wait()
+			stopWatch() // the VM keeps running; the next agent re-adopts it
 			return
-		case <-in.stop:
-			bootBound.Stop()
-			in.endBoot()
-			in.update(func(s *Status) { s.State = StateStopping; s.Healthy = false })
-			in.shutdown(m)
-			cancel()
-			wg.Wait()
-			in.finish(StateStopped, "")
-			return
-		case <-m.Done():
-			cancel()
-			wg.Wait()
+		default:
 		}
-		bootBound.Stop()
-		in.endBoot()
-		// The VM died on its own: crash loop handling.
-		if time.Since(started) > 5*time.Minute {
-			failures, backoff = 0, time.Second
-		}
-		failures++
-		in.update(func(s *Status) {
-			s.Healthy = false
-			s.Restarts++
-			if s.Error == "" {
-				s.Error = "microVM exited"
+		desired := in.status().Desired
+		switch {
+		case desired == DesiredStopped:
+			if m != nil {
+				in.update(func(s *Status) { s.State = StateStopping; s.Healthy = false })
+				in.shutdown(m)
+				stopWatch()
+				m = nil
 			}
-		})
-		in.log.Warn("instance exited; restarting", "failures", failures, "backoff", backoff.String())
-		m = nil
-		if failures >= in.a.cfg.MaxRestarts {
-			in.finish(StateFailed, fmt.Sprintf("crashed %d times in a row", failures))
-			return
-		}
-		if !in.sleep(backoff) {
 			in.finish(StateStopped, "")
+			if in.status().Desired == DesiredStopped {
+				return
+			}
+			// Started again while stopping: a fresh lifecycle.
+			failures, backoff, retryAt = 0, time.Second, time.Time{}
+
+		case m == nil && failures >= in.a.cfg.MaxRestarts:
+			in.finish(StateFailed, reason)
 			return
+
+		case m == nil && time.Now().Before(retryAt):
+			t := time.NewTimer(time.Until(retryAt))
+			select {
+			case <-t.C:
+			case <-in.wake:
+			case <-in.a.detached:
+			}
+			t.Stop()
+
+		case m == nil:
+			var err error
+			m, err = in.boot()
+			if errors.Is(err, errStopped) {
+				m = nil
+				continue // desired state changed or the agent detaches
+			}
+			if err != nil {
+				m = nil
+				failures++
+				reason = fmt.Sprintf("gave up after %d failed starts: %v", failures, err)
+				in.log.Warn("instance failed to start", "err", err, "failures", failures)
+				in.update(func(s *Status) { s.Error = err.Error(); s.Healthy = false })
+				retryAt, backoff = time.Now().Add(backoff), min(backoff*2, in.a.cfg.MaxBackoff)
+				continue
+			}
+			w, started = in.watch(m), time.Now()
+
+		default: // a VM is running: wait for something to change
+			select {
+			case <-m.Done():
+				stopWatch()
+				m = nil
+				if time.Since(started) > 5*time.Minute {
+					failures, backoff = 0, time.Second // it ran well; not a crash loop
+				}
+				failures++
+				reason = fmt.Sprintf("crashed %d times in a row", failures)
+				in.update(func(s *Status) {
+					s.Healthy = false
+					s.Restarts++
+					if s.Error == "" {
+						s.Error = "microVM exited"
+					}
+				})
+				in.log.Warn("instance exited", "failures", failures, "backoff", backoff.String())
+				retryAt, backoff = time.Now().Add(backoff), min(backoff*2, in.a.cfg.MaxBackoff)
+			case <-in.wake:
+			case <-in.a.detached:
+			}
 		}
-		backoff = min(backoff*2, in.a.cfg.MaxBackoff)
 	}
+}
+
+// watch runs what accompanies a live machine: the agent channel (config,
+// logs, exit code) and the health checks; it also bounds how long the
+// boot may hold its slot.
+type watch struct {
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	bound  *time.Timer
+	in     *instance
+}
+
+func (in *instance) watch(m vmm.Machine) *watch {
+	in.mu.Lock()
+	in.machine = m
+	in.mu.Unlock()
+	ctx, cancel := context.WithCancel(context.Background())
+	w := &watch{cancel: cancel, in: in, bound: time.AfterFunc(in.a.cfg.BootTimeout, in.endBoot)}
+	w.wg.Go(func() { in.channel(ctx, m) })
+	w.wg.Go(func() { in.healthLoop(ctx) })
+	return w
+}
+
+func (w *watch) stop() {
+	w.bound.Stop()
+	w.in.endBoot()
+	w.cancel()
+	w.wg.Wait()
+	w.in.mu.Lock()
+	w.in.machine, w.in.conn = nil, nil
+	w.in.mu.Unlock()
 }
 
 var errStopped = errors.New("stopped")
@@ -300,17 +386,6 @@ func (in *instance) endBoot() {
 	in.mu.Unlock()
 	if f != nil {
 		f()
-	}
-}
-
-func (in *instance) sleep(d time.Duration) bool {
-	select {
-	case <-in.a.detached:
-		return false
-	case <-in.stop:
-		return false
-	case <-time.After(d):
-		return true
 	}
 }
 
@@ -344,15 +419,19 @@ func (in *instance) finish(state, reason string) {
 func (in *instance) boot() (vmm.Machine, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	go func() {
-		select {
-		case <-in.stop:
-			cancel()
-		case <-in.a.detached:
-			cancel()
-		case <-ctx.Done():
-		}
+	stopOnDetach := context.AfterFunc(in.a.detachCtx, cancel)
+	defer stopOnDetach()
+	in.mu.Lock()
+	in.bootCancel = cancel
+	in.mu.Unlock()
+	defer func() {
+		in.mu.Lock()
+		in.bootCancel = nil
+		in.mu.Unlock()
 	}()
+	if in.status().Desired == DesiredStopped {
+		return nil, errStopped
+	}
 	spec := in.status().Spec
 	in.update(func(s *Status) { s.State = StatePreparing })
 	img, err := in.acquireImage(ctx)
