@@ -268,7 +268,7 @@ func (c *Cluster) startRegion(ctx context.Context, i int, r *Region) error {
 			"REGION":               r.Name,
 			"SSL_CERT_PATH":        c.CA.WildcardCert,
 			"SSL_KEY_PATH":         c.CA.WildcardKey,
-			"TRUSTED_PROXIES":      r.IP + "/32",
+			"TRUSTED_PROXIES":      "127.0.0.0/8", // the LB dials from the loopback primary address
 			"STATE_DIR":            filepath.Join(c.cfg.StateDir, "edge-"+r.Name),
 			"DATABASE_URL":         c.DatabaseURL, // ACME storage, when ACME is on
 			"ACCESS_LOG":           "false",
