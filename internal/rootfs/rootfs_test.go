@@ -3,7 +3,9 @@ package rootfs
 import (
 	"archive/tar"
 	"bytes"
+	"crypto/rand"
 	"errors"
+	"fmt"
 	"io/fs"
 	"os"
 	"os/exec"
@@ -13,6 +15,9 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
 
 	"github.com/zeitwork/zeitwork/internal/ocitest"
 )
@@ -418,4 +423,64 @@ func TestStore(t *testing.T) {
 	if _, err := os.Stat(imD.Path); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// BenchmarkConvert compares flattening plus mkfs.ext4 with the floor a
+// shell pipeline sets on the same layers: `tar -x` of each layer in order
+// plus `mkfs.ext4 -d` (which honours no whiteouts and no containment).
+// Reports MB/s and the ratio (ours / tar+mkfs; 1 = as fast).
+func BenchmarkConvert(b *testing.B) {
+	const layers, files, size = 4, 64, 1 << 20 // 256 MiB of file content
+	var ls []v1.Layer
+	var tars [][]byte
+	for l := range layers {
+		var entries []E
+		for i := range files {
+			data := make([]byte, size)
+			_, _ = rand.Read(data)
+			entries = append(entries, E{Name: fmt.Sprintf("layer%d/dir%d/file%d", l, i%8, i), Data: data})
+		}
+		tb, err := ocitest.Tar(entries...)
+		if err != nil {
+			b.Fatal(err)
+		}
+		tars = append(tars, tb)
+		ls = append(ls, ocitest.Layer(b, entries...))
+	}
+	img := ocitest.Image(b, ocitest.Config{Cmd: []string{"/x"}}, ls...)
+	total := float64(layers * files * size)
+	var ours, floor time.Duration
+	for b.Loop() {
+		dir := b.TempDir()
+		start := time.Now()
+		tree := filepath.Join(dir, "tree")
+		_ = os.Mkdir(tree, 0o755)
+		if _, err := Flatten(b.Context(), img, tree, 0); err != nil {
+			b.Fatal(err)
+		}
+		if err := MakeExt4(b.Context(), tree, filepath.Join(dir, "a.ext4"), 64<<20); err != nil {
+			b.Fatal(err)
+		}
+		ours += time.Since(start)
+
+		start = time.Now()
+		tree2 := filepath.Join(dir, "tree2")
+		_ = os.Mkdir(tree2, 0o755)
+		for _, tb := range tars {
+			cmd := exec.Command("tar", "-x", "-C", tree2)
+			cmd.Stdin = bytes.NewReader(tb)
+			if out, err := cmd.CombinedOutput(); err != nil {
+				b.Fatalf("tar: %v %s", err, out)
+			}
+		}
+		used, _, _ := usage(tree2)
+		if out, err := exec.Command("mkfs.ext4", "-q", "-F", "-d", tree2, "-O", "^has_journal", filepath.Join(dir, "b.ext4"),
+			fmt.Sprintf("%dk", (used+used/10+64<<20+4<<20)/1024)).CombinedOutput(); err != nil {
+			b.Fatalf("mkfs: %v %s", err, out)
+		}
+		floor += time.Since(start)
+	}
+	b.ReportMetric(total/1e6/(ours.Seconds()/float64(b.N)), "MB/s")
+	b.ReportMetric(total/1e6/(floor.Seconds()/float64(b.N)), "floor_MB/s")
+	b.ReportMetric(ours.Seconds()/floor.Seconds(), "ratio_vs_tar_mkfs")
 }
