@@ -48,7 +48,10 @@ func (p *Proc) Start(ctx context.Context, timeout time.Duration) error {
 	}
 	cmd.Env = env
 	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	// Setpgid: Kill can take the whole group; Pdeathsig: nothing outlives
+	// the cluster's owner (microVMs have their own session and are handled
+	// by StopVMs).
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		logf.Close()
 		return fmt.Errorf("cannot start %s: %w", p.Name, err)
