@@ -61,13 +61,16 @@ func TestThreeRegions(t *testing.T) {
 	}
 
 	// Lose the node of local-b that runs the instance: agent and VMs die.
+	api := apiclient.New(s.c.OperatorURL, s.token)
+	if err := api.Do(context.Background(), "GET", "/api/v1/deployments/"+d.ID, nil, &d); err != nil {
+		t.Fatal(err)
+	}
 	var victim string
 	for _, in := range d.Instances {
 		if in.Region == "local-b" && in.Desired == "running" {
 			victim = in.NodeID
 		}
 	}
-	api := apiclient.New(s.c.OperatorURL, s.token)
 	var nodes struct {
 		Nodes []struct {
 			ID      string `json:"id"`

@@ -1,0 +1,288 @@
+// Command edge benchmarks zeitwork-edge-proxy against nginx and Caddy as
+// equivalent reverse proxies (upstream keep-alive) in front of the same
+// backend, with the same load generators and CPU budget: every proxy is
+// pinned to CPU 1 with one worker (nginx worker_processes 1, Caddy and
+// Zeitwork GOMAXPROCS=1); backend and load generators run on CPU 0.
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"flag"
+	"fmt"
+	"io"
+	"log"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/zeitwork/zeitwork/bench/benchdoc"
+	"github.com/zeitwork/zeitwork/internal/devcluster"
+)
+
+const (
+	host     = "bench.zeitwork.test"
+	duration = "8s"
+	conns    = 64
+)
+
+func main() {
+	backend := flag.String("backend", "", "run as the backend on this address (internal)")
+	flag.Parse()
+	if *backend != "" {
+		body := []byte(strings.Repeat("z", 128))
+		srv := &http.Server{Addr: *backend, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "text/plain")
+			_, _ = w.Write(body)
+		})}
+		log.Fatal(srv.ListenAndServe())
+	}
+	if err := run(); err != nil {
+		log.Fatal(err)
+	}
+}
+
+type result struct {
+	name          string
+	rps, httpsRPS float64
+	p50, p99      float64 // ms, HTTPS keep-alive
+	handshakes    float64
+}
+
+func run() error {
+	root, _ := os.Getwd()
+	edgeBin := filepath.Join(root, "bin", "zeitwork-edge-proxy")
+	if _, err := os.Stat(edgeBin); err != nil {
+		return fmt.Errorf("%s missing: run make build first", edgeBin)
+	}
+	for _, tool := range []string{"wrk", "nginx", "caddy"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			if _, err2 := os.Stat("/usr/sbin/" + tool); err2 != nil {
+				return fmt.Errorf("%s not installed (make deps): %w", tool, err)
+			}
+		}
+	}
+	dir, _ := os.MkdirTemp("", "bench-edge-")
+	defer os.RemoveAll(dir)
+	ca, err := devcluster.EnsureCA(filepath.Join(dir, "ca"), "zeitwork.test")
+	if err != nil {
+		return err
+	}
+	self, _ := os.Executable()
+	backend := "127.0.0.1:19200"
+	b := pinned("0", self, "-backend", backend)
+	if err := b.Start(); err != nil {
+		return err
+	}
+	defer b.Process.Kill()
+	waitPort(backend)
+
+	// Route table for the Zeitwork edge.
+	routes := fmt.Sprintf(`{"version":"1","routes":[{"host":%q,"kind":"production","deployment_id":"d","instances":[{"id":"i","node_address":"http://%s","healthy":true}]}]}`, host, backend)
+	opLn, _ := net.Listen("tcp", "127.0.0.1:0")
+	go http.Serve(opLn, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Query().Get("version") == "1" {
+			time.Sleep(10 * time.Second)
+		}
+		_, _ = io.WriteString(w, routes)
+	}))
+
+	var results []result
+	// Zeitwork.
+	z := pinned("1", edgeBin)
+	z.Env = append(os.Environ(), "GOMAXPROCS=1", "HTTPS_ADDR=127.0.0.1:19211", "HTTP_ADDR=127.0.0.1:19212", "SSL_CERT_PATH="+ca.WildcardCert,
+		"SSL_KEY_PATH="+ca.WildcardKey, "APPS_DOMAIN=zeitwork.test", "OPERATOR_URL=http://"+opLn.Addr().String(), "CLUSTER_TOKEN=bench",
+		"RATE_LIMIT_RPS=100000000", "RATE_LIMIT_BURST=100000000", "ACCESS_LOG=false", "LOG_LEVEL=error", "STATE_DIR="+filepath.Join(dir, "edge"))
+	r, err := measure("zeitwork", z, "127.0.0.1:19212", "127.0.0.1:19211")
+	if err != nil {
+		return err
+	}
+	results = append(results, r)
+	// nginx.
+	nconf := fmt.Sprintf(`daemon off; master_process off; worker_processes 1; pid %[1]s/nginx.pid; error_log %[1]s/nginx-error.log crit;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path %[1]s; proxy_temp_path %[1]s; fastcgi_temp_path %[1]s; uwsgi_temp_path %[1]s; scgi_temp_path %[1]s;
+  upstream app { server %[2]s; keepalive 128; }
+  server {
+    listen 127.0.0.1:19222;
+    listen 127.0.0.1:19221 ssl http2;
+    ssl_certificate %[3]s; ssl_certificate_key %[4]s;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header Host $host;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; proxy_set_header X-Forwarded-Proto $scheme; }
+  }
+}
+`, dir, backend, ca.WildcardCert, ca.WildcardKey)
+	_ = os.WriteFile(filepath.Join(dir, "nginx.conf"), []byte(nconf), 0o644)
+	n := pinned("1", "nginx", "-p", dir, "-c", filepath.Join(dir, "nginx.conf"))
+	if r, err = measure("nginx", n, "127.0.0.1:19222", "127.0.0.1:19221"); err != nil {
+		return err
+	}
+	results = append(results, r)
+	// Caddy.
+	cconf := fmt.Sprintf(`{
+	admin off
+	auto_https off
+	default_sni %[1]s
+	log { level ERROR }
+}
+https://%[1]s:19231 {
+	tls %[2]s %[3]s
+	reverse_proxy %[4]s
+}
+http://%[1]s:19232 {
+	reverse_proxy %[4]s
+}
+`, host, ca.WildcardCert, ca.WildcardKey, backend)
+	_ = os.WriteFile(filepath.Join(dir, "Caddyfile"), []byte(cconf), 0o644)
+	c := pinned("1", "caddy", "run", "--config", filepath.Join(dir, "Caddyfile"), "--adapter", "caddyfile")
+	c.Env = append(os.Environ(), "GOMAXPROCS=1", "HOME="+dir, "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir)
+	if r, err = measure("caddy", c, "127.0.0.1:19232", "127.0.0.1:19231"); err != nil {
+		return err
+	}
+	results = append(results, r)
+
+	zw, ng, cd := results[0], results[1], results[2]
+	var tb strings.Builder
+	fmt.Fprintf(&tb, "## Edge proxy (make bench-edge)\n\nRun %s. Each proxy pinned to CPU 1 with one worker (nginx `worker_processes 1`, Caddy and Zeitwork `GOMAXPROCS=1`); backend (128-byte responses) and load generators on CPU 0. wrk: 1 thread, %d keep-alive connections, %s per figure. Handshakes: 16 Go clients opening a new TLS connection (no resumption) per request.\n\n", time.Now().UTC().Format("2006-01-02"), conns, duration)
+	fmt.Fprintf(&tb, "| proxy | HTTP/1.1 keep-alive rps | HTTPS rps | HTTPS p50 (ms) | HTTPS p99 (ms) | new TLS handshakes/s |\n|---|---|---|---|---|---|\n")
+	for _, r := range results {
+		fmt.Fprintf(&tb, "| %s | %.0f | %.0f | %.2f | %.2f | %.0f |\n", r.name, r.rps, r.httpsRPS, r.p50, r.p99, r.handshakes)
+	}
+	fmt.Fprintf(&tb, "| Zeitwork ÷ nginx | %.2f | %.2f | %.2f | %.2f | %.2f |\n", zw.rps/ng.rps, zw.httpsRPS/ng.httpsRPS, zw.p50/ng.p50, zw.p99/ng.p99, zw.handshakes/ng.handshakes)
+	fmt.Fprintf(&tb, "| Zeitwork ÷ Caddy | %.2f | %.2f | %.2f | %.2f | %.2f |\n", zw.rps/cd.rps, zw.httpsRPS/cd.httpsRPS, zw.p50/cd.p50, zw.p99/cd.p99, zw.handshakes/cd.handshakes)
+	fmt.Print(tb.String())
+	if err := benchdoc.Write("edge", tb.String()); err != nil {
+		log.Printf("cannot record results: %v", err)
+	}
+	fmt.Printf("bench-edge: rps_ratio_vs_nginx=%.2f rps_ratio_vs_caddy=%.2f p99_ratio_vs_nginx=%.2f tls_handshake_ratio_vs_nginx=%.2f\n",
+		zw.httpsRPS/ng.httpsRPS, zw.httpsRPS/cd.httpsRPS, zw.p99/ng.p99, zw.handshakes/ng.handshakes)
+	return nil
+}
+
+func measure(name string, cmd *exec.Cmd, httpAddr, httpsAddr string) (result, error) {
+	cmd.Stdout, cmd.Stderr = io.Discard, os.Stderr
+	if err := cmd.Start(); err != nil {
+		return result{}, fmt.Errorf("start %s: %w", name, err)
+	}
+	defer func() {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		done := make(chan struct{})
+		go func() { _ = cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			_ = cmd.Process.Kill()
+		}
+	}()
+	waitPort(httpAddr)
+	waitPort(httpsAddr)
+	// Warm up and check the route works.
+	for i := 0; ; i++ {
+		req, _ := http.NewRequest("GET", "http://"+httpAddr+"/", nil)
+		req.Host = host
+		resp, err := http.DefaultClient.Do(req)
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == 200 {
+				break
+			}
+		}
+		if i > 100 {
+			return result{}, fmt.Errorf("%s does not proxy: %v", name, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	r := result{name: name}
+	r.rps, _, _ = wrk("http://" + httpAddr + "/")
+	r.httpsRPS, r.p50, r.p99 = wrk("https://" + httpsAddr + "/")
+	r.handshakes = handshakes(httpsAddr)
+	log.Printf("%-8s http %.0f rps, https %.0f rps p50 %.2fms p99 %.2fms, %.0f handshakes/s", name, r.rps, r.httpsRPS, r.p50, r.p99, r.handshakes)
+	return r, nil
+}
+
+var (
+	rpsRE = regexp.MustCompile(`Requests/sec:\s+([0-9.]+)`)
+	pctRE = regexp.MustCompile(`(?m)^\s+(50|99)%\s+([0-9.]+)(us|ms|s)`)
+)
+
+func wrk(url string) (rps, p50, p99 float64) {
+	out, err := pinned("0", "wrk", "-t1", "-c"+strconv.Itoa(conns), "-d"+duration, "--latency", "-H", "Host: "+host, url).CombinedOutput()
+	if err != nil {
+		log.Printf("wrk %s: %v %s", url, err, out)
+		return
+	}
+	if m := rpsRE.FindSubmatch(out); m != nil {
+		rps, _ = strconv.ParseFloat(string(m[1]), 64)
+	}
+	for _, m := range pctRE.FindAllSubmatch(out, -1) {
+		v, _ := strconv.ParseFloat(string(m[2]), 64)
+		switch string(m[3]) {
+		case "us":
+			v /= 1000
+		case "s":
+			v *= 1000
+		}
+		if string(m[1]) == "50" {
+			p50 = v
+		} else {
+			p99 = v
+		}
+	}
+	return
+}
+
+// handshakes counts full TLS handshakes + one request per second.
+func handshakes(addr string) float64 {
+	var n atomic.Int64
+	deadline := time.Now().Add(5 * time.Second)
+	var wg sync.WaitGroup
+	for range 16 {
+		wg.Go(func() {
+			for time.Now().Before(deadline) {
+				tr := &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true, ServerName: host, ClientSessionCache: nil}, DisableKeepAlives: true}
+				req, _ := http.NewRequestWithContext(context.Background(), "GET", "https://"+addr+"/", nil)
+				req.Host = host
+				resp, err := tr.RoundTrip(req)
+				if err == nil {
+					_, _ = io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+					if resp.StatusCode == 200 {
+						n.Add(1)
+					}
+				}
+				tr.CloseIdleConnections()
+			}
+		})
+	}
+	wg.Wait()
+	return float64(n.Load()) / 5
+}
+
+func pinned(cpu, bin string, args ...string) *exec.Cmd {
+	if ts, err := exec.LookPath("taskset"); err == nil {
+		return exec.Command(ts, append([]string{"-c", cpu, bin}, args...)...)
+	}
+	return exec.Command(bin, args...)
+}
+
+func waitPort(addr string) {
+	for range 200 {
+		if c, err := net.Dial("tcp", addr); err == nil {
+			c.Close()
+			return
+		}
+		time.Sleep(25 * time.Millisecond)
+	}
+}
