@@ -23,6 +23,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/zeitwork/zeitwork/internal/ocitest"
 )
 
@@ -66,6 +68,7 @@ type fixture struct {
 	appRef  string // the test app image (by tag)
 	crash   string // the same image exiting with code 3 at start
 	op      *operator
+	reg     *prometheus.Registry
 	agent   *Agent
 	srv     *httptest.Server
 	cancel  context.CancelFunc
@@ -128,7 +131,8 @@ func newFixture(t *testing.T) *fixture {
 func (f *fixture) start() {
 	t := f.t
 	ctx, cancel := context.WithCancel(context.Background())
-	a, err := New(ctx, f.cfg, nil, slog.New(slog.DiscardHandler))
+	f.reg = prometheus.NewRegistry()
+	a, err := New(ctx, f.cfg, f.reg, slog.New(slog.DiscardHandler))
 	if err != nil {
 		cancel()
 		t.Fatal(err)
@@ -349,6 +353,9 @@ func TestNodeAgent(t *testing.T) {
 		t.Fatalf("info: %v", info)
 	}
 	waitOperator(t, f)
+	if n := metric(t, f.reg, "zeitwork_node_agent_boot_seconds"); n != 3 {
+		t.Fatalf("boot time observed %v times, want 3", n)
+	}
 
 	// Agent restart: the three VMs keep running and are re-adopted.
 	pids := map[string]int{}
@@ -551,6 +558,21 @@ func waitOperator(t *testing.T, f *fixture) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+}
+
+// metric returns a histogram's sample count.
+func metric(t *testing.T, reg *prometheus.Registry, name string) uint64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == name && len(mf.GetMetric()) > 0 {
+			return mf.GetMetric()[0].GetHistogram().GetSampleCount()
+		}
+	}
+	return 0
 }
 
 func tapExists(name string) bool { return exec.Command("ip", "link", "show", "dev", name).Run() == nil }

@@ -69,6 +69,10 @@ type LogLine struct {
 
 const logRing = 2000
 
+// healthFall is how many failed probes in a row make a healthy instance
+// unhealthy.
+const healthFall = 3
+
 // instance is one microVM and the supervisor that owns it.
 type instance struct {
 	a    *Agent
@@ -256,7 +260,7 @@ func (in *instance) supervise(m vmm.Machine, done chan struct{}) {
 		started  time.Time
 	)
 	if m != nil {
-		w, started = in.watch(m), time.Now()
+		w, started = in.watch(m, time.Time{}), time.Now()
 		in.update(func(s *Status) { s.State = StateRunning })
 	}
 	stopWatch := func() {
@@ -317,7 +321,8 @@ func (in *instance) supervise(m vmm.Machine, done chan struct{}) {
 				retryAt, backoff = time.Now().Add(backoff), min(backoff*2, in.a.cfg.MaxBackoff)
 				continue
 			}
-			w, started = in.watch(m), time.Now()
+			started = time.Now()
+			w = in.watch(m, started)
 
 		default: // a VM is running: wait for something to change
 			select {
@@ -355,14 +360,14 @@ type watch struct {
 	in     *instance
 }
 
-func (in *instance) watch(m vmm.Machine) *watch {
+func (in *instance) watch(m vmm.Machine, booted time.Time) *watch {
 	in.mu.Lock()
 	in.machine = m
 	in.mu.Unlock()
 	ctx, cancel := context.WithCancel(context.Background())
 	w := &watch{cancel: cancel, in: in, bound: time.AfterFunc(in.a.cfg.BootTimeout, in.endBoot)}
 	w.wg.Go(func() { in.channel(ctx, m) })
-	w.wg.Go(func() { in.healthLoop(ctx) })
+	w.wg.Go(func() { in.healthLoop(ctx, booted) })
 	return w
 }
 
@@ -649,10 +654,11 @@ func (in *instance) shutdown(m vmm.Machine) {
 }
 
 // healthLoop probes the app over HTTP on its port.
-func (in *instance) healthLoop(ctx context.Context) {
+func (in *instance) healthLoop(ctx context.Context, booted time.Time) {
 	client := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
 	t := time.NewTicker(in.a.cfg.HealthInterval)
 	defer t.Stop()
+	fails := 0
 	for {
 		st := in.status()
 		if st.IP != "" {
@@ -670,7 +676,27 @@ func (in *instance) healthLoop(ctx context.Context) {
 			if ctx.Err() != nil {
 				return
 			}
-			in.update(func(s *Status) { s.Healthy = ok && s.State == StateRunning })
+			// Healthy after one passing probe, unhealthy after healthFall
+			// failing ones in a row: one slow answer does not eject it.
+			if ok {
+				fails = 0
+			} else {
+				fails++
+			}
+			in.update(func(s *Status) {
+				switch {
+				case s.State != StateRunning:
+					s.Healthy = false
+				case ok && !s.Healthy:
+					s.Healthy = true
+					if !booted.IsZero() {
+						in.a.metrics.bootTime.Observe(time.Since(booted).Seconds())
+						booted = time.Time{}
+					}
+				case !ok && (fails >= healthFall || !s.Healthy):
+					s.Healthy = false
+				}
+			})
 		}
 		select {
 		case <-ctx.Done():
