@@ -32,6 +32,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/zeitwork/zeitwork/internal/envconfig"
@@ -345,6 +346,51 @@ func (a *Agent) launch(in *instance, m vmm.Machine) {
 	a.wg.Go(func() { in.supervise(m, done) })
 }
 
+// normalize validates a create request and fills in defaults.
+func normalize(spec Spec) (Spec, error) {
+	bad := func(format string, args ...any) (Spec, error) {
+		return Spec{}, fmt.Errorf("%w: "+format, append([]any{errInvalid}, args...)...)
+	}
+	if !idPattern.MatchString(spec.ID) {
+		return bad("id must match %s", idPattern)
+	}
+	if spec.Image == "" {
+		return bad("image is required")
+	}
+	if _, err := name.ParseReference(spec.Image); err != nil {
+		return bad("image %q is not an image reference: %v", spec.Image, err)
+	}
+	if spec.Port == 0 {
+		spec.Port = 8080
+	}
+	if spec.Port < 1 || spec.Port > 65535 {
+		return bad("port must be 1-65535")
+	}
+	if spec.VCPUs == 0 {
+		spec.VCPUs = 1
+	}
+	if spec.MemoryMiB == 0 {
+		spec.MemoryMiB = 128
+	}
+	if spec.VCPUs < 1 || spec.VCPUs > 32 || spec.MemoryMiB < 96 || spec.MemoryMiB > 65536 {
+		return bad("vcpus must be 1-32 and memory_mib 96-65536")
+	}
+	if spec.HealthPath != "" && (!strings.HasPrefix(spec.HealthPath, "/") || strings.ContainsAny(spec.HealthPath, " \r\n\x00")) {
+		return bad("health_path must be an absolute URL path")
+	}
+	size := 0
+	for k, v := range spec.Env {
+		if k == "" || strings.ContainsAny(k, "=\x00") || strings.ContainsRune(v, 0) {
+			return bad("bad environment variable %q", k)
+		}
+		size += len(k) + len(v) + 1
+	}
+	if size > 256<<10 {
+		return bad("environment is larger than 256 KiB")
+	}
+	return spec, nil
+}
+
 var idPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$`)
 
 func (a *Agent) newInstance(spec Spec, dir string) *instance {
@@ -359,31 +405,9 @@ func (a *Agent) newInstance(spec Spec, dir string) *instance {
 
 // Create starts an instance; creating an existing id returns it unchanged.
 func (a *Agent) Create(spec Spec) (Status, bool, error) {
-	if !idPattern.MatchString(spec.ID) {
-		return Status{}, false, fmt.Errorf("%w: id must match %s", errInvalid, idPattern)
-	}
-	if spec.Image == "" {
-		return Status{}, false, fmt.Errorf("%w: image is required", errInvalid)
-	}
-	if spec.Port == 0 {
-		spec.Port = 8080
-	}
-	if spec.Port < 1 || spec.Port > 65535 {
-		return Status{}, false, fmt.Errorf("%w: port must be 1-65535", errInvalid)
-	}
-	if spec.VCPUs == 0 {
-		spec.VCPUs = 1
-	}
-	if spec.MemoryMiB == 0 {
-		spec.MemoryMiB = 128
-	}
-	if spec.VCPUs < 1 || spec.VCPUs > 32 || spec.MemoryMiB < 96 || spec.MemoryMiB > 65536 {
-		return Status{}, false, fmt.Errorf("%w: vcpus must be 1-32 and memory_mib 96-65536", errInvalid)
-	}
-	for k := range spec.Env {
-		if k == "" || strings.ContainsAny(k, "=\x00") {
-			return Status{}, false, fmt.Errorf("%w: bad environment variable name %q", errInvalid, k)
-		}
+	spec, err := normalize(spec)
+	if err != nil {
+		return Status{}, false, err
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
