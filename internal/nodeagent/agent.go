@@ -255,7 +255,7 @@ func accelerator(v vmm.VMM) string {
 
 func writeFileAtomic(path string, b []byte) error {
 	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o644); err != nil {
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
 		return err
 	}
 	return os.Rename(tmp, path)
@@ -521,7 +521,7 @@ func (a *Agent) List() []Status {
 	a.mu.Unlock()
 	out := make([]Status, 0, len(ins))
 	for _, in := range ins {
-		out = append(out, in.status())
+		out = append(out, in.status().Public())
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].CreatedAt.Before(out[j].CreatedAt) })
 	return out
@@ -686,7 +686,7 @@ func (a *Agent) Handler(admin http.Handler) http.Handler {
 			writeErr(w, err)
 			return
 		}
-		writeJSON(w, 200, in.status())
+		writeJSON(w, 200, in.status().Public())
 	})
 	api.HandleFunc("POST /instances/{id}/stop", func(w http.ResponseWriter, r *http.Request) {
 		st, err := a.Stop(r.PathValue("id"))
@@ -694,7 +694,7 @@ func (a *Agent) Handler(admin http.Handler) http.Handler {
 			writeErr(w, err)
 			return
 		}
-		writeJSON(w, 202, st)
+		writeJSON(w, 202, st.Public())
 	})
 	api.HandleFunc("POST /instances/{id}/start", func(w http.ResponseWriter, r *http.Request) {
 		st, err := a.Start(r.PathValue("id"))
@@ -702,7 +702,7 @@ func (a *Agent) Handler(admin http.Handler) http.Handler {
 			writeErr(w, err)
 			return
 		}
-		writeJSON(w, 202, st)
+		writeJSON(w, 202, st.Public())
 	})
 	api.HandleFunc("DELETE /instances/{id}", func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), a.cfg.StopGrace+30*time.Second)
@@ -762,7 +762,7 @@ func (a *Agent) handleCreate(w http.ResponseWriter, r *http.Request) {
 	if created {
 		code = 201
 	}
-	writeJSON(w, code, st)
+	writeJSON(w, code, st.Public())
 }
 
 func (a *Agent) handleLogs(w http.ResponseWriter, r *http.Request) {

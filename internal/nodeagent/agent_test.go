@@ -259,6 +259,12 @@ func TestNodeAgent(t *testing.T) {
 		Env: map[string]string{"PROJECT_SECRET": "s3cret", "SHADOWED": "project"}}, &st); code != 201 || st.State == "" {
 		t.Fatalf("create: %d %+v", code, st)
 	}
+	if st := f.status("i1"); st.Env != nil {
+		t.Fatalf("the API shows the project environment: %v", st.Env)
+	}
+	if fi, err := os.Stat(filepath.Join(f.cfg.WorkDir, "instances", "i1", "status.json")); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("state file holding secrets: %v %v", fi, err)
+	}
 	if code := f.do("POST", "/instances", Spec{ID: "i1", Image: f.appRef}, nil); code != 200 {
 		t.Fatalf("create again = %d, want 200 (idempotent)", code)
 	}

@@ -60,6 +60,14 @@ type Status struct {
 	StartedAt *time.Time `json:"started_at,omitempty"`
 }
 
+// Public is the instance document as the API and heartbeats show it:
+// without the project environment (secrets stay in the 0600 state file
+// the agent restarts VMs from).
+func (s Status) Public() Status {
+	s.Env = nil
+	return s
+}
+
 // LogLine is one line of app output.
 type LogLine struct {
 	Time   time.Time `json:"time"`
