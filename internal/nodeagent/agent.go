@@ -140,15 +140,17 @@ func hostMemoryMiB() int {
 
 // Agent is the running node agent.
 type Agent struct {
-	cfg       Config
-	log       *slog.Logger
-	vmm       vmm.VMM
-	kernel    *guestkernel.Kernel
-	images    *rootfs.Store
-	net       *hostnet.Manager
-	metrics   *metrics
-	client    *http.Client
-	bootSlots chan struct{}
+	cfg         Config
+	log         *slog.Logger
+	vmm         vmm.VMM
+	kernel      *guestkernel.Kernel
+	images      *rootfs.Store
+	net         *hostnet.Manager
+	metrics     *metrics
+	client      *http.Client
+	bootSlots   chan struct{}
+	dataPlane   *httputil.ReverseProxy
+	vmTransport *http.Transport
 
 	mu           sync.Mutex
 	instances    map[string]*instance
@@ -187,6 +189,7 @@ func New(ctx context.Context, cfg Config, reg prometheus.Registerer, log *slog.L
 	}
 	a := &Agent{cfg: cfg, bootSlots: make(chan struct{}, cfg.BootConcurrency), log: log.With("node_id", cfg.NodeID), instances: map[string]*instance{}, detached: make(chan struct{}), client: &http.Client{Timeout: 10 * time.Second}}
 	a.detachCtx, a.cancelDetach = context.WithCancel(context.Background())
+	a.dataPlane = a.newDataPlane()
 	if a.vmm, err = newVMM(cfg); err != nil {
 		return nil, err
 	}
@@ -818,16 +821,31 @@ func (a *Agent) proxy(w http.ResponseWriter, r *http.Request, id string) {
 		return
 	}
 	target := &url.URL{Scheme: "http", Host: net.JoinHostPort(st.IP, strconv.Itoa(st.Port))}
-	rp := &httputil.ReverseProxy{
+	a.dataPlane.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), targetKey{}, target)))
+}
+
+type targetKey struct{}
+
+// newDataPlane is the reverse proxy to the VMs, shared by all requests:
+// one transport keeps connections to each VM alive; responses stream
+// (FlushInterval -1) and upgraded connections pass through.
+func (a *Agent) newDataPlane() *httputil.ReverseProxy {
+	a.vmTransport = &http.Transport{
+		DialContext:         (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		MaxIdleConns:        1024,
+		MaxIdleConnsPerHost: 256,
+		IdleConnTimeout:     90 * time.Second,
+	}
+	return &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
-			pr.SetURL(target)
+			pr.SetURL(pr.In.Context().Value(targetKey{}).(*url.URL))
 			pr.Out.Host = pr.In.Host
 			pr.Out.Header.Del("X-Zeitwork-Instance")
 			pr.Out.Header.Del("X-Zeitwork-Token")
 			// Edge proxies set X-Forwarded-*; keep them as they are.
 			pr.Out.Header["X-Forwarded-For"] = pr.In.Header["X-Forwarded-For"]
 		},
-		Transport:     a.transport(),
+		Transport:     a.vmTransport,
 		FlushInterval: -1,
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
 			a.metrics.proxied.WithLabelValues("error").Inc()
@@ -838,24 +856,6 @@ func (a *Agent) proxy(w http.ResponseWriter, r *http.Request, id string) {
 			return nil
 		},
 	}
-	rp.ServeHTTP(w, r)
-}
-
-var (
-	transportOnce sync.Once
-	sharedTr      *http.Transport
-)
-
-func (a *Agent) transport() *http.Transport {
-	transportOnce.Do(func() {
-		sharedTr = &http.Transport{
-			DialContext:         (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
-			MaxIdleConns:        1024,
-			MaxIdleConnsPerHost: 256,
-			IdleConnTimeout:     90 * time.Second,
-		}
-	})
-	return sharedTr
 }
 
 type apiErr struct {

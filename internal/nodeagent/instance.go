@@ -418,6 +418,7 @@ func (in *instance) finish(state, reason string) {
 	}
 	if lease != nil {
 		_ = in.a.net.Release(in.st.ID)
+		in.a.vmTransport.CloseIdleConnections() // its address may go to another VM
 	}
 	_ = os.Remove(filepath.Join(in.dir, "disk.qcow2"))
 	in.update(func(s *Status) {
