@@ -19,6 +19,8 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/zeitwork/zeitwork/internal/db"
+	"github.com/zeitwork/zeitwork/internal/operator/names"
+	"github.com/zeitwork/zeitwork/internal/operator/secrets"
 	"github.com/zeitwork/zeitwork/internal/store"
 )
 
@@ -197,7 +199,7 @@ func (o *Operator) authenticate(r *http.Request) (principal, error) {
 		return principal{}, fmt.Errorf("%w: missing bearer token (Authorization: Bearer <token>)", errUnauthorized)
 	}
 	var p principal
-	err := o.pool.QueryRow(r.Context(), Q("TokenLookup"), hashToken(tok)).Scan(&p.TokenID, &p.OrgID, &p.OrgName)
+	err := o.pool.QueryRow(r.Context(), Q("TokenLookup"), secrets.HashToken(tok)).Scan(&p.TokenID, &p.OrgID, &p.OrgName)
 	if isNoRows(err) {
 		return principal{}, fmt.Errorf("%w: invalid or revoked token", errUnauthorized)
 	}
@@ -211,10 +213,10 @@ func (o *Operator) authenticate(r *http.Request) (principal, error) {
 // Bootstrap creates an organisation (if absent), an owner and a new API
 // token for it, and returns the token. `zeitwork-operator bootstrap` uses it.
 func (o *Operator) Bootstrap(ctx context.Context, org, email, tokenName string) (string, error) {
-	if err := ValidLabel(org); err != nil {
+	if err := names.ValidLabel(org); err != nil {
 		return "", err
 	}
-	tok, hash := newToken()
+	tok, hash := secrets.NewToken()
 	err := o.tx(ctx, func(tx pgx.Tx) error {
 		var orgID uuid.UUID
 		err := tx.QueryRow(ctx, Q("OrgByName"), org).Scan(&orgID)
@@ -333,7 +335,7 @@ func (o *Operator) createToken(w http.ResponseWriter, r *http.Request) error {
 	if len(req.Name) > 100 {
 		return invalid("name is longer than 100 characters")
 	}
-	tok, hash := newToken()
+	tok, hash := secrets.NewToken()
 	id := newID()
 	if _, err := o.pool.Exec(r.Context(), Q("TokenInsert"), id, who(r).OrgID, req.Name, hash); err != nil {
 		return err
@@ -389,7 +391,7 @@ func (o *Operator) project(r *http.Request) (*Project, error) {
 	if err != nil {
 		return nil, err
 	}
-	p.ProductionURL = "https://" + AliasLabel(p.Name, who(r).OrgName) + "." + o.cfg.AppsDomain
+	p.ProductionURL = "https://" + names.AliasLabel(p.Name, who(r).OrgName) + "." + o.cfg.AppsDomain
 	return &p, nil
 }
 
@@ -462,7 +464,7 @@ func (o *Operator) createProject(w http.ResponseWriter, r *http.Request) error {
 	if in.Name == nil {
 		return invalid("name is required")
 	}
-	if err := ValidLabel(*in.Name); err != nil {
+	if err := names.ValidLabel(*in.Name); err != nil {
 		return invalid("%v", err)
 	}
 	p := Project{ID: newID(), Name: *in.Name, GithubBranch: "main", Port: 8080, HealthPath: "/", MinInstancesPerRegion: 3, VCPUs: 1, MemoryMiB: 128}
@@ -478,7 +480,7 @@ func (o *Operator) createProject(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	p.CreatedAt = time.Now().UTC()
-	p.ProductionURL = "https://" + AliasLabel(p.Name, who(r).OrgName) + "." + o.cfg.AppsDomain
+	p.ProductionURL = "https://" + names.AliasLabel(p.Name, who(r).OrgName) + "." + o.cfg.AppsDomain
 	writeJSON(w, 201, p)
 	return nil
 }
@@ -491,7 +493,7 @@ func (o *Operator) listProjects(w http.ResponseWriter, r *http.Request) error {
 	out, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (Project, error) {
 		var p Project
 		err := scanProject(row, &p)
-		p.ProductionURL = "https://" + AliasLabel(p.Name, who(r).OrgName) + "." + o.cfg.AppsDomain
+		p.ProductionURL = "https://" + names.AliasLabel(p.Name, who(r).OrgName) + "." + o.cfg.AppsDomain
 		return p, err
 	})
 	if err != nil {
@@ -611,7 +613,7 @@ func (o *Operator) setEnv(w http.ResponseWriter, r *http.Request) error {
 	}
 	err = o.tx(r.Context(), func(tx pgx.Tx) error {
 		for k, v := range req.Vars {
-			nonce, ct := o.seal.seal(p.ID.String(), k, v)
+			nonce, ct := o.seal.Seal(p.ID.String(), k, v)
 			if _, err := tx.Exec(r.Context(), Q("EnvUpsert"), p.ID, k, nonce, ct); err != nil {
 				return err
 			}
@@ -659,7 +661,7 @@ func (o *Operator) projectEnv(ctx context.Context, projectID uuid.UUID) (map[str
 		if err := rows.Scan(&name, &nonce, &ct); err != nil {
 			return nil, err
 		}
-		v, err := o.seal.open(projectID.String(), name, nonce, ct)
+		v, err := o.seal.Open(projectID.String(), name, nonce, ct)
 		if err != nil {
 			return nil, err
 		}

@@ -12,6 +12,8 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
+
+	"github.com/zeitwork/zeitwork/internal/operator/names"
 )
 
 type nodeReport struct {
@@ -49,7 +51,7 @@ func (o *Operator) nodeHeartbeat(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return invalid("node id %q is not a UUID", rep.ID)
 	}
-	if err := ValidLabel(rep.Region); err != nil {
+	if err := names.ValidLabel(rep.Region); err != nil {
 		return invalid("region: %v", err)
 	}
 	if rep.Address == "" || rep.VCPUs < 1 || rep.MemoryMiB < 1 {
@@ -110,7 +112,7 @@ func (o *Operator) edgeHeartbeat(w http.ResponseWriter, r *http.Request) error {
 	if req.ID == "" || req.HTTPSAddress == "" {
 		return invalid("id and https_address are required")
 	}
-	if err := ValidLabel(req.Region); err != nil {
+	if err := names.ValidLabel(req.Region); err != nil {
 		return invalid("region: %v", err)
 	}
 	err := o.tx(r.Context(), func(tx pgx.Tx) error {
@@ -276,7 +278,7 @@ func (o *Operator) buildRoutes(ctx context.Context) (*RouteTable, error) {
 		routes = append(routes, Route{Host: host, Kind: "versioned", ProjectID: proj, DeploymentID: dep, Instances: inst[dep]})
 		if isActive {
 			active[proj] = dep
-			routes = append(routes, Route{Host: AliasLabel(pname, oname) + "." + o.cfg.AppsDomain, Kind: "production", ProjectID: proj, DeploymentID: dep, Instances: inst[dep]})
+			routes = append(routes, Route{Host: names.AliasLabel(pname, oname) + "." + o.cfg.AppsDomain, Kind: "production", ProjectID: proj, DeploymentID: dep, Instances: inst[dep]})
 		}
 	}
 	rows.Close()
@@ -342,7 +344,7 @@ func (o *Operator) routes(w http.ResponseWriter, r *http.Request) error {
 
 // EnsureRegion creates a region row (used by tests and bootstrap).
 func (o *Operator) EnsureRegion(ctx context.Context, name string) error {
-	if err := ValidLabel(name); err != nil {
+	if err := names.ValidLabel(name); err != nil {
 		return fmt.Errorf("region: %w", err)
 	}
 	_, err := o.pool.Exec(ctx, Q("RegionUpsert"), newID(), name)

@@ -14,6 +14,10 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/zeitwork/zeitwork/internal/operator/names"
+	"github.com/zeitwork/zeitwork/internal/operator/webhook"
 )
 
 // Deployment is the API's deployment document.
@@ -77,7 +81,7 @@ func (o *Operator) deployment(ctx context.Context, org principal, id string) (*D
 	}
 	d.URL = "https://" + d.Hostname
 	if !d.Preview {
-		d.ProductionURL = "https://" + AliasLabel(d.Project, org.OrgName) + "." + o.cfg.AppsDomain
+		d.ProductionURL = "https://" + names.AliasLabel(d.Project, org.OrgName) + "." + o.cfg.AppsDomain
 	}
 	d.Instances, err = o.instancesOf(ctx, d.ID)
 	if err != nil {
@@ -136,7 +140,7 @@ func (o *Operator) createDeployment(w http.ResponseWriter, r *http.Request) erro
 		return err
 	}
 	return o.idempotent(w, r, body, func() (int, any, error) {
-		id, err := o.newDeployment(r.Context(), who(r), p, req, r.Header.Get("Idempotency-Key"))
+		id, err := o.newDeployment(r.Context(), o.pool, who(r), p, req, r.Header.Get("Idempotency-Key"))
 		if err != nil {
 			return 0, nil, err
 		}
@@ -148,23 +152,11 @@ func (o *Operator) createDeployment(w http.ResponseWriter, r *http.Request) erro
 	})
 }
 
-func validSHA(s string) bool {
-	if len(s) < 7 || len(s) > 64 {
-		return false
-	}
-	for _, c := range s {
-		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
-			return false
-		}
-	}
-	return true
-}
-
 // newDeployment records a pending deployment and nudges the reconciler.
 // The same (project, commit) or idempotency key returns the existing one.
-func (o *Operator) newDeployment(ctx context.Context, org principal, p *Project, req deployRequest, idemKey string) (uuid.UUID, error) {
+func (o *Operator) newDeployment(ctx context.Context, q querier, org principal, p *Project, req deployRequest, idemKey string) (uuid.UUID, error) {
 	req.Image = strings.TrimSpace(req.Image)
-	if req.CommitSHA != "" && !validSHA(req.CommitSHA) {
+	if req.CommitSHA != "" && !webhook.ValidSHA(req.CommitSHA) {
 		return uuid.Nil, invalid("commit_sha %q is not a hex commit id", req.CommitSHA)
 	}
 	if req.Image == "" {
@@ -177,32 +169,51 @@ func (o *Operator) newDeployment(ctx context.Context, org principal, p *Project,
 	if strings.ContainsAny(req.Image, " \t\n") || len(req.Image) > 512 {
 		return uuid.Nil, invalid("image %q is not a valid reference", req.Image)
 	}
-	id := newID()
-	host := VersionedLabel(p.Name, NanoID(), org.OrgName) + "." + o.cfg.AppsDomain
 	var key any
 	if idemKey != "" {
 		key = idemKey
 	}
-	tag, err := o.pool.Exec(ctx, Q("DeploymentInsert"), id, p.ID, org.OrgID, host, req.Image, req.CommitSHA, req.Branch, req.Preview, key,
-		fmt.Sprintf("%d seconds", int(o.cfg.DeployTimeout.Seconds())))
-	if err != nil {
-		return uuid.Nil, err
-	}
-	if tag.RowsAffected() == 0 { // an existing deployment for this key or commit
-		var existing uuid.UUID
-		if idemKey != "" {
-			if err := o.pool.QueryRow(ctx, Q("DeploymentByIdempotency"), p.ID, idemKey).Scan(&existing); err == nil {
-				return existing, nil
-			}
-		}
-		if err := o.pool.QueryRow(ctx, Q("DeploymentBySHA"), p.ID, req.CommitSHA).Scan(&existing); err != nil {
+	// A fresh nanoid per attempt: a collision on the versioned hostname
+	// (1 in 36^7) just draws again.
+	for range 3 {
+		id := newID()
+		host := names.VersionedLabel(p.Name, names.NanoID(), org.OrgName) + "." + o.cfg.AppsDomain
+		tag, err := q.Exec(ctx, Q("DeploymentInsert"), id, p.ID, org.OrgID, host, req.Image, req.CommitSHA, req.Branch, req.Preview, key,
+			interval(o.cfg.DeployTimeout))
+		if err != nil {
 			return uuid.Nil, err
 		}
-		return existing, nil
+		if tag.RowsAffected() == 1 {
+			o.m.deployments.WithLabelValues("pending").Inc()
+			_, err := q.Exec(ctx, "SELECT pg_notify('zeitwork_reconcile', '')")
+			return id, err
+		}
+		// An existing deployment for this key or commit wins.
+		var existing uuid.UUID
+		if idemKey != "" {
+			err := q.QueryRow(ctx, Q("DeploymentByIdempotency"), p.ID, idemKey).Scan(&existing)
+			if err == nil {
+				return existing, nil
+			} else if !isNoRows(err) {
+				return uuid.Nil, err
+			}
+		}
+		if req.CommitSHA != "" {
+			err := q.QueryRow(ctx, Q("DeploymentBySHA"), p.ID, req.CommitSHA).Scan(&existing)
+			if err == nil {
+				return existing, nil
+			} else if !isNoRows(err) {
+				return uuid.Nil, err
+			}
+		}
 	}
-	o.m.deployments.WithLabelValues("pending").Inc()
-	o.notify(ctx, "zeitwork_reconcile")
-	return id, nil
+	return uuid.Nil, fmt.Errorf("cannot record the deployment: versioned hostname collisions")
+}
+
+// querier is what pgxpool.Pool and pgx.Tx have in common.
+type querier interface {
+	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
 }
 
 func (o *Operator) listDeployments(w http.ResponseWriter, r *http.Request) error {

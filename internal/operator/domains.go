@@ -2,12 +2,8 @@ package operator
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"fmt"
-	"net"
 	"net/http"
-	"slices"
 	"strings"
 	"time"
 
@@ -15,35 +11,26 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/zeitwork/zeitwork/internal/db"
+	"github.com/zeitwork/zeitwork/internal/operator/domains"
+	"github.com/zeitwork/zeitwork/internal/operator/names"
 )
 
 // Domain is the API's custom domain document.
 type Domain struct {
-	ID                uuid.UUID   `json:"id"`
-	ProjectID         uuid.UUID   `json:"project_id"`
-	Name              string      `json:"name"`
-	Verified          bool        `json:"verified"`
-	VerifiedAt        *time.Time  `json:"verified_at,omitempty"`
-	LastCheckedAt     *time.Time  `json:"last_checked_at,omitempty"`
-	LastError         string      `json:"last_error,omitempty"`
-	CreatedAt         time.Time   `json:"created_at"`
-	DNSRecords        []DNSRecord `json:"dns_records"`
+	ID                uuid.UUID        `json:"id"`
+	ProjectID         uuid.UUID        `json:"project_id"`
+	Name              string           `json:"name"`
+	Verified          bool             `json:"verified"`
+	VerifiedAt        *time.Time       `json:"verified_at,omitempty"`
+	LastCheckedAt     *time.Time       `json:"last_checked_at,omitempty"`
+	LastError         string           `json:"last_error,omitempty"`
+	CreatedAt         time.Time        `json:"created_at"`
+	DNSRecords        []domains.Record `json:"dns_records"`
 	verificationToken string
 }
 
-// DNSRecord is a record the customer creates (either one verifies).
-type DNSRecord struct {
-	Type  string `json:"type"`
-	Name  string `json:"name"`
-	Value string `json:"value"`
-	Note  string `json:"note"`
-}
-
-func (o *Operator) records(d *Domain) []DNSRecord {
-	return []DNSRecord{
-		{Type: "CNAME", Name: d.Name, Value: o.cfg.EdgeHostname, Note: "routes traffic to Zeitwork and verifies the domain"},
-		{Type: "TXT", Name: "_zeitwork." + d.Name, Value: d.verificationToken, Note: "verifies the domain without moving traffic yet (e.g. an apex with A records)"},
-	}
+func (o *Operator) records(d *Domain) []domains.Record {
+	return o.verify.Records(d.Name, d.verificationToken)
 }
 
 func (o *Operator) addDomain(w http.ResponseWriter, r *http.Request) error {
@@ -57,16 +44,14 @@ func (o *Operator) addDomain(w http.ResponseWriter, r *http.Request) error {
 	if err := decode(r, &req); err != nil {
 		return err
 	}
-	name, err := NormalizeDomain(req.Name)
+	name, err := names.NormalizeDomain(req.Name)
 	if err != nil {
 		return invalid("%v", err)
 	}
 	if name == o.cfg.AppsDomain || strings.HasSuffix(name, "."+o.cfg.AppsDomain) {
 		return invalid("%s is under the platform's apps domain", name)
 	}
-	var b [16]byte
-	_, _ = rand.Read(b[:])
-	d := &Domain{ID: newID(), ProjectID: p.ID, Name: name, CreatedAt: time.Now().UTC(), verificationToken: "zeitwork-verify=" + hex.EncodeToString(b[:])}
+	d := &Domain{ID: newID(), ProjectID: p.ID, Name: name, CreatedAt: time.Now().UTC(), verificationToken: domains.NewToken()}
 	_, err = o.pool.Exec(r.Context(), Q("DomainInsert"), d.ID, p.ID, who(r).OrgID, d.Name, d.verificationToken)
 	if db.IsUniqueViolation(err) {
 		return fmt.Errorf("%w: %s is already added to a project", errConflict, name)
@@ -169,31 +154,14 @@ func (o *Operator) removeDomain(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
-// checkDomain looks the domain up in DNS and records the result. A domain
-// is verified when it CNAMEs to the edge hostname, resolves only to edge
-// addresses (EDGE_IPS), or carries the TXT token.
+// checkDomain looks the domain up in DNS and records the result; a change
+// of verification bumps the route table in the same transaction.
 func (o *Operator) checkDomain(ctx context.Context, id uuid.UUID, name, token string) error {
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	ok, reason := false, ""
-	if txts, err := o.res.LookupTXT(ctx, "_zeitwork."+name); err == nil && slices.Contains(txts, token) {
-		ok = true
-	}
-	if !ok {
-		if cname, err := o.res.LookupCNAME(ctx, name); err == nil && strings.TrimSuffix(strings.ToLower(cname), ".") == o.cfg.EdgeHostname {
-			ok = true
-		} else if len(o.cfg.EdgeIPs) > 0 {
-			ips, err := o.res.LookupHost(ctx, name)
-			if err == nil && len(ips) > 0 && allIn(ips, o.cfg.EdgeIPs) {
-				ok = true
-			}
-		}
-	}
-	if !ok {
-		reason = fmt.Sprintf("no CNAME %s → %s and no TXT _zeitwork.%s with the verification token", name, o.cfg.EdgeHostname, name)
-	}
+	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	ok, reason := o.verify.Check(cctx, name, token)
+	cancel()
 	var was *time.Time
-	err := o.tx(ctx, func(tx pgx.Tx) error {
+	return o.tx(ctx, func(tx pgx.Tx) error {
 		if err := tx.QueryRow(ctx, `SELECT verified_at FROM domains WHERE id = $1 FOR UPDATE`, id).Scan(&was); err != nil {
 			return err
 		}
@@ -201,21 +169,12 @@ func (o *Operator) checkDomain(ctx context.Context, id uuid.UUID, name, token st
 			return err
 		}
 		if (was != nil) != ok {
+			o.log.Info("domain verification changed", "domain", name, "verified", ok, "reason", reason)
 			_, err := tx.Exec(ctx, Q("BumpRoutes"))
 			return err
 		}
 		return nil
 	})
-	return err
-}
-
-func allIn(ips, allowed []string) bool {
-	for _, ip := range ips {
-		if !slices.ContainsFunc(allowed, func(a string) bool { return net.ParseIP(a).Equal(net.ParseIP(ip)) }) {
-			return false
-		}
-	}
-	return true
 }
 
 // recheckDomains re-verifies domains periodically (leader only).

@@ -24,6 +24,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/zeitwork/zeitwork/internal/envconfig"
+	"github.com/zeitwork/zeitwork/internal/operator/domains"
+	"github.com/zeitwork/zeitwork/internal/operator/secrets"
 )
 
 // Config is the operator's configuration.
@@ -70,7 +72,7 @@ func LoadConfig(l *envconfig.Loader) Config {
 		c.Addr = l.Addr("LISTEN_ADDR", a)
 	}
 	if c.EncryptionKey != "" {
-		if _, err := newSealer(c.EncryptionKey); err != nil {
+		if _, err := secrets.NewSealer(c.EncryptionKey); err != nil {
 			l.Errorf("ENCRYPTION_KEY", "%v", err)
 		}
 	}
@@ -92,9 +94,9 @@ type Operator struct {
 	cfg    Config
 	pool   *pgxpool.Pool
 	log    *slog.Logger
-	seal   *sealer
+	seal   *secrets.Sealer
 	client *http.Client
-	res    *net.Resolver
+	verify *domains.Verifier
 	m      *metrics
 
 	routesMu   sync.Mutex
@@ -110,19 +112,13 @@ type metrics struct {
 
 // New builds an operator on an open, migrated pool.
 func New(cfg Config, pool *pgxpool.Pool, reg prometheus.Registerer, log *slog.Logger) (*Operator, error) {
-	s, err := newSealer(cfg.EncryptionKey)
+	s, err := secrets.NewSealer(cfg.EncryptionKey)
 	if err != nil {
 		return nil, fmt.Errorf("ENCRYPTION_KEY: %w", err)
 	}
 	o := &Operator{cfg: cfg, pool: pool, log: log, seal: s, client: &http.Client{Timeout: 15 * time.Second},
-		routesWake: make(chan struct{}), kick: make(chan struct{}, 1), res: net.DefaultResolver}
-	if cfg.DNSResolver != "" {
-		addr := cfg.DNSResolver
-		o.res = &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, network, addr)
-		}}
-	}
+		routesWake: make(chan struct{}), kick: make(chan struct{}, 1),
+		verify: domains.NewVerifier(cfg.DNSResolver, cfg.EdgeHostname, cfg.EdgeIPs)}
 	o.m = &metrics{
 		requests:    prometheus.NewCounterVec(prometheus.CounterOpts{Name: "zeitwork_operator_api_requests_total", Help: "API requests by status class."}, []string{"class"}),
 		deployments: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "zeitwork_operator_deployments_total", Help: "Deployment transitions by status."}, []string{"status"}),
@@ -275,6 +271,5 @@ func (o *Operator) tx(ctx context.Context, fn func(pgx.Tx) error) error {
 	return pgx.BeginFunc(ctx, o.pool, fn)
 }
 
-var errNoRows = pgx.ErrNoRows
 
 func isNoRows(err error) bool { return errors.Is(err, pgx.ErrNoRows) }

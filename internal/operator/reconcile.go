@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"sort"
 	"strings"
 	"time"
 
@@ -17,6 +16,8 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
+
+	"github.com/zeitwork/zeitwork/internal/operator/placement"
 )
 
 type openDeployment struct {
@@ -255,6 +256,10 @@ func (o *Operator) ensureInstances(ctx context.Context, d openDeployment) (bool,
 	if len(regions) == 0 {
 		return false, "no regions with worker nodes", nil
 	}
+	byID := map[string]*nodeCap{}
+	for _, n := range nodes {
+		byID[n.id.String()] = n
+	}
 	insts, err := o.instancesOf(ctx, d.id)
 	if err != nil {
 		return false, "", err
@@ -290,38 +295,31 @@ func (o *Operator) ensureInstances(ctx context.Context, d openDeployment) (bool,
 				}
 			}
 		}
-		for ; have < d.minPerRegion; have++ {
-			var cands []*nodeCap
-			for _, n := range nodes {
-				if n.region == r.name && n.vcpus-n.usedCPU >= d.vcpus && n.mem-n.usedMem >= d.memoryMiB {
-					cands = append(cands, n)
-				}
-			}
-			if len(cands) == 0 {
-				complete = false
-				shorts = append(shorts, fmt.Sprintf("region %s: not enough free capacity for %d instance(s) of %d vCPU / %d MiB", r.name, d.minPerRegion-have, d.vcpus, d.memoryMiB))
-				break
-			}
-			sort.Slice(cands, func(i, j int) bool {
-				a, b := cands[i], cands[j]
-				if perNode[a.id] != perNode[b.id] {
-					return perNode[a.id] < perNode[b.id] // spread over distinct nodes
-				}
-				return a.usedCPU*b.vcpus < b.usedCPU*a.vcpus // then least loaded
-			})
-			n := cands[0]
-			if env == nil {
-				if env, err = o.projectEnv(ctx, d.projectID); err != nil {
-					return false, "", err
-				}
-			}
+		if have >= d.minPerRegion {
+			continue
+		}
+		var free []*placement.Node
+		for _, n := range nodes {
+			free = append(free, &placement.Node{ID: n.id.String(), Region: n.region, FreeVCPUs: n.vcpus - n.usedCPU, FreeMemoryMiB: n.mem - n.usedMem})
+		}
+		existing := map[string]int{}
+		for id, c := range perNode {
+			existing[id.String()] = c
+		}
+		picks, short := placement.Place(free, placement.Need{Region: r.name, Count: d.minPerRegion - have, VCPUs: d.vcpus, MemoryMiB: d.memoryMiB, Existing: existing})
+		if short > 0 {
+			complete = false
+			shorts = append(shorts, fmt.Sprintf("region %s: no room for %d of %d instance(s) of %d vCPU / %d MiB on its ready nodes",
+				r.name, short, d.minPerRegion, d.vcpus, d.memoryMiB))
+		}
+		for _, pick := range picks {
+			n := byID[pick]
 			id := newID()
 			if _, err := o.pool.Exec(ctx, Q("InstanceInsert"), id, d.id, n.id, r.id, d.vcpus, d.memoryMiB); err != nil {
 				return false, "", err
 			}
 			n.usedCPU += d.vcpus
 			n.usedMem += d.memoryMiB
-			perNode[n.id]++
 			insts = append(insts, Instance{ID: id, NodeID: n.id, Region: r.name, State: "pending", Desired: "running", nodeAddress: n.address, nodeState: "ready"})
 			o.log.Info("placed instance", "deployment_id", d.id, "instance_id", id, "node_id", n.id, "region", r.name)
 		}

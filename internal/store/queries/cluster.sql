@@ -131,8 +131,10 @@ INSERT INTO webhook_deliveries (delivery_id, event) VALUES ($1, $2) ON CONFLICT 
 UPDATE webhook_deliveries SET status = $2, project_id = $3, deployment_id = $4 WHERE delivery_id = $1;
 
 -- name: ProjectsByRepo
-SELECT p.id, p.organisation_id, p.name, p.github_branch, p.image_template
-FROM projects p WHERE lower(p.github_repo) = lower($1) AND p.deleted_at IS NULL;
+SELECT p.id, p.organisation_id, p.name, p.github_branch, p.image_template, o.name
+FROM projects p JOIN organisations o ON o.id = p.organisation_id
+WHERE lower(p.github_repo) = lower($1) AND p.deleted_at IS NULL AND o.deleted_at IS NULL
+ORDER BY p.id;
 
 -- name: OrgName
 SELECT name FROM organisations WHERE id = $1;

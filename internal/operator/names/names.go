@@ -1,4 +1,7 @@
-package operator
+// Package names validates and builds the DNS names the platform hands out:
+// project and organisation labels, customer domains, and the versioned and
+// production hostnames of deployments.
+package names
 
 import (
 	"crypto/rand"
