@@ -6,8 +6,9 @@
 package lb
 
 import (
+	"encoding/binary"
 	"errors"
-	"hash/maphash"
+	"hash/fnv"
 	"net"
 	"slices"
 	"sync"
@@ -28,18 +29,25 @@ var Algorithms = []string{RoundRobin, LeastConnections, IPHash}
 type Backend struct {
 	Addr string
 
-	healthy  atomic.Bool
-	draining atomic.Bool
-	active   atomic.Int64
-	total    atomic.Uint64
-	failures atomic.Uint64
-	hashSeed uint64
+	healthy      atomic.Bool
+	draining     atomic.Bool
+	active       atomic.Int64
+	total        atomic.Uint64
+	failures     atomic.Uint64 // failed connects, ever
+	connectFails atomic.Int32  // failed connects in a row
+	hashKey      uint64
 
-	mu      sync.Mutex // guards the health-check counters below
+	mu      sync.Mutex // guards the health-check state below
 	rise    int
 	fall    int
 	lastErr string
-	ejected bool
+}
+
+// connected resets the run of failed connects after a success.
+func (b *Backend) connected() {
+	if b.connectFails.Load() != 0 {
+		b.connectFails.Store(0)
+	}
 }
 
 // Usable reports whether new connections may go to b.
@@ -52,7 +60,6 @@ func (b *Backend) Active() int64 { return b.active.Load() }
 // among them. It is safe for concurrent use.
 type Pool struct {
 	algorithm string
-	seed      maphash.Seed
 	rr        atomic.Uint64
 
 	mu       sync.RWMutex
@@ -64,7 +71,7 @@ func NewPool(algorithm string) (*Pool, error) {
 	if !slices.Contains(Algorithms, algorithm) {
 		return nil, errors.New("unknown algorithm " + algorithm)
 	}
-	return &Pool{algorithm: algorithm, seed: maphash.MakeSeed()}, nil
+	return &Pool{algorithm: algorithm}, nil
 }
 
 // Algorithm returns the pool's algorithm.
@@ -91,9 +98,22 @@ func (p *Pool) Set(addrs []string) {
 			next = append(next, b)
 			continue
 		}
-		b := &Backend{Addr: a, hashSeed: maphash.String(p.seed, a)}
+		b := &Backend{Addr: a}
 		b.healthy.Store(true)
 		next = append(next, b)
+	}
+	// IP-hash keys: the host alone, so that a client maps to the same
+	// host on every listener; the whole address where hosts repeat.
+	hosts := map[string]int{}
+	for _, b := range next {
+		hosts[hostOf(b.Addr)]++
+	}
+	for _, b := range next {
+		if h := hostOf(b.Addr); hosts[h] == 1 {
+			b.hashKey = strKey(h)
+		} else {
+			b.hashKey = strKey(b.Addr)
+		}
 	}
 	slices.SortFunc(next, func(a, b *Backend) int {
 		if a.Addr < b.Addr {
@@ -139,19 +159,18 @@ func (p *Pool) Pick(client net.IP, tried []*Backend) *Backend {
 	case IPHash:
 		// Rendezvous (highest random weight) hashing on the client IP only:
 		// removing one of N backends moves only the clients it had (~1/N),
-		// and adding one takes ~1/(N+1) from the others.
+		// and adding one takes ~1/(N+1) from the others. The hash has no
+		// per-process seed, so every balancer of a region (and every
+		// listener: the backend's port is not hashed) sends a client to
+		// the same edge proxy.
+		ip := ipKey(client)
 		var best *Backend
 		var bestW uint64
-		key := client.To16()
 		for _, b := range p.backends {
 			if !usable(b) {
 				continue
 			}
-			var h maphash.Hash
-			h.SetSeed(p.seed)
-			h.Write(key)
-			w := mix(h.Sum64() ^ b.hashSeed)
-			if best == nil || w > bestW {
+			if w := mix(ip ^ b.hashKey); best == nil || w > bestW {
 				best, bestW = b, w
 			}
 		}
@@ -181,6 +200,29 @@ func (p *Pool) Pick(client net.IP, tried []*Backend) *Backend {
 		}
 		return ok[p.rr.Add(1)%uint64(len(ok))]
 	}
+}
+
+// ipKey hashes an IPv4 or IPv6 address (IPv4-mapped IPv6 equals IPv4).
+func ipKey(ip net.IP) uint64 {
+	b := ip.To16()
+	if b == nil {
+		return 0
+	}
+	return mix(mix(binary.BigEndian.Uint64(b[:8])) ^ binary.BigEndian.Uint64(b[8:]))
+}
+
+func hostOf(addr string) string {
+	if host, _, err := net.SplitHostPort(addr); err == nil {
+		return host
+	}
+	return addr
+}
+
+// strKey hashes s (FNV-1a, then mix).
+func strKey(s string) uint64 {
+	h := fnv.New64a()
+	_, _ = h.Write([]byte(s))
+	return mix(h.Sum64())
 }
 
 // mix is the splitmix64 finaliser, so nearby hashes spread evenly.

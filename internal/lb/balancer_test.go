@@ -3,6 +3,7 @@ package lb
 import (
 	"fmt"
 	"net"
+	"strings"
 	"testing"
 )
 
@@ -133,9 +134,20 @@ func TestIPHashStickyAndMinimalMovement(t *testing.T) {
 	if moved < clients/5*6/10 || moved > clients/5*14/10 {
 		t.Fatalf("%d of %d clients moved to the new backend; want about 1/5", moved, clients)
 	}
-	// The port must not matter: same IP → same backend.
-	if p.Pick(net.IPv4(9, 9, 9, 9), nil) != p.Pick(net.IPv4(9, 9, 9, 9), nil) {
-		t.Fatal("same client IP picked different backends")
+	// The mapping has no per-process seed: a second pool (another
+	// balancer of the region, or another listener with another target
+	// port) sends every client to the same host.
+	other := pool(t, IPHash, 5)
+	var ports []string
+	for _, b := range other.Backends() {
+		ports = append(ports, strings.Replace(b.Addr, ":443", ":8083", 1))
+	}
+	other.Set(ports)
+	for ip := range before {
+		a, b := p.Pick(net.ParseIP(ip), nil).Addr, other.Pick(net.ParseIP(ip), nil).Addr
+		if hostOf(a) != hostOf(b) {
+			t.Fatalf("client %s: %s on one pool, %s on another", ip, a, b)
+		}
 	}
 }
 

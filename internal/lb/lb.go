@@ -9,6 +9,7 @@ import (
 	"net"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -38,15 +39,17 @@ type LB struct {
 	cfg     Config
 	log     *slog.Logger
 	pools   []*Pool // one per listener
-	lns     []net.Listener
+	lns     []*net.TCPListener
 	metrics *metrics
-	sem     chan struct{}
-	dialer  net.Dialer
+	slots   chan struct{} // one per open client connection (MaxConns)
+	dialer  *net.Dialer
 
 	mu    sync.Mutex
-	hosts []string
-	conns map[net.Conn]struct{}
-	wg    sync.WaitGroup // connection handlers
+	conns map[*net.TCPConn]struct{} // open sockets, closed when the drain times out
+	wg    sync.WaitGroup            // connection handlers
+
+	gaugeMu sync.Mutex
+	gauged  map[[2]string]bool // listener, backend pairs with published gauges
 }
 
 // New creates the balancer and binds its listeners.
@@ -57,16 +60,24 @@ func New(cfg Config, reg prometheus.Registerer, log *slog.Logger) (*LB, error) {
 	if cfg.MaxConns == 0 {
 		cfg.MaxConns = 20000
 	}
-	l := &LB{cfg: cfg, log: log, dialer: net.Dialer{Timeout: cfg.ConnectTimeout, KeepAlive: 30 * time.Second}, metrics: newMetrics(reg), sem: make(chan struct{}, cfg.MaxConns), conns: map[net.Conn]struct{}{}}
+	if cfg.ProxyProtocol == "" {
+		cfg.ProxyProtocol = "v2"
+	}
+	if cfg.ProxyProtocol != "v2" && cfg.ProxyProtocol != "v1" && cfg.ProxyProtocol != "off" {
+		return nil, fmt.Errorf("unknown PROXY protocol version %q", cfg.ProxyProtocol)
+	}
+	cfg.Health.defaults()
+	l := &LB{
+		cfg: cfg, log: log, dialer: newDialer(cfg.ConnectTimeout), metrics: newMetrics(reg),
+		slots: make(chan struct{}, cfg.MaxConns), conns: map[*net.TCPConn]struct{}{},
+	}
 	for _, ls := range cfg.Listeners {
 		p, err := NewPool(cfg.Algorithm)
 		if err != nil {
+			l.closeListeners()
 			return nil, err
 		}
-		// TCP keepalive on both sides (Go enables it on accepted and
-		// dialed connections; the period is set here once).
-		lc := net.ListenConfig{KeepAlive: 30 * time.Second}
-		ln, err := lc.Listen(context.Background(), "tcp", ls.Addr)
+		ln, err := listen(context.Background(), ls.Addr)
 		if err != nil {
 			l.closeListeners()
 			return nil, fmt.Errorf("cannot listen on %s: %w", ls.Addr, err)
@@ -86,13 +97,10 @@ func (l *LB) Addrs() []net.Addr {
 	return out
 }
 
-// SetBackends sets the backend hosts (host or host:port-less addresses);
-// each listener forwards to host:TargetPort. An entry that already has a
-// port is used as-is by the first listener and with TargetPort by others.
+// SetBackends sets the backend hosts. A bare host is used with each
+// listener's TargetPort; a host:port is used as-is by the first listener
+// and with TargetPort by the others.
 func (l *LB) SetBackends(hosts []string) {
-	l.mu.Lock()
-	l.hosts = append([]string(nil), hosts...)
-	l.mu.Unlock()
 	for i, ls := range l.cfg.Listeners {
 		addrs := make([]string, 0, len(hosts))
 		for _, h := range hosts {
@@ -107,6 +115,7 @@ func (l *LB) SetBackends(hosts []string) {
 		}
 		l.pools[i].Set(addrs)
 	}
+	l.updateGauges()
 }
 
 // Pools returns the listeners' pools, in Config.Listeners order.
@@ -119,26 +128,30 @@ func (l *LB) Run(ctx context.Context) error {
 	var wg sync.WaitGroup
 	hctx, cancelHealth := context.WithCancel(context.Background())
 	wg.Go(func() { l.runHealth(hctx) })
+	stop := make(chan struct{})
 	errc := make(chan error, len(l.lns))
 	for i, ln := range l.lns {
-		wg.Go(func() { errc <- l.accept(ln, l.pools[i]) })
+		wg.Go(func() { errc <- l.accept(ln, l.pools[i], stop) })
 	}
 	var err error
 	select {
 	case <-ctx.Done():
 	case err = <-errc:
 	}
+	close(stop)
 	l.closeListeners()
-	l.log.Info("draining", "open_sockets", l.openConns(), "timeout", l.cfg.DrainTimeout.String())
+	l.log.Info("draining", "open_sockets", l.openSockets(), "timeout", l.cfg.DrainTimeout.String())
 	drained := make(chan struct{})
 	go func() { l.wg.Wait(); close(drained) }()
+	timer := time.NewTimer(l.cfg.DrainTimeout)
 	select {
 	case <-drained:
-	case <-time.After(l.cfg.DrainTimeout):
-		l.log.Warn("drain timeout reached; closing connections", "open_sockets", l.openConns())
+		timer.Stop()
+	case <-timer.C:
+		l.log.Warn("drain timeout reached; closing connections", "open_sockets", l.openSockets())
 		l.mu.Lock()
 		for c := range l.conns {
-			c.Close()
+			_ = c.Close()
 		}
 		l.mu.Unlock()
 		<-drained
@@ -150,127 +163,161 @@ func (l *LB) Run(ctx context.Context) error {
 
 func (l *LB) closeListeners() {
 	for _, ln := range l.lns {
-		ln.Close()
+		_ = ln.Close()
 	}
 }
 
-func (l *LB) openConns() int {
+func (l *LB) openSockets() int {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return len(l.conns)
 }
 
-func (l *LB) track(c net.Conn, add bool) {
+func (l *LB) track(c *net.TCPConn) {
 	l.mu.Lock()
-	if add {
-		l.conns[c] = struct{}{}
-	} else {
-		delete(l.conns, c)
-	}
+	l.conns[c] = struct{}{}
 	l.mu.Unlock()
 }
 
-func (l *LB) accept(ln net.Listener, pool *Pool) error {
+func (l *LB) untrack(c *net.TCPConn) {
+	l.mu.Lock()
+	delete(l.conns, c)
+	l.mu.Unlock()
+}
+
+// accept takes a connection slot before each Accept, so that at MaxConns
+// new clients wait in the kernel's backlog (as with HAProxy's maxconn)
+// instead of being accepted and dropped.
+func (l *LB) accept(ln *net.TCPListener, pool *Pool, stop <-chan struct{}) error {
 	var backoff time.Duration
 	for {
-		c, err := ln.Accept()
+		select {
+		case l.slots <- struct{}{}:
+		case <-stop:
+			return nil
+		}
+		c, err := ln.AcceptTCP()
 		if err != nil {
+			<-l.slots
 			if errors.Is(err, net.ErrClosed) {
 				return nil
 			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, errTooManyFiles) {
-				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-				l.log.Warn("accept failed; backing off", "err", err, "backoff", backoff.String())
-				time.Sleep(backoff)
-				continue
+			// Out of file descriptors or a transient error: back off
+			// instead of spinning, as net/http does.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			l.metrics.errAccept.Inc()
+			l.log.Warn("accept failed; backing off", "err", err, "backoff", backoff.String())
+			select {
+			case <-time.After(backoff):
+			case <-stop:
+				return nil
 			}
-			return fmt.Errorf("accept on %s: %w", ln.Addr(), err)
+			continue
 		}
 		backoff = 0
 		l.metrics.accepted.Inc()
-		select {
-		case l.sem <- struct{}{}:
-		default:
-			l.metrics.errors.WithLabelValues("max_conns").Inc()
-			c.Close()
-			continue
-		}
 		l.wg.Add(1)
 		go func() {
 			defer l.wg.Done()
-			defer func() { <-l.sem }()
-			l.handle(c.(*net.TCPConn), pool)
+			defer func() { <-l.slots }()
+			l.handle(c, pool)
 		}()
 	}
 }
 
 // handle relays one client connection.
 func (l *LB) handle(client *net.TCPConn, pool *Pool) {
-	defer client.Close()
-	l.track(client, true)
-	defer l.track(client, false)
-	caddr := client.RemoteAddr().(*net.TCPAddr)
-
-	var tried []*Backend
-	var upstream *net.TCPConn
-	var b *Backend
-	for attempt := 0; attempt < 3; attempt++ {
-		b = pool.Pick(caddr.IP, tried)
-		if b == nil {
-			break
-		}
-		tried = append(tried, b)
-		c, err := l.dialer.Dial("tcp", b.Addr)
-		if err != nil {
-			l.metrics.errors.WithLabelValues("connect").Inc()
-			l.passiveFailure(b, err)
-			continue
-		}
-		upstream = c.(*net.TCPConn)
-		break
-	}
-	if upstream == nil {
-		l.metrics.errors.WithLabelValues("no_backend").Inc()
+	l.track(client)
+	defer func() {
+		l.untrack(client)
+		_ = client.Close()
+	}()
+	caddr, _ := client.RemoteAddr().(*net.TCPAddr)
+	if caddr == nil {
 		return
 	}
-	defer upstream.Close()
-	l.track(upstream, true)
-	defer l.track(upstream, false)
+	upstream, b := l.connect(pool, caddr.IP)
+	if upstream == nil {
+		l.metrics.errNoBackend.Inc()
+		return
+	}
+	l.track(upstream)
+	defer func() {
+		l.untrack(upstream)
+		_ = upstream.Close()
+	}()
 	b.active.Add(1)
 	b.total.Add(1)
 	l.metrics.active.Inc()
-	defer func() { b.active.Add(-1); l.metrics.active.Dec() }()
+	defer func() {
+		b.active.Add(-1)
+		l.metrics.active.Dec()
+	}()
 
-	switch l.cfg.ProxyProtocol {
-	case "v2":
-		dst := client.LocalAddr().(*net.TCPAddr)
-		if _, err := upstream.Write(proxyproto.AppendV2(make([]byte, 0, 52), caddr, dst)); err != nil {
-			l.metrics.errors.WithLabelValues("proxy_header").Inc()
-			return
+	if l.cfg.ProxyProtocol != "off" {
+		h := proxyproto.Header{Version: 2, Command: proxyproto.Proxy, Source: caddr, Destination: client.LocalAddr().(*net.TCPAddr)}
+		if l.cfg.ProxyProtocol == "v1" {
+			h.Version = 1
 		}
-	case "v1":
-		h := proxyproto.Header{Version: 1, Command: proxyproto.Proxy, Source: caddr, Destination: client.LocalAddr().(*net.TCPAddr)}
 		if _, err := upstream.Write(h.Format()); err != nil {
-			l.metrics.errors.WithLabelValues("proxy_header").Inc()
+			l.metrics.errProxyHeader.Inc()
 			return
 		}
 	}
+	up, down := relay(client, upstream)
+	l.metrics.bytesIn.Add(float64(up))
+	l.metrics.bytesOut.Add(float64(down))
+}
 
-	// Relay both directions; io.Copy between TCP connections uses splice(2),
-	// so payload bytes never enter Go. Each side half-closes the other when
-	// its source reaches EOF.
+// connect dials a backend chosen by the pool, trying up to three
+// different backends when a connect fails.
+func (l *LB) connect(pool *Pool, client net.IP) (*net.TCPConn, *Backend) {
+	var tried [3]*Backend
+	for attempt := range len(tried) {
+		b := pool.Pick(client, tried[:attempt])
+		if b == nil {
+			return nil, nil
+		}
+		tried[attempt] = b
+		c, err := l.dialer.Dial("tcp", b.Addr)
+		if err != nil {
+			l.metrics.errConnect.Inc()
+			l.passiveFailure(b, err)
+			continue
+		}
+		b.connected()
+		return c.(*net.TCPConn), b
+	}
+	return nil, nil
+}
+
+// relay copies both directions until both have ended and returns the bytes
+// sent upstream and downstream. io.Copy between two *net.TCPConn uses
+// splice(2) through a pipe, so payload bytes are never copied into Go
+// memory.
+//
+// A direction that reaches EOF half-closes its destination (shutdown
+// SHUT_WR) and the other direction keeps flowing, so a client that sends
+// its request and then shuts down its side still gets the whole answer.
+// The second direction to end needs no shutdown: both sockets are closed
+// right after. A direction that fails (reset, timeout) closes both sockets,
+// which ends the other one at once.
+func relay(client, upstream *net.TCPConn) (up, down int64) {
+	var ended atomic.Int32
+	pipe := func(dst, src *net.TCPConn) int64 {
+		n, err := io.Copy(dst, src)
+		if err != nil {
+			_ = client.Close()
+			_ = upstream.Close()
+		} else if ended.Add(1) == 1 {
+			_ = dst.CloseWrite()
+		}
+		return n
+	}
 	done := make(chan int64, 1)
-	go func() {
-		n, _ := io.Copy(upstream, client)
-		_ = upstream.CloseWrite()
-		done <- n
-	}()
-	down, _ := io.Copy(client, upstream)
-	_ = client.CloseWrite()
-	up := <-done
-	l.metrics.bytes.WithLabelValues("in").Add(float64(up))
-	l.metrics.bytes.WithLabelValues("out").Add(float64(down))
+	go func() { done <- pipe(upstream, client) }()
+	down = pipe(client, upstream)
+	return <-done, down
 }
 
 // Drain stops sending new connections to backends matching addr (host or

@@ -110,7 +110,9 @@ func AppendV2(b []byte, src, dst *net.TCPAddr) []byte {
 }
 
 // Read parses a v1 or v2 header from r. It returns ErrNoHeader, without
-// consuming anything, when the stream does not start with one.
+// consuming anything, when the stream does not start with one. It decides
+// as soon as the bytes received so far cannot start a header, so a client
+// whose first message is shorter than a signature is not kept waiting.
 func Read(r *bufio.Reader) (*Header, error) {
 	first, err := r.Peek(1)
 	if err != nil {
@@ -118,19 +120,38 @@ func Read(r *bufio.Reader) (*Header, error) {
 	}
 	switch first[0] {
 	case 'P':
-		p, err := r.Peek(6)
-		if err != nil || string(p) != "PROXY " {
-			return nil, ErrNoHeader
+		if err := expect(r, v1Prefix); err != nil {
+			return nil, err
 		}
 		return readV1(r)
 	case '\r':
-		p, err := r.Peek(len(v2Signature))
-		if err != nil || !bytes.Equal(p, v2Signature) {
-			return nil, ErrNoHeader
+		if err := expect(r, v2Signature); err != nil {
+			return nil, err
 		}
 		return readV2(r)
 	}
 	return nil, ErrNoHeader
+}
+
+var v1Prefix = []byte("PROXY ")
+
+// expect waits until r's buffered bytes either start with sig (nil) or
+// cannot (ErrNoHeader). It consumes nothing.
+func expect(r *bufio.Reader, sig []byte) error {
+	n := max(r.Buffered(), 1)
+	for {
+		p, err := r.Peek(min(n, len(sig)))
+		if !bytes.HasPrefix(sig, p) {
+			return ErrNoHeader
+		}
+		if len(p) == len(sig) {
+			return nil
+		}
+		if err != nil {
+			return ErrNoHeader // EOF or timeout inside the signature: plain data
+		}
+		n = max(r.Buffered(), len(p)) + 1
+	}
 }
 
 func readV1(r *bufio.Reader) (*Header, error) {
