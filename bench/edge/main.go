@@ -101,7 +101,7 @@ func run() error {
 	z := pinned("1", edgeBin)
 	z.Env = append(os.Environ(), "GOMAXPROCS=1", "HTTPS_ADDR=127.0.0.1:19211", "HTTP_ADDR=127.0.0.1:19212", "SSL_CERT_PATH="+ca.WildcardCert,
 		"SSL_KEY_PATH="+ca.WildcardKey, "APPS_DOMAIN=zeitwork.test", "OPERATOR_URL=http://"+opLn.Addr().String(), "CLUSTER_TOKEN=bench",
-		"RATE_LIMIT_RPS=100000000", "RATE_LIMIT_BURST=100000000", "ACCESS_LOG=false", "LOG_LEVEL=error", "STATE_DIR="+filepath.Join(dir, "edge"))
+		"RATE_LIMIT_RPS=10000000", "RATE_LIMIT_BURST=1000000", "ACCESS_LOG=false", "LOG_LEVEL=error", "STATE_DIR="+filepath.Join(dir, "edge"))
 	r, err := measure("zeitwork", z, "127.0.0.1:19212", "127.0.0.1:19211")
 	if err != nil {
 		return err
@@ -135,7 +135,6 @@ http {
 	admin off
 	auto_https off
 	default_sni %[1]s
-	log { level ERROR }
 }
 https://%[1]s:19231 {
 	tls %[2]s %[3]s
@@ -193,14 +192,16 @@ func measure(name string, cmd *exec.Cmd, httpAddr, httpsAddr string) (result, er
 		req, _ := http.NewRequest("GET", "http://"+httpAddr+"/", nil)
 		req.Host = host
 		resp, err := http.DefaultClient.Do(req)
+		status := 0
 		if err == nil {
 			resp.Body.Close()
+			status = resp.StatusCode
 			if resp.StatusCode == 200 {
 				break
 			}
 		}
 		if i > 100 {
-			return result{}, fmt.Errorf("%s does not proxy: %v", name, err)
+			return result{}, fmt.Errorf("%s does not proxy: status %d, %v", name, status, err)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
