@@ -125,7 +125,11 @@ func (d *DNS) SetA(name, ip string) { d.mu.Lock(); d.a[fqdn(name)] = ip; d.mu.Un
 func (d *DNS) SetTXT(name string, v ...string) { d.mu.Lock(); d.txt[fqdn(name)] = v; d.mu.Unlock() }
 
 // SetCNAME answers name with a CNAME to target.
-func (d *DNS) SetCNAME(name, target string) { d.mu.Lock(); d.cn[fqdn(name)] = fqdn(target); d.mu.Unlock() }
+func (d *DNS) SetCNAME(name, target string) {
+	d.mu.Lock()
+	d.cn[fqdn(name)] = fqdn(target)
+	d.mu.Unlock()
+}
 
 func (d *DNS) serve(w dns.ResponseWriter, r *dns.Msg) {
 	m := new(dns.Msg)
