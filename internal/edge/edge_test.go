@@ -63,7 +63,7 @@ func fakeNode(t *testing.T, name string) *httptest.Server {
 	})
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Header.Get("X-Zeitwork-Token") != token {
-			http.Error(w, "bad token", 401)
+			http.Error(w, "bad token", http.StatusUnauthorized)
 			return
 		}
 		mux.ServeHTTP(w, r)
@@ -83,11 +83,11 @@ func newFakeOperator(t *testing.T) *fakeOperator {
 	f.up.Store(true)
 	f.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if !f.up.Load() {
-			http.Error(w, "down", 503)
+			http.Error(w, "down", http.StatusServiceUnavailable)
 			return
 		}
 		if r.Header.Get("Authorization") != "Bearer "+token {
-			http.Error(w, "no", 401)
+			http.Error(w, "no", http.StatusUnauthorized)
 			return
 		}
 		if r.URL.Path == "/api/v1/routes" {

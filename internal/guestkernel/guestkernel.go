@@ -113,17 +113,14 @@ func ensurePackage(ctx context.Context, dir string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	cmd := exec.CommandContext(ctx, "apt-get", "download", "-q", pkg)
-	cmd.Dir = tmp
-	if out, err := cmd.CombinedOutput(); err != nil {
+	if _, err := run(ctx, tmp, "apt-get", "download", "-q", pkg); err != nil {
 		// The package lists may be missing on a fresh machine.
-		if upd, uerr := exec.CommandContext(ctx, "apt-get", "update", "-q").CombinedOutput(); uerr != nil {
+		if upd, uerr := run(ctx, tmp, "apt-get", "update", "-q"); uerr != nil {
 			return "", fmt.Errorf("apt-get update: %v: %s", uerr, tailOf(upd))
 		}
-		if out, err = cmd2(ctx, tmp, "apt-get", "download", "-q", pkg); err != nil {
+		if out, err := run(ctx, tmp, "apt-get", "download", "-q", pkg); err != nil {
 			return "", fmt.Errorf("apt-get download %s: %v: %s", pkg, err, tailOf(out))
 		}
-		_ = out
 	}
 	debs, _ := filepath.Glob(filepath.Join(tmp, "*.deb"))
 	if len(debs) != 1 {
@@ -165,7 +162,7 @@ func ensurePackage(ctx context.Context, dir string) (string, error) {
 	return final, nil
 }
 
-func cmd2(ctx context.Context, dir string, name string, args ...string) ([]byte, error) {
+func run(ctx context.Context, dir string, name string, args ...string) ([]byte, error) {
 	c := exec.CommandContext(ctx, name, args...)
 	c.Dir = dir
 	return c.CombinedOutput()
