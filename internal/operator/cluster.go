@@ -70,11 +70,13 @@ func (o *Operator) nodeHeartbeat(w http.ResponseWriter, r *http.Request) error {
 		if inserted {
 			changed = true
 		}
+		reported := make([]uuid.UUID, 0, len(rep.Instances))
 		for _, in := range rep.Instances {
 			iid, err := uuid.Parse(in.ID)
 			if err != nil {
 				continue
 			}
+			reported = append(reported, iid)
 			var dep uuid.UUID
 			err = tx.QueryRow(r.Context(), Q("InstanceReport"), iid, in.State, in.Healthy, in.IP, in.Restarts, in.Error, nodeID).Scan(&dep)
 			if err == nil {
@@ -82,6 +84,14 @@ func (o *Operator) nodeHeartbeat(w http.ResponseWriter, r *http.Request) error {
 			} else if !isNoRows(err) {
 				return err
 			}
+		}
+		lost, err := tx.Exec(r.Context(), Q("InstancesLostByNode"), nodeID, reported)
+		if err != nil {
+			return err
+		}
+		if lost.RowsAffected() > 0 {
+			o.log.Warn("node no longer reports instances it ran; recreating them", "node_id", nodeID, "count", lost.RowsAffected())
+			changed = true
 		}
 		if changed {
 			_, err := tx.Exec(r.Context(), Q("BumpRoutes"))

@@ -44,6 +44,7 @@ type Config struct {
 	NodeDownAfter      time.Duration
 	ReconcileEvery     time.Duration
 	DomainRecheck      time.Duration
+	OrphanScanEvery    time.Duration
 	InsecureRegistries []string
 	Drain              time.Duration
 }
@@ -65,6 +66,7 @@ func LoadConfig(l *envconfig.Loader) Config {
 		NodeDownAfter:      l.Duration("NODE_DOWN_AFTER", 30*time.Second),
 		ReconcileEvery:     l.Duration("RECONCILE_INTERVAL", 2*time.Second),
 		DomainRecheck:      l.Duration("DOMAIN_RECHECK_INTERVAL", time.Hour),
+		OrphanScanEvery:    l.Duration("ORPHAN_SCAN_INTERVAL", time.Minute),
 		InsecureRegistries: l.List("INSECURE_REGISTRIES", nil),
 		Drain:              l.Duration("DRAIN_TIMEOUT", 20*time.Second),
 	}
@@ -102,6 +104,8 @@ type Operator struct {
 	routesMu   sync.Mutex
 	routesWake chan struct{} // closed and replaced on every routes notification
 	kick       chan struct{} // wakes the reconciler
+
+	lastOrphanScan time.Time // leader loop only
 }
 
 type metrics struct {
@@ -270,6 +274,5 @@ func newID() uuid.UUID { return uuid.Must(uuid.NewV7()) }
 func (o *Operator) tx(ctx context.Context, fn func(pgx.Tx) error) error {
 	return pgx.BeginFunc(ctx, o.pool, fn)
 }
-
 
 func isNoRows(err error) bool { return errors.Is(err, pgx.ErrNoRows) }

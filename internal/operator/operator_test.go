@@ -24,6 +24,7 @@ import (
 	"github.com/google/uuid"
 
 	ib "github.com/zeitwork/zeitwork/internal/imagebuild"
+	"github.com/zeitwork/zeitwork/internal/operator/domains/dnstest"
 	"github.com/zeitwork/zeitwork/internal/pgtest"
 )
 
@@ -62,6 +63,25 @@ func newFakeAgent(t *testing.T, region, op string, bad func(string) bool) *fakeA
 		a.mu.Unlock()
 		w.WriteHeader(201)
 	})
+	mux.HandleFunc("GET /instances", func(w http.ResponseWriter, r *http.Request) {
+		a.mu.Lock()
+		list := []agentInstance{}
+		for _, in := range a.insts {
+			list = append(list, *in)
+		}
+		a.mu.Unlock()
+		_ = json.NewEncoder(w).Encode(list)
+	})
+	mux.HandleFunc("GET /instances/{id}/logs", func(w http.ResponseWriter, r *http.Request) {
+		a.mu.Lock()
+		_, ok := a.insts[r.PathValue("id")]
+		a.mu.Unlock()
+		if !ok {
+			w.WriteHeader(404)
+			return
+		}
+		fmt.Fprintf(w, "{\"time\":%q,\"stream\":\"stdout\",\"line\":\"hello from %s\"}\n", time.Now().UTC().Format(time.RFC3339Nano), r.PathValue("id"))
+	})
 	mux.HandleFunc("DELETE /instances/{id}", func(w http.ResponseWriter, r *http.Request) {
 		a.mu.Lock()
 		delete(a.insts, r.PathValue("id"))
@@ -92,6 +112,33 @@ func (a *fakeAgent) heartbeat() {
 	}
 }
 
+// forget drops an instance as if the agent had lost its state.
+func (a *fakeAgent) forget(id string) {
+	a.mu.Lock()
+	delete(a.insts, id)
+	a.mu.Unlock()
+}
+
+// adopt runs an instance nobody asked for (an orphan).
+func (a *fakeAgent) adopt(id string) {
+	a.mu.Lock()
+	a.insts[id] = &agentInstance{ID: id, State: "running", Healthy: true}
+	a.mu.Unlock()
+}
+
+func (a *fakeAgent) has(id string) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	_, ok := a.insts[id]
+	return ok
+}
+
+func (a *fakeAgent) createsOf(id string) int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.creates[id]
+}
+
 func (a *fakeAgent) count() int {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -105,18 +152,20 @@ type env struct {
 	agents []*fakeAgent
 	reg    string
 	images map[string]string
-	poolDB string
+	cfg    Config
+	dns    *dnstest.Server
 }
 
 func testConfig(dbURL string) Config {
 	return Config{DatabaseURL: dbURL, ClusterToken: clusterToken, EncryptionKey: "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
-		WebhookSecret: "whsec", AppsDomain: "zeitwork.test", EdgeHostname: "edge.zeitwork.test", DeployTimeout: 4 * time.Second,
-		Retention: time.Hour, NodeDownAfter: 2 * time.Second, ReconcileEvery: 200 * time.Millisecond, DomainRecheck: time.Hour}
+		WebhookSecret: "whsec", AppsDomain: "zeitwork.test", EdgeHostname: "edge.zeitwork.test", DeployTimeout: 10 * time.Second,
+		Retention: time.Hour, NodeDownAfter: 2 * time.Second, ReconcileEvery: 200 * time.Millisecond, DomainRecheck: time.Hour,
+		OrphanScanEvery: 300 * time.Millisecond}
 }
 
-func startOperator(t *testing.T, dbURL string) (*Operator, string) {
-	pool := pgtestPool(t, dbURL)
-	op, err := New(testConfig(dbURL), pool, nil, slog.New(slog.NewTextHandler(io.Discard, nil)))
+func startOperator(t *testing.T, cfg Config) (*Operator, string) {
+	pool := pgtestPool(t, cfg.DatabaseURL)
+	op, err := New(cfg, pool, nil, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -128,10 +177,15 @@ func startOperator(t *testing.T, dbURL string) (*Operator, string) {
 	return op, srv.URL
 }
 
-func newEnv(t *testing.T) *env {
+func newEnv(t *testing.T, configure ...func(*Config)) *env {
 	dbURL := pgtest.URL(t)
-	e := &env{t: t, images: map[string]string{}, poolDB: dbURL}
-	op, url := startOperator(t, dbURL)
+	e := &env{t: t, images: map[string]string{}, dns: dnstest.Start(t)}
+	e.cfg = testConfig(dbURL)
+	e.cfg.DNSResolver = e.dns.Addr
+	for _, f := range configure {
+		f(&e.cfg)
+	}
+	op, url := startOperator(t, e.cfg)
 	e.ops, e.url = []*Operator{op}, url
 	reg := httptest.NewServer(registry.New(registry.Logger(log.New(io.Discard, "", 0))))
 	t.Cleanup(reg.Close)
@@ -215,6 +269,59 @@ func (e *env) waitDeployment(tok, id string, want ...string) Deployment {
 	}
 }
 
+// eventually polls cond for up to a minute.
+func (e *env) eventually(what string, cond func() bool) {
+	e.t.Helper()
+	for deadline := time.Now().Add(60 * time.Second); !cond(); time.Sleep(100 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			e.t.Fatalf("timed out waiting: %s", what)
+		}
+	}
+}
+
+func (e *env) agentOf(nodeID uuid.UUID) *fakeAgent {
+	for _, a := range e.agents {
+		if a.id == nodeID.String() {
+			return a
+		}
+	}
+	e.t.Fatalf("no agent %s", nodeID)
+	return nil
+}
+
+func (e *env) instanceRows(dep uuid.UUID) int {
+	var n int
+	if err := e.ops[0].pool.QueryRow(e.t.Context(), "SELECT count(*) FROM instances WHERE deployment_id = $1", dep).Scan(&n); err != nil {
+		e.t.Fatal(err)
+	}
+	return n
+}
+
+func (e *env) logs(tok string, dep uuid.UUID) []map[string]any {
+	e.t.Helper()
+	req, _ := http.NewRequest("GET", e.url+"/api/v1/deployments/"+dep.String()+"/logs", nil)
+	req.Header.Set("Authorization", "Bearer "+tok)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if ct := resp.Header.Get("Content-Type"); resp.StatusCode != 200 || ct != "application/x-ndjson" {
+		e.t.Fatalf("logs: %d %s", resp.StatusCode, ct)
+	}
+	var out []map[string]any
+	dec := json.NewDecoder(resp.Body)
+	for {
+		var l map[string]any
+		if err := dec.Decode(&l); err == io.EOF {
+			return out
+		} else if err != nil {
+			e.t.Fatal(err)
+		}
+		out = append(out, l)
+	}
+}
+
 func (e *env) routeFor(host string) *Route {
 	e.t.Helper()
 	var rt RouteTable
@@ -230,6 +337,7 @@ func (e *env) routeFor(host string) *Route {
 }
 
 func TestAPIAuthAndValidation(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	a, err := e.ops[0].Bootstrap(t.Context(), "acme", "ops@acme.test", "t")
 	if err != nil {
@@ -304,11 +412,12 @@ func sign(body []byte) string {
 // TestDeploymentLifecycle drives deployments across 3 regions × 2 nodes:
 // placement, health-gated cut-over, failure, rollback, node loss, webhooks.
 func TestDeploymentLifecycle(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t)
 	tok, _ := e.ops[0].Bootstrap(t.Context(), "acme", "ops@acme.test", "t")
 	// A second operator on the same database: the reconciler must still
 	// place every instance exactly once.
-	op2, _ := startOperator(t, e.poolDB)
+	op2, _ := startOperator(t, e.cfg)
 	e.ops = append(e.ops, op2)
 	e.call(tok, "POST", "/api/v1/projects", map[string]any{"name": "web", "github_repo": "acme/web", "github_branch": "main",
 		"image_template": e.reg + "/acme/web:{sha}", "min_instances_per_region": 3, "health_path": "/healthz"}, nil)
@@ -333,13 +442,20 @@ func TestDeploymentLifecycle(t *testing.T) {
 	if len(perNode) != 6 {
 		t.Fatalf("instances not spread over all 6 nodes: %v", perNode)
 	}
-	for _, a := range e.agents {
-		for id, n := range a.creates {
-			_ = n
-			if _, err := uuid.Parse(id); err != nil {
-				t.Fatal(err)
+	// Two operators ran: every instance was created on exactly one node.
+	for _, in := range v1.Instances {
+		on := 0
+		for _, a := range e.agents {
+			if a.createsOf(in.ID.String()) > 0 {
+				on++
 			}
 		}
+		if on != 1 || e.agentOf(in.NodeID).createsOf(in.ID.String()) == 0 {
+			t.Fatalf("instance %s created on %d nodes", in.ID, on)
+		}
+	}
+	if total := e.instanceRows(v1.ID); total != 9 {
+		t.Fatalf("%d instance rows for v1, want 9", total)
 	}
 	alias := "web-acme.zeitwork.test"
 	if r := e.routeFor(alias); r == nil || r.DeploymentID != v1.ID || len(r.Instances) != 9 {
@@ -390,15 +506,62 @@ func TestDeploymentLifecycle(t *testing.T) {
 		t.Fatalf("rollback did not switch the alias: %s", r.DeploymentID)
 	}
 
+	// Logs of every instance, merged as NDJSON with instance and region.
+	logs := e.logs(tok, v1.ID)
+	if len(logs) != 9 {
+		t.Fatalf("%d log lines, want 9: %v", len(logs), logs)
+	}
+	for _, l := range logs {
+		if !strings.HasPrefix(l["line"].(string), "hello from ") || l["instance_id"] == nil || l["region"] == nil {
+			t.Fatalf("log line %v", l)
+		}
+	}
+
+	// Drain moves every instance off a node (to its region peer), then
+	// enable makes it eligible again.
+	drained := e.agents[2]
+	var node map[string]any
+	if code := e.call(tok, "POST", "/api/v1/nodes/"+drained.id+"/drain", nil, &node); code != 200 || node["state"] != "draining" {
+		t.Fatalf("drain: %d %v", code, node)
+	}
+	e.eventually("drained node empty and its region whole", func() bool {
+		d := e.waitDeployment(tok, v1.ID.String(), "active")
+		return drained.count() == 0 && d.Regions[drained.region].Healthy == 3
+	})
+	if code := e.call(tok, "POST", "/api/v1/nodes/"+drained.id+"/enable", nil, &node); code != 200 || node["state"] != "ready" {
+		t.Fatalf("enable: %d %v", code, node)
+	}
+	if code := e.call(tok, "POST", "/api/v1/nodes/"+uuid.NewString()+"/drain", nil, nil); code != 404 {
+		t.Fatalf("drain of an unknown node: %d", code)
+	}
+
+	// An agent that loses an instance gets it created again; an instance
+	// nobody asked for is deleted.
+	lossy := e.agents[4]
+	var lostID string
+	for _, in := range e.waitDeployment(tok, v1.ID.String(), "active").Instances {
+		if in.NodeID.String() == lossy.id && in.Desired == "running" {
+			lostID = in.ID.String()
+		}
+	}
+	if lostID == "" {
+		t.Fatal("no v1 instance on the lossy node")
+	}
+	lossy.forget(lostID)
+	orphan := uuid.NewString()
+	e.agents[5].adopt(orphan)
+	e.eventually("lost instance recreated and orphan deleted", func() bool {
+		return lossy.has(lostID) && lossy.createsOf(lostID) >= 2 && !e.agents[5].has(orphan)
+	})
+
 	// A node that stops heartbeating is marked down; its instances are
-	// replaced in the same region.
+	// replaced in the same region. When it comes back its old VMs go.
 	victim := e.agents[0]
 	before := victim.count()
 	if before == 0 {
 		t.Fatal("victim has no instances")
 	}
 	victim.alive.Store(false)
-	victim.srv.Close()
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		d := e.waitDeployment(tok, v1.ID.String(), "active")
@@ -417,6 +580,38 @@ func TestDeploymentLifecycle(t *testing.T) {
 			t.Fatalf("instances of the lost node not replaced: %+v", d.Regions)
 		}
 		time.Sleep(100 * time.Millisecond)
+	}
+
+	victim.alive.Store(true)
+	e.eventually("returning node's replaced VMs deleted", func() bool { return victim.count() == 0 })
+
+	// Custom domain: routes only once verified, to the active deployment.
+	var dom Domain
+	if code := e.call(tok, "POST", "/api/v1/projects/web/domains", map[string]any{"name": "WWW.Example.com."}, &dom); code != 201 || dom.Name != "www.example.com" || len(dom.DNSRecords) < 2 {
+		t.Fatalf("add domain: %d %+v", code, dom)
+	}
+	if code := e.call(tok, "POST", "/api/v1/projects/web/domains", map[string]any{"name": "www.example.com"}, nil); code != 409 {
+		t.Fatalf("duplicate domain: %d", code)
+	}
+	if code := e.call(tok, "POST", "/api/v1/projects/web/domains", map[string]any{"name": "x.zeitwork.test"}, nil); code != 400 {
+		t.Fatalf("domain under the apps domain: %d", code)
+	}
+	if code := e.call(tok, "POST", "/api/v1/domains/"+dom.ID.String()+"/verify", nil, &dom); code != 422 || dom.Verified || dom.LastError == "" {
+		t.Fatalf("verify without DNS: %d %+v", code, dom)
+	}
+	if e.routeFor("www.example.com") != nil {
+		t.Fatal("unverified domain routed")
+	}
+	txt := dom.DNSRecords[len(dom.DNSRecords)-1]
+	e.dns.SetTXT(txt.Name, txt.Value)
+	if code := e.call(tok, "POST", "/api/v1/domains/"+dom.ID.String()+"/verify", nil, &dom); code != 200 || !dom.Verified {
+		t.Fatalf("verify with TXT: %d %+v", code, dom)
+	}
+	if r := e.routeFor("www.example.com"); r == nil || r.Kind != "custom" || r.DeploymentID != v1.ID {
+		t.Fatalf("custom route: %+v", r)
+	}
+	if code := e.call(tok, "DELETE", "/api/v1/domains/"+dom.ID.String(), nil, nil); code != 204 || e.routeFor("www.example.com") != nil {
+		t.Fatalf("remove domain: %d", code)
 	}
 
 	// Webhooks: a bad signature writes nothing; one push delivered 3 times
@@ -485,4 +680,65 @@ func pgtestPool(t *testing.T, url string) *pgxpoolPool {
 	}
 	t.Cleanup(p.Close)
 	return p
+}
+
+// TestRollbackRestartsStoppedDeployment rolls back to a deployment whose
+// VMs were stopped after the retention window: they start again first and
+// the alias moves only once they are healthy.
+func TestRollbackRestartsStoppedDeployment(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, func(c *Config) { c.Retention = 500 * time.Millisecond })
+	tok, _ := e.ops[0].Bootstrap(t.Context(), "acme", "ops@acme.test", "t")
+	if code := e.call(tok, "POST", "/api/v1/projects", map[string]any{"name": "web", "min_instances_per_region": 2}, nil); code != 201 {
+		t.Fatalf("create project: %d", code)
+	}
+	deploy := func(image string) Deployment {
+		var d Deployment
+		if code := e.call(tok, "POST", "/api/v1/projects/web/deployments", map[string]any{"image": image}, &d); code != 202 {
+			t.Fatalf("deploy: %d", code)
+		}
+		return e.waitDeployment(tok, d.ID.String(), "active")
+	}
+	v1 := deploy(e.images["v1"])
+	v2 := deploy(e.images["v2"])
+	e.eventually("v1 stopped after the retention window", func() bool {
+		d := e.waitDeployment(tok, v1.ID.String(), "superseded")
+		for _, ri := range d.Regions {
+			if ri.Desired > 0 {
+				return false
+			}
+		}
+		for _, in := range v1.Instances {
+			if e.agentOf(in.NodeID).has(in.ID.String()) {
+				return false
+			}
+		}
+		return true
+	})
+	if r := e.routeFor(v1.Hostname); r != nil && len(r.Instances) != 0 {
+		t.Fatalf("stopped v1 still has backends: %+v", r)
+	}
+	var rb Deployment
+	if code := e.call(tok, "POST", "/api/v1/projects/web/rollback", nil, &rb); code != 200 || rb.ID != v1.ID {
+		t.Fatalf("rollback: %d %s", code, rb.ID)
+	}
+	alias := "web-acme.zeitwork.test"
+	for {
+		d := e.waitDeployment(tok, v1.ID.String(), "starting", "healthy", "active")
+		r := e.routeFor(alias)
+		if d.Status != "active" {
+			if r.DeploymentID != v2.ID {
+				t.Fatalf("alias moved to v1 while it is %s", d.Status)
+			}
+			time.Sleep(50 * time.Millisecond)
+			continue
+		}
+		if r.DeploymentID != v1.ID || len(r.Instances) != 6 {
+			t.Fatalf("alias after rollback: %+v", r)
+		}
+		break
+	}
+	if d := e.waitDeployment(tok, v2.ID.String(), "superseded"); d.Active {
+		t.Fatal("v2 still active")
+	}
 }

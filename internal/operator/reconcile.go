@@ -6,8 +6,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
+	"slices"
 	"strings"
 	"time"
 
@@ -50,17 +52,21 @@ func (o *Operator) reconcile(ctx context.Context) error {
 	for _, id := range down {
 		o.log.Warn("node missed its heartbeats; marked down", "node_id", id)
 	}
-	// Instances on down nodes are gone; replacements are placed below.
-	if _, err := o.pool.Exec(ctx, `UPDATE instances i SET deleted_at = now(), healthy = false FROM nodes n
-		WHERE n.id = i.node_id AND n.state = 'down' AND i.deleted_at IS NULL`); err != nil {
+	// Instances on down nodes stop counting; replacements are placed below.
+	tag, err := o.pool.Exec(ctx, Q("InstancesOfDownNodesStop"))
+	if err != nil {
 		return err
 	}
-	if len(down) > 0 {
-		_, _ = o.pool.Exec(ctx, Q("BumpRoutes"))
+	if tag.RowsAffected() > 0 {
+		if _, err := o.pool.Exec(ctx, Q("BumpRoutes")); err != nil {
+			return err
+		}
+	}
+	if _, err := o.pool.Exec(ctx, Q("InstancesOfLostNodesForget")); err != nil {
+		return err
 	}
 	// Crash-looped instances are replaced.
-	if _, err := o.pool.Exec(ctx, `UPDATE instances SET desired_state = 'stopped', updated_at = now()
-		WHERE state = 'failed' AND desired_state = 'running' AND deleted_at IS NULL`); err != nil {
+	if _, err := o.pool.Exec(ctx, Q("InstancesFailedStop")); err != nil {
 		return err
 	}
 	rows, err = o.pool.Query(ctx, Q("OpenDeployments"))
@@ -101,6 +107,12 @@ func (o *Operator) reconcile(ctx context.Context) error {
 	}
 	if err := o.recheckDomains(ctx); err != nil {
 		errs = append(errs, err)
+	}
+	if time.Since(o.lastOrphanScan) >= o.cfg.OrphanScanEvery {
+		o.lastOrphanScan = time.Now()
+		if err := o.collectOrphans(ctx); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	return errors.Join(errs...)
 }
@@ -466,4 +478,78 @@ func (o *Operator) stopInstances(ctx context.Context) error {
 		_, _ = o.pool.Exec(ctx, Q("BumpRoutes"))
 	}
 	return nil
+}
+
+// collectOrphans deletes VMs that node agents run but the database does not
+// know (or no longer wants): left over from an operator crash between a
+// create and its record, or from a node that came back after being
+// replaced. Only the leader runs it.
+func (o *Operator) collectOrphans(ctx context.Context) error {
+	rows, err := o.pool.Query(ctx, Q("ReadyNodeAddresses"))
+	if err != nil {
+		return err
+	}
+	type node struct {
+		id   uuid.UUID
+		addr string
+	}
+	nodes, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (node, error) {
+		var n node
+		return n, row.Scan(&n.id, &n.addr)
+	})
+	if err != nil {
+		return err
+	}
+	for _, n := range nodes {
+		var listed []struct {
+			ID string `json:"id"`
+		}
+		if err := o.getAgent(ctx, n.addr, "/instances", &listed); err != nil {
+			o.log.Warn("cannot list instances of node", "node_id", n.id, "err", err)
+			continue
+		}
+		var ids []uuid.UUID
+		for _, in := range listed {
+			if id, err := uuid.Parse(in.ID); err == nil {
+				ids = append(ids, id)
+			}
+		}
+		rows, err := o.pool.Query(ctx, Q("InstancesKnownOnNode"), n.id, ids)
+		if err != nil {
+			return err
+		}
+		known, err := pgx.CollectRows(rows, pgx.RowTo[uuid.UUID])
+		if err != nil {
+			return err
+		}
+		for _, id := range ids {
+			if slices.Contains(known, id) {
+				continue
+			}
+			o.log.Warn("deleting an instance the database does not know", "node_id", n.id, "instance_id", id)
+			if err := o.callAgent(ctx, n.addr, "DELETE", "/instances/"+id.String(), nil); err != nil {
+				o.log.Warn("cannot delete orphan instance", "instance_id", id, "err", err)
+			}
+		}
+	}
+	return nil
+}
+
+func (o *Operator) getAgent(ctx context.Context, base, path string, out any) error {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, "GET", base+path, nil)
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Authorization", "Bearer "+o.cfg.ClusterToken)
+	resp, err := o.client.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != 200 {
+		return fmt.Errorf("GET %s: status %d", path, resp.StatusCode)
+	}
+	return json.NewDecoder(io.LimitReader(resp.Body, 16<<20)).Decode(out)
 }

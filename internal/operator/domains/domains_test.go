@@ -4,11 +4,11 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/zeitwork/zeitwork/internal/acmetest"
+	"github.com/zeitwork/zeitwork/internal/operator/domains/dnstest"
 )
 
 func TestCheck(t *testing.T) {
-	dns := acmetest.StartDNS(t)
+	dns := dnstest.Start(t)
 	v := NewVerifier(dns.Addr, "edge.zeitwork.test", []string{"127.0.0.10"})
 	tok := NewToken()
 	dns.SetCNAME("www.cname.test", "EDGE.zeitwork.test.")

@@ -144,3 +144,33 @@ SELECT d.id FROM deployments d
 WHERE d.project_id = $1 AND d.id IS DISTINCT FROM $2 AND NOT d.preview AND d.healthy_at IS NOT NULL
   AND d.status IN ('superseded', 'healthy', 'active') AND d.deleted_at IS NULL
 ORDER BY d.healthy_at DESC LIMIT 1;
+
+-- name: InstancesOfDownNodesStop
+-- Instances on down nodes stop counting (replacements are placed); they are
+-- deleted from the node if it ever comes back.
+UPDATE instances i SET desired_state = 'stopped', healthy = false, updated_at = now()
+FROM nodes n
+WHERE n.id = i.node_id AND n.state = 'down' AND i.deleted_at IS NULL AND i.desired_state = 'running';
+
+-- name: InstancesOfLostNodesForget
+-- A node down for a day is not coming back with its VMs.
+UPDATE instances i SET deleted_at = now(), updated_at = now()
+FROM nodes n
+WHERE n.id = i.node_id AND n.state = 'down' AND i.deleted_at IS NULL AND n.last_heartbeat_at < now() - interval '24 hours';
+
+-- name: InstancesFailedStop
+UPDATE instances SET desired_state = 'stopped', updated_at = now()
+WHERE state = 'failed' AND desired_state = 'running' AND deleted_at IS NULL;
+
+-- name: InstancesLostByNode
+-- Instances the node reported before but no longer does were lost (e.g. the
+-- agent's state was wiped): back to pending, so they are created again.
+UPDATE instances SET state = 'pending', healthy = false, error = 'lost by its node; recreating', updated_at = now()
+WHERE node_id = $1 AND deleted_at IS NULL AND desired_state = 'running' AND state <> 'pending'
+  AND NOT (id = ANY($2::uuid[]));
+
+-- name: InstancesKnownOnNode
+SELECT id FROM instances WHERE node_id = $1 AND deleted_at IS NULL AND id = ANY($2::uuid[]);
+
+-- name: ReadyNodeAddresses
+SELECT id, address FROM nodes WHERE deleted_at IS NULL AND state IN ('ready', 'draining');
