@@ -34,11 +34,12 @@ func run(ctx context.Context, p *service.Process) error {
 	health.Register(mux, reg)
 	balancer.Register(mux)
 	admin := &http.Server{Addr: cfg.AdminAddr, Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-	disc := &lb.Discovery{Operators: cfg.Operators, Region: cfg.Region, Token: cfg.Token, Interval: cfg.Discover, Static: cfg.Backends}
+	disc := &lb.Discovery{Operators: cfg.Operators, Region: cfg.Region, Token: cfg.Token, Interval: cfg.Discover, Static: cfg.Backends, Log: p.Logger}
 
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return balancer.Run(gctx) })
-	g.Go(func() error { return disc.Run(gctx, balancer) })
+	// SIGHUP asks the operators for the edge list at once.
+	g.Go(func() error { return disc.Run(gctx, balancer, p.Reload) })
 	g.Go(func() error {
 		// The admin server outlives the drain so /health shows it.
 		<-gctx.Done()

@@ -12,8 +12,8 @@ import (
 
 func TestBinary(t *testing.T) {
 	bin := servicetest.Binary(t, "zeitwork-load-balancer")
-	servicetest.ExpectBadConfig(t, bin, map[string]string{"LB_ALGORITHM": "random", "LB_LISTENERS": ":1"},
-		"LB_ALGORITHM", "LB_LISTENERS", "LB_BACKENDS")
+	servicetest.ExpectBadConfig(t, bin, map[string]string{"LB_ALGORITHM": "random", "LB_LISTENERS": ":1", "LB_PROXY_PROTOCOL": "v3", "LB_HEALTH_FALL": "0"},
+		"LB_ALGORITHM", "LB_LISTENERS", "LB_BACKENDS", "LB_PROXY_PROTOCOL", "LB_HEALTH_FALL")
 
 	// A backend that greets, so the relay is checked end to end.
 	be, err := net.Listen("tcp", "127.0.0.1:0")

@@ -20,6 +20,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/zeitwork/zeitwork/internal/proxyproto"
 )
 
@@ -65,6 +67,13 @@ func (b *backend) stop() { b.ln.Close() }
 
 func startLB(t *testing.T, cfg Config, backends ...string) *LB {
 	t.Helper()
+	return runLB(t, cfg, nil, backends...)
+}
+
+// runLB runs a balancer (on a loopback port unless cfg names listeners)
+// until the test ends; the test fails if Run returns an error.
+func runLB(t *testing.T, cfg Config, reg prometheus.Registerer, backends ...string) *LB {
+	t.Helper()
 	if cfg.Listeners == nil {
 		cfg.Listeners = []Listener{{Addr: "127.0.0.1:0", TargetPort: 1}}
 	}
@@ -77,7 +86,7 @@ func startLB(t *testing.T, cfg Config, backends ...string) *LB {
 	if cfg.DrainTimeout == 0 {
 		cfg.DrainTimeout = 5 * time.Second
 	}
-	l, err := New(cfg, nil, slog.New(slog.DiscardHandler))
+	l, err := New(cfg, reg, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -297,17 +306,22 @@ http {
 	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
 	target := fmt.Sprintf("127.0.0.1:%d", port)
 	waitListening(t, target)
-	l := startLB(t, Config{}, target)
-	client := &http.Client{Transport: &http.Transport{DialContext: (&net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 99)}}).DialContext}, Timeout: 10 * time.Second}
-	resp, err := client.Get("http://" + l.Addrs()[0].String() + "/")
-	if err != nil {
-		t.Fatal(err)
-	}
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	client.CloseIdleConnections()
-	if !strings.HasPrefix(string(body), "client=127.0.0.99:") || !strings.Contains(string(body), "peer=127.0.0.1\n") {
-		t.Fatalf("nginx saw %q; want client 127.0.0.99 from the PROXY header", body)
+	for i, version := range []string{"v2", "v1"} {
+		t.Run(version, func(t *testing.T) {
+			l := startLB(t, Config{ProxyProtocol: version}, target)
+			client := fmt.Sprintf("127.0.0.%d", 99+i)
+			hc := &http.Client{Transport: &http.Transport{DialContext: (&net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(client)}}).DialContext}, Timeout: 10 * time.Second}
+			defer hc.CloseIdleConnections()
+			resp, err := hc.Get("http://" + l.Addrs()[0].String() + "/")
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if !strings.HasPrefix(string(body), "client="+client+":") || !strings.Contains(string(body), "peer=127.0.0.1\n") {
+				t.Fatalf("nginx saw %q; want client %s from the PROXY header", body, client)
+			}
+		})
 	}
 }
 

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -201,5 +202,81 @@ func TestListener(t *testing.T) {
 				t.Fatalf("RemoteAddr = %s, want %s", got, tt.wantAddr)
 			}
 		})
+	}
+}
+
+// TestListenerShortNonHeader: a trusted client whose first message is
+// shorter than a signature but already differs from it ("PRX", "\r\n\r\nX")
+// is served at once, not after the header timeout.
+func TestListenerShortNonHeader(t *testing.T) {
+	for _, first := range []string{"PRX", "\r\n\r\nX", "P\r"} {
+		inner, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ln := NewListener(inner, ListenerConfig{Trusted: func(net.IP) bool { return true }, HeaderTimeout: time.Hour})
+		c, err := net.Dial("tcp", inner.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.WriteString(c, first); err != nil {
+			t.Fatal(err)
+		}
+		sc, err := ln.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := make(chan string, 1)
+		go func() {
+			buf := make([]byte, len(first))
+			_, _ = io.ReadFull(sc, buf)
+			got <- string(buf)
+		}()
+		select {
+		case g := <-got:
+			if g != first {
+				t.Fatalf("read %q, want %q", g, first)
+			}
+		case <-time.After(30 * time.Second):
+			t.Fatalf("%q: still waiting for a PROXY header", first)
+		}
+		c.Close()
+		sc.Close()
+		ln.Close()
+	}
+}
+
+// TestListenerRequired: with Required, a trusted peer without a header is
+// rejected, and a silent one is dropped after HeaderTimeout.
+func TestListenerRequired(t *testing.T) {
+	inner, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var rejects []error
+	ln := NewListener(inner, ListenerConfig{Trusted: func(net.IP) bool { return true }, Required: true, HeaderTimeout: 200 * time.Millisecond,
+		OnReject: func(_ net.Addr, err error) { mu.Lock(); rejects = append(rejects, err); mu.Unlock() }})
+	defer ln.Close()
+	for _, send := range []string{"GET / HTTP/1.1\r\n\r\n", ""} {
+		c, err := net.Dial("tcp", inner.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		_, _ = io.WriteString(c, send)
+		sc, err := ln.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n, err := sc.Read(make([]byte, 10)); err == nil {
+			t.Fatalf("%q: read %d bytes from a connection without the required header", send, n)
+		}
+		sc.Close()
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(rejects) != 2 {
+		t.Fatalf("rejections: %v", rejects)
 	}
 }
