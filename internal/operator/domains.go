@@ -120,7 +120,7 @@ func (o *Operator) verifyDomain(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	if err := o.checkDomain(r.Context(), d.ID, d.Name, d.verificationToken); err != nil {
+	if err := o.checkDomain(r.Context(), d.ID, d.Name, d.verificationToken, nil, true); err != nil {
 		return err
 	}
 	d, err = o.domain(r)
@@ -155,15 +155,21 @@ func (o *Operator) removeDomain(w http.ResponseWriter, r *http.Request) error {
 }
 
 // checkDomain looks the domain up in DNS and records the result; a change
-// of verification bumps the route table in the same transaction.
-func (o *Operator) checkDomain(ctx context.Context, id uuid.UUID, name, token string) error {
+// of verification bumps the route table in the same transaction. A
+// background re-check (force false) writes only if nobody checked the
+// domain since it read checkedAt, so a slow stale lookup never overwrites
+// the answer of a newer explicit verify.
+func (o *Operator) checkDomain(ctx context.Context, id uuid.UUID, name, token string, checkedAt *time.Time, force bool) error {
 	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	ok, reason := o.verify.Check(cctx, name, token)
 	cancel()
-	var was *time.Time
 	return o.tx(ctx, func(tx pgx.Tx) error {
-		if err := tx.QueryRow(ctx, `SELECT verified_at FROM domains WHERE id = $1 FOR UPDATE`, id).Scan(&was); err != nil {
+		var was, last *time.Time
+		if err := tx.QueryRow(ctx, Q("DomainLock"), id).Scan(&was, &last); err != nil {
 			return err
+		}
+		if !force && !sameTime(last, checkedAt) {
+			return nil
 		}
 		if _, err := tx.Exec(ctx, Q("DomainSetVerified"), id, ok, reason); err != nil {
 			return err
@@ -177,6 +183,13 @@ func (o *Operator) checkDomain(ctx context.Context, id uuid.UUID, name, token st
 	})
 }
 
+func sameTime(a, b *time.Time) bool {
+	if a == nil || b == nil {
+		return a == nil && b == nil
+	}
+	return a.Equal(*b)
+}
+
 // recheckDomains re-verifies domains periodically (leader only).
 func (o *Operator) recheckDomains(ctx context.Context) error {
 	rows, err := o.pool.Query(ctx, Q("DomainsToRecheck"), fmt.Sprintf("%d seconds", int(o.cfg.DomainRecheck.Seconds())))
@@ -186,16 +199,17 @@ func (o *Operator) recheckDomains(ctx context.Context) error {
 	type dom struct {
 		id          uuid.UUID
 		name, token string
+		checkedAt   *time.Time
 	}
 	ds, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (dom, error) {
 		var d dom
-		return d, row.Scan(&d.id, &d.name, &d.token)
+		return d, row.Scan(&d.id, &d.name, &d.token, &d.checkedAt)
 	})
 	if err != nil {
 		return err
 	}
 	for _, d := range ds {
-		if err := o.checkDomain(ctx, d.id, d.name, d.token); err != nil {
+		if err := o.checkDomain(ctx, d.id, d.name, d.token, d.checkedAt, false); err != nil {
 			return err
 		}
 	}

@@ -141,7 +141,7 @@ WHERE id = $1;
 UPDATE domains SET deleted_at = now() WHERE id = $1 AND organisation_id = $2 AND deleted_at IS NULL;
 
 -- name: DomainsToRecheck
-SELECT id, name, verification_token FROM domains
+SELECT id, name, verification_token, last_checked_at FROM domains
 WHERE deleted_at IS NULL AND (last_checked_at IS NULL OR last_checked_at < now() - $1::interval)
 ORDER BY last_checked_at NULLS FIRST LIMIT 50;
 
@@ -164,3 +164,6 @@ SELECT request_hash, status_code, response FROM idempotency_keys WHERE organisat
 -- name: IdempotencyPut
 INSERT INTO idempotency_keys (organisation_id, key, request_hash, status_code, response) VALUES ($1, $2, $3, $4, $5)
 ON CONFLICT DO NOTHING;
+
+-- name: DomainLock
+SELECT verified_at, last_checked_at FROM domains WHERE id = $1 FOR UPDATE;
