@@ -250,6 +250,44 @@ type RouteInstance struct {
 	Healthy     bool      `json:"healthy"`
 }
 
+// routeCacheMaxAge bounds how long a cached table is served without a
+// rebuild, should a routing change ever miss its version bump.
+const routeCacheMaxAge = 5 * time.Second
+
+// currentRoutes returns the route table, rebuilt only when the database's
+// route_table_version moved (every routing change bumps it in its own
+// transaction) or the cached copy is older than routeCacheMaxAge. Waiting
+// long-polls therefore cost one tiny query per wake-up.
+func (o *Operator) currentRoutes(ctx context.Context) (*RouteTable, error) {
+	var counter int64
+	if err := o.pool.QueryRow(ctx, Q("RoutesVersion")).Scan(&counter); err != nil {
+		return nil, err
+	}
+	o.routeCacheMu.Lock()
+	c := o.routeCache
+	o.routeCacheMu.Unlock()
+	if c.table != nil && c.counter == counter && time.Since(c.built) < routeCacheMaxAge {
+		return c.table, nil
+	}
+	built := time.Now()
+	rt, err := o.buildRoutes(ctx)
+	if err != nil {
+		return nil, err
+	}
+	o.routeCacheMu.Lock()
+	if counter >= o.routeCache.counter {
+		o.routeCache = routeCache{counter: counter, built: built, table: rt}
+	}
+	o.routeCacheMu.Unlock()
+	return rt, nil
+}
+
+type routeCache struct {
+	counter int64
+	built   time.Time
+	table   *RouteTable
+}
+
 // buildRoutes reads the route table; its version is a hash of its content,
 // so every operator reports the same version for the same table.
 func (o *Operator) buildRoutes(ctx context.Context) (*RouteTable, error) {
@@ -334,7 +372,7 @@ func (o *Operator) routes(w http.ResponseWriter, r *http.Request) error {
 	deadline := time.Now().Add(wait)
 	for {
 		woken := o.routesChanged()
-		rt, err := o.buildRoutes(r.Context())
+		rt, err := o.currentRoutes(r.Context())
 		if err != nil {
 			return err
 		}

@@ -106,6 +106,9 @@ type Operator struct {
 	kick       chan struct{} // wakes the reconciler
 
 	lastOrphanScan time.Time // leader loop only
+
+	routeCacheMu sync.Mutex
+	routeCache   routeCache
 }
 
 type metrics struct {

@@ -465,6 +465,30 @@ func TestDeploymentLifecycle(t *testing.T) {
 		t.Fatalf("versioned route: %+v", r)
 	}
 
+	// The route table needs the cluster token; a long poll with the
+	// current version returns when routing changes (v2 below), and a poll
+	// with nothing changing returns the same version after its wait.
+	if code := e.call("zw_user", "GET", "/api/v1/routes", nil, nil); code != 401 {
+		t.Fatalf("routes without the cluster token: %d", code)
+	}
+	var cur RouteTable
+	e.call(clusterToken, "GET", "/api/v1/routes", nil, &cur)
+	var same RouteTable
+	if e.call(clusterToken, "GET", "/api/v1/routes?version="+cur.Version+"&wait=300ms", nil, &same); same.Version != cur.Version {
+		t.Fatalf("idle long poll changed version %s → %s", cur.Version, same.Version)
+	}
+	polled := make(chan RouteTable, 1)
+	go func() { // no t.Fatal off the test goroutine: a failure shows as an empty table
+		var rt RouteTable
+		req, _ := http.NewRequest("GET", e.url+"/api/v1/routes?version="+cur.Version+"&wait=60s", nil)
+		req.Header.Set("Authorization", "Bearer "+clusterToken)
+		if resp, err := http.DefaultClient.Do(req); err == nil {
+			_ = json.NewDecoder(resp.Body).Decode(&rt)
+			resp.Body.Close()
+		}
+		polled <- rt
+	}()
+
 	// v2 cuts over only once healthy.
 	var v2 Deployment
 	e.call(tok, "POST", "/api/v1/projects/web/deployments", map[string]any{"image": e.images["v2"]}, &v2)
@@ -481,6 +505,14 @@ func TestDeploymentLifecycle(t *testing.T) {
 	}
 	if r := e.routeFor(alias); r.DeploymentID != v2.ID {
 		t.Fatal("alias not on v2")
+	}
+	select {
+	case rt := <-polled:
+		if rt.Version == cur.Version || len(rt.Routes) <= len(cur.Routes) {
+			t.Fatalf("long poll returned version %s with %d routes (had %s, %d)", rt.Version, len(rt.Routes), cur.Version, len(cur.Routes))
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("long poll did not return after routing changed")
 	}
 	if r := e.routeFor(v1.Hostname); r == nil {
 		t.Fatal("v1 no longer reachable on its own URL")

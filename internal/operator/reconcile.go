@@ -102,6 +102,11 @@ func (o *Operator) reconcile(ctx context.Context) error {
 			return err
 		}
 	}
+	if len(expired) > 0 {
+		if _, err := o.pool.Exec(ctx, Q("BumpRoutes")); err != nil {
+			return err
+		}
+	}
 	if err := o.stopInstances(ctx); err != nil {
 		errs = append(errs, err)
 	}
@@ -278,6 +283,7 @@ func (o *Operator) ensureInstances(ctx context.Context, d openDeployment) (bool,
 	}
 	var env map[string]string
 	var shorts []string
+	routesChanged := false
 	complete := true
 	for _, r := range regions {
 		perNode := map[uuid.UUID]int{}
@@ -305,6 +311,7 @@ func (o *Operator) ensureInstances(ctx context.Context, d openDeployment) (bool,
 				if _, err := o.pool.Exec(ctx, Q("InstanceSetDesired"), id, "stopped"); err != nil {
 					return false, "", err
 				}
+				routesChanged = true
 			}
 		}
 		if have >= d.minPerRegion {
@@ -330,10 +337,16 @@ func (o *Operator) ensureInstances(ctx context.Context, d openDeployment) (bool,
 			if _, err := o.pool.Exec(ctx, Q("InstanceInsert"), id, d.id, n.id, r.id, d.vcpus, d.memoryMiB); err != nil {
 				return false, "", err
 			}
+			routesChanged = true
 			n.usedCPU += d.vcpus
 			n.usedMem += d.memoryMiB
 			insts = append(insts, Instance{ID: id, NodeID: n.id, Region: r.name, State: "pending", Desired: "running", nodeAddress: n.address, nodeState: "ready"})
 			o.log.Info("placed instance", "deployment_id", d.id, "instance_id", id, "node_id", n.id, "region", r.name)
+		}
+	}
+	if routesChanged {
+		if _, err := o.pool.Exec(ctx, Q("BumpRoutes")); err != nil {
+			return false, "", err
 		}
 	}
 	// (Re)send the spec of every instance the agent has not reported yet;
