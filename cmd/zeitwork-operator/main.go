@@ -4,13 +4,20 @@
 //
 //	zeitwork-operator                     serve (migrates first)
 //	zeitwork-operator migrate             apply the schema and exit
-//	zeitwork-operator bootstrap ORG EMAIL create an organisation and print a new API token
+//	zeitwork-operator bootstrap --org ORG --email EMAIL [--token TOKEN]
+//	                                      create the organisation and its owner if absent and
+//	                                      print an API token: TOKEN (or $BOOTSTRAP_TOKEN) when
+//	                                      given, which makes it idempotent, else a new one
+//	                                      ("bootstrap ORG EMAIL" works too)
 //	zeitwork-operator dev                 run the whole platform on this machine
 package main
 
 import (
 	"context"
+	"errors"
+	"flag"
 	"fmt"
+	"io"
 	"net/http"
 	"time"
 
@@ -31,6 +38,9 @@ func run(ctx context.Context, p *service.Process) error {
 	}
 	env := envconfig.New()
 	cfg := operator.LoadConfig(env)
+	if len(p.Args) == 0 {
+		cfg.RequireBootstrapOwner(env)
+	}
 	if len(p.Args) > 0 && p.Args[0] == "migrate" {
 		if cfg.DatabaseURL == "" {
 			return env.Err()
@@ -56,18 +66,23 @@ func run(ctx context.Context, p *service.Process) error {
 			fmt.Printf("schema up to date (%d migrations applied now)\n", len(applied))
 			return nil
 		case "bootstrap":
-			if len(p.Args) != 3 {
-				return fmt.Errorf("usage: zeitwork-operator bootstrap ORG EMAIL")
+			org, email, token, err := bootstrapArgs(p.Args[1:], cfg.BootstrapToken)
+			if err != nil {
+				return err
 			}
 			op, err := operator.New(cfg, pool, nil, p.Logger)
 			if err != nil {
 				return err
 			}
-			tok, err := op.Bootstrap(ctx, p.Args[1], p.Args[2], "bootstrap")
-			if err != nil {
-				return err
+			if token == "" {
+				token, err = op.Bootstrap(ctx, org, email, "bootstrap")
+			} else {
+				err = op.BootstrapToken(ctx, org, email, "bootstrap", token)
 			}
-			fmt.Println(tok)
+			if err != nil {
+				return fmt.Errorf("cannot bootstrap %s: %w", org, err)
+			}
+			fmt.Println(token)
 			return nil
 		default:
 			return fmt.Errorf("unknown command %q (want migrate, bootstrap or dev)", p.Args[0])
@@ -77,6 +92,11 @@ func run(ctx context.Context, p *service.Process) error {
 	op, err := operator.New(cfg, pool, reg, p.Logger)
 	if err != nil {
 		return err
+	}
+	if cfg.BootstrapToken != "" {
+		if err := op.BootstrapToken(ctx, cfg.BootstrapOrg, cfg.BootstrapEmail, "bootstrap", cfg.BootstrapToken); err != nil {
+			return fmt.Errorf("cannot ensure BOOTSTRAP_TOKEN: %w", err)
+		}
 	}
 	health := service.NewHealth(p.Name)
 	health.AddCheck("database", func(ctx context.Context) error { return pool.Ping(ctx) })
@@ -89,4 +109,27 @@ func run(ctx context.Context, p *service.Process) error {
 	p.Logger.Info("listening", "addr", cfg.Addr)
 	_ = service.NotifyReady()
 	return g.Wait()
+}
+
+// bootstrapArgs reads "--org O --email E [--token T]" or "O E"; the token
+// defaults to BOOTSTRAP_TOKEN.
+func bootstrapArgs(args []string, envToken string) (org, email, token string, err error) {
+	fs := flag.NewFlagSet("bootstrap", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	fs.StringVar(&org, "org", "", "organisation name (a DNS label)")
+	fs.StringVar(&email, "email", "", "owner's email address")
+	fs.StringVar(&token, "token", envToken, "API token to ensure (default $BOOTSTRAP_TOKEN; a new one when empty)")
+	usage := errors.New("usage: zeitwork-operator bootstrap --org ORG --email EMAIL [--token TOKEN]")
+	if err := fs.Parse(args); err != nil {
+		return "", "", "", fmt.Errorf("%w (%v)", usage, err)
+	}
+	if rest := fs.Args(); len(rest) == 2 && org == "" && email == "" {
+		org, email = rest[0], rest[1]
+	} else if len(rest) != 0 {
+		return "", "", "", usage
+	}
+	if org == "" || email == "" {
+		return "", "", "", usage
+	}
+	return org, email, token, nil
 }

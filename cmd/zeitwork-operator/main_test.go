@@ -1,6 +1,7 @@
 package main
 
 import (
+	"net/http"
 	"os/exec"
 	"strings"
 	"testing"
@@ -14,7 +15,8 @@ const key = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="
 
 func TestBinary(t *testing.T) {
 	bin := servicetest.Binary(t, "zeitwork-operator")
-	servicetest.ExpectBadConfig(t, bin, map[string]string{"PORT": "http", "ENCRYPTION_KEY": "short"}, "DATABASE_URL", "PORT", "ENCRYPTION_KEY", "CLUSTER_TOKEN")
+	servicetest.ExpectBadConfig(t, bin, map[string]string{"PORT": "http", "ENCRYPTION_KEY": "short", "BOOTSTRAP_TOKEN": "short", "DNS_RESOLVER": "nohostport", "DEPLOY_TIMEOUT": "soon"},
+		"DATABASE_URL", "PORT", "ENCRYPTION_KEY", "CLUSTER_TOKEN", "BOOTSTRAP_TOKEN", "BOOTSTRAP_ORG", "BOOTSTRAP_EMAIL", "DNS_RESOLVER", "DEPLOY_TIMEOUT")
 
 	// Two operators start at once on an empty database: both migrate
 	// safely and serve.
@@ -51,6 +53,45 @@ func TestBinary(t *testing.T) {
 	tok, err := cmd.Output()
 	if err != nil || !strings.HasPrefix(string(tok), "zw_") {
 		t.Fatalf("bootstrap: %v %q", err, tok)
+	}
+	// A given token makes bootstrap idempotent, also when run concurrently.
+	const fixed = "zw_dev_0123456789abcdef0123"
+	outs := make(chan string, 3)
+	for range 3 {
+		go func() {
+			cmd := exec.Command(bin, "bootstrap", "--org", "dev", "--email", "dev@zeitwork.test")
+			cmd.Env = []string{"DATABASE_URL=" + dbURL, "CLUSTER_TOKEN=t", "ENCRYPTION_KEY=" + key, "BOOTSTRAP_TOKEN=" + fixed}
+			out, err := cmd.Output() // the token on stdout, logs on stderr
+			if err != nil {
+				out = append(out, err.Error()...)
+			}
+			outs <- string(out)
+		}()
+	}
+	for range 3 {
+		if out := <-outs; strings.TrimSpace(out) != fixed {
+			t.Fatalf("idempotent bootstrap printed %q", out)
+		}
+	}
+	for _, tc := range []struct {
+		tok  string
+		want int
+	}{{fixed, 200}, {strings.TrimSpace(string(tok)), 200}, {"zw_wrong", 401}} {
+		req, _ := http.NewRequest("GET", servicetest.URL(addrs[1])+"/api/v1/whoami", nil)
+		req.Header.Set("Authorization", "Bearer "+tc.tok)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != tc.want {
+			t.Fatalf("whoami with %q: %d, want %d", tc.tok, resp.StatusCode, tc.want)
+		}
+	}
+	cmd = exec.Command(bin, "bootstrap", "--org", "Not_A_Label", "--email", "x@y.test")
+	cmd.Env = []string{"DATABASE_URL=" + dbURL, "CLUSTER_TOKEN=t", "ENCRYPTION_KEY=" + key}
+	if out, err := cmd.CombinedOutput(); err == nil || !strings.Contains(string(out), "DNS label") {
+		t.Fatalf("bootstrap with a bad org name: %v %s", err, out)
 	}
 	code, body := servicetest.Get(t, servicetest.URL(addrs[0])+"/api/v1/projects")
 	if code != 401 || !strings.Contains(body, `"code":"unauthorized"`) {

@@ -213,19 +213,27 @@ func (o *Operator) authenticate(r *http.Request) (principal, error) {
 // Bootstrap creates an organisation (if absent), an owner and a new API
 // token for it, and returns the token. `zeitwork-operator bootstrap` uses it.
 func (o *Operator) Bootstrap(ctx context.Context, org, email, tokenName string) (string, error) {
+	tok, _ := secrets.NewToken()
+	return tok, o.BootstrapToken(ctx, org, email, tokenName, tok)
+}
+
+// BootstrapToken is the idempotent form of Bootstrap: the organisation,
+// the owner and the given token exist afterwards, however often (and
+// however concurrently) it runs. `make dev`, tests and BOOTSTRAP_TOKEN use
+// it to have a token known in advance.
+func (o *Operator) BootstrapToken(ctx context.Context, org, email, tokenName, token string) error {
 	if err := names.ValidLabel(org); err != nil {
-		return "", err
+		return fmt.Errorf("organisation: %w", err)
 	}
-	tok, hash := secrets.NewToken()
-	err := o.tx(ctx, func(tx pgx.Tx) error {
+	if !emailRE.MatchString(email) {
+		return fmt.Errorf("email %q is not valid", email)
+	}
+	if len(token) < 20 || strings.ContainsAny(token, " \t\r\n") {
+		return fmt.Errorf("a bootstrap token needs at least 20 characters and no spaces")
+	}
+	return o.tx(ctx, func(tx pgx.Tx) error {
 		var orgID uuid.UUID
-		err := tx.QueryRow(ctx, Q("OrgByName"), org).Scan(&orgID)
-		if isNoRows(err) {
-			orgID = newID()
-			if _, err := tx.Exec(ctx, Q("OrgInsert"), orgID, org); err != nil {
-				return err
-			}
-		} else if err != nil {
+		if err := tx.QueryRow(ctx, Q("OrgUpsert"), newID(), org).Scan(&orgID); err != nil {
 			return err
 		}
 		var userID uuid.UUID
@@ -235,10 +243,16 @@ func (o *Operator) Bootstrap(ctx context.Context, org, email, tokenName string) 
 		if _, err := tx.Exec(ctx, Q("MembershipUpsert"), orgID, userID, "owner"); err != nil {
 			return err
 		}
-		_, err = tx.Exec(ctx, Q("TokenInsert"), newID(), orgID, tokenName, hash)
-		return err
+		var tokenOrg uuid.UUID
+		err := tx.QueryRow(ctx, Q("TokenEnsure"), newID(), orgID, userID, tokenName, secrets.HashToken(token)).Scan(&tokenOrg)
+		if err != nil {
+			return err
+		}
+		if tokenOrg != orgID {
+			return fmt.Errorf("the bootstrap token already belongs to another organisation")
+		}
+		return nil
 	})
-	return tok, err
 }
 
 func (o *Operator) whoami(w http.ResponseWriter, r *http.Request) error {

@@ -47,6 +47,27 @@ type Config struct {
 	OrphanScanEvery    time.Duration
 	InsecureRegistries []string
 	Drain              time.Duration
+
+	// BootstrapToken, when set, is ensured at start for BootstrapOrg
+	// (owner BootstrapEmail): a known token for dev clusters and tests.
+	BootstrapToken string
+	BootstrapOrg   string
+	BootstrapEmail string
+}
+
+// RequireBootstrapOwner records an error unless BOOTSTRAP_TOKEN comes with
+// the organisation and owner it belongs to (the server ensures it at start;
+// the bootstrap subcommand takes them as flags instead).
+func (c Config) RequireBootstrapOwner(l *envconfig.Loader) {
+	if c.BootstrapToken == "" {
+		return
+	}
+	if c.BootstrapOrg == "" {
+		l.Errorf("BOOTSTRAP_ORG", "is required with BOOTSTRAP_TOKEN (the organisation the token belongs to)")
+	}
+	if c.BootstrapEmail == "" {
+		l.Errorf("BOOTSTRAP_EMAIL", "is required with BOOTSTRAP_TOKEN (the organisation's owner)")
+	}
 }
 
 // LoadConfig reads the operator's environment.
@@ -69,6 +90,14 @@ func LoadConfig(l *envconfig.Loader) Config {
 		OrphanScanEvery:    l.Duration("ORPHAN_SCAN_INTERVAL", time.Minute),
 		InsecureRegistries: l.List("INSECURE_REGISTRIES", nil),
 		Drain:              l.Duration("DRAIN_TIMEOUT", 20*time.Second),
+	}
+	c.BootstrapToken = l.String("BOOTSTRAP_TOKEN", "")
+	c.BootstrapOrg = l.String("BOOTSTRAP_ORG", "")
+	c.BootstrapEmail = l.String("BOOTSTRAP_EMAIL", "")
+	if c.BootstrapToken != "" {
+		if len(c.BootstrapToken) < 20 {
+			l.Errorf("BOOTSTRAP_TOKEN", "needs at least 20 characters")
+		}
 	}
 	if a := l.String("LISTEN_ADDR", ""); a != "" {
 		c.Addr = l.Addr("LISTEN_ADDR", a)

@@ -10,6 +10,11 @@ UPDATE api_tokens SET last_used_at = now() WHERE id = $1 AND (last_used_at IS NU
 -- name: OrgByName
 SELECT id FROM organisations WHERE name = $1 AND deleted_at IS NULL;
 
+-- name: OrgUpsert
+INSERT INTO organisations (id, name) VALUES ($1, $2)
+ON CONFLICT (name) WHERE deleted_at IS NULL DO UPDATE SET name = excluded.name
+RETURNING id;
+
 -- name: OrgInsert
 INSERT INTO organisations (id, name) VALUES ($1, $2);
 
@@ -25,6 +30,12 @@ ON CONFLICT (organisation_id, user_id) DO UPDATE SET deleted_at = NULL;
 -- name: MembersList
 SELECT u.id, u.email, m.role, m.created_at FROM memberships m JOIN users u ON u.id = m.user_id
 WHERE m.organisation_id = $1 AND m.deleted_at IS NULL AND u.deleted_at IS NULL ORDER BY m.created_at;
+
+-- name: TokenEnsure
+-- Returns the organisation the token belongs to (an existing one wins).
+INSERT INTO api_tokens (id, organisation_id, user_id, name, token_hash) VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (token_hash) WHERE deleted_at IS NULL DO UPDATE SET token_hash = excluded.token_hash
+RETURNING organisation_id;
 
 -- name: TokenInsert
 INSERT INTO api_tokens (id, organisation_id, name, token_hash) VALUES ($1, $2, $3, $4);
