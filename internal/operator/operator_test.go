@@ -493,10 +493,13 @@ func TestDeploymentLifecycle(t *testing.T) {
 	var v2 Deployment
 	e.call(tok, "POST", "/api/v1/projects/web/deployments", map[string]any{"image": e.images["v2"]}, &v2)
 	for {
-		d := e.waitDeployment(tok, v2.ID.String(), "pending", "preparing", "starting", "healthy", "active")
+		// Route first, then status: the alias moves in the transaction that
+		// makes v2 active, so a moved alias must be followed by "active",
+		// and v2 must have passed its health checks before.
 		r := e.routeFor(alias)
-		if d.Status != "active" && r.DeploymentID != v1.ID {
-			t.Fatalf("alias moved to %s while v2 is %s", r.DeploymentID, d.Status)
+		d := e.waitDeployment(tok, v2.ID.String(), "pending", "preparing", "starting", "healthy", "active")
+		if r.DeploymentID != v1.ID && (d.Status != "active" || d.HealthyAt == nil || d.Regions["us-east"].Healthy < 3) {
+			t.Fatalf("alias moved to %s while v2 is %s (healthy at %v, %+v)", r.DeploymentID, d.Status, d.HealthyAt, d.Regions)
 		}
 		if d.Status == "active" {
 			break
@@ -756,8 +759,8 @@ func TestRollbackRestartsStoppedDeployment(t *testing.T) {
 	}
 	alias := "web-acme.zeitwork.test"
 	for {
+		r := e.routeFor(alias) // route first, then status (see above)
 		d := e.waitDeployment(tok, v1.ID.String(), "starting", "healthy", "active")
-		r := e.routeFor(alias)
 		if d.Status != "active" {
 			if r.DeploymentID != v2.ID {
 				t.Fatalf("alias moved to v1 while it is %s", d.Status)
@@ -765,7 +768,7 @@ func TestRollbackRestartsStoppedDeployment(t *testing.T) {
 			time.Sleep(50 * time.Millisecond)
 			continue
 		}
-		if r.DeploymentID != v1.ID || len(r.Instances) != 6 {
+		if r = e.routeFor(alias); r.DeploymentID != v1.ID || len(r.Instances) != 6 {
 			t.Fatalf("alias after rollback: %+v", r)
 		}
 		break
