@@ -131,7 +131,9 @@ func (o *Operator) Handler(admin http.Handler) http.Handler {
 		})
 	}
 	user("GET /api/v1/whoami", o.whoami)
+	user("POST /api/v1/organisations", o.createOrganisation)
 	user("GET /api/v1/members", o.listMembers)
+	user("DELETE /api/v1/members/{id}", o.removeMember)
 	user("POST /api/v1/members", o.addMember)
 	user("GET /api/v1/tokens", o.listTokens)
 	user("POST /api/v1/tokens", o.createToken)
@@ -253,6 +255,78 @@ func (o *Operator) BootstrapToken(ctx context.Context, org, email, tokenName, to
 		}
 		return nil
 	})
+}
+
+// createOrganisation creates another organisation with owner_email as its
+// owner and answers with a first token for it (shown once): tokens are
+// scoped to one organisation, so the caller's token does not reach it.
+func (o *Operator) createOrganisation(w http.ResponseWriter, r *http.Request) error {
+	var req struct {
+		Name       string `json:"name"`
+		OwnerEmail string `json:"owner_email"`
+	}
+	if err := decode(r, &req); err != nil {
+		return err
+	}
+	if err := names.ValidLabel(req.Name); err != nil {
+		return invalid("%v", err)
+	}
+	if !emailRE.MatchString(req.OwnerEmail) {
+		return invalid("owner_email %q is not valid", req.OwnerEmail)
+	}
+	id := newID()
+	tok, hash := secrets.NewToken()
+	err := o.tx(r.Context(), func(tx pgx.Tx) error {
+		if _, err := tx.Exec(r.Context(), Q("OrgInsert"), id, req.Name); err != nil {
+			return err
+		}
+		var uid uuid.UUID
+		if err := tx.QueryRow(r.Context(), Q("UserUpsert"), newID(), req.OwnerEmail).Scan(&uid); err != nil {
+			return err
+		}
+		if _, err := tx.Exec(r.Context(), Q("MembershipUpsert"), id, uid, "owner"); err != nil {
+			return err
+		}
+		_, err := tx.Exec(r.Context(), Q("TokenInsert"), newID(), id, "first token", hash)
+		return err
+	})
+	if db.IsUniqueViolation(err) {
+		return fmt.Errorf("%w: an organisation named %q already exists", errConflict, req.Name)
+	}
+	if err != nil {
+		return err
+	}
+	writeJSON(w, 201, map[string]any{"id": id, "name": req.Name, "token": tok, "note": "store this token now: it is not shown again"})
+	return nil
+}
+
+func (o *Operator) removeMember(w http.ResponseWriter, r *http.Request) error {
+	id, err := uuid.Parse(r.PathValue("id"))
+	if err != nil {
+		return notFound("member " + r.PathValue("id"))
+	}
+	var owners int
+	err = o.tx(r.Context(), func(tx pgx.Tx) error {
+		tag, err := tx.Exec(r.Context(), Q("MembershipDelete"), who(r).OrgID, id)
+		if err != nil {
+			return err
+		}
+		if tag.RowsAffected() == 0 {
+			return notFound("member " + id.String())
+		}
+		if err := tx.QueryRow(r.Context(), Q("OwnersCount"), who(r).OrgID).Scan(&owners); err != nil {
+			return err
+		}
+		if owners == 0 {
+			return fmt.Errorf("%w: an organisation keeps at least one owner", errConflict)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	w.WriteHeader(204)
+	return nil
 }
 
 func (o *Operator) whoami(w http.ResponseWriter, r *http.Request) error {

@@ -401,6 +401,88 @@ func TestAPIAuthAndValidation(t *testing.T) {
 	if code := e.call(a, "POST", "/api/v1/projects/web/deployments", map[string]any{"image": "other"}, nil, "Idempotency-Key", "k1"); code != 409 {
 		t.Fatalf("reused key for another request: %d", code)
 	}
+	// Nothing half-written: a rejected project left no row.
+	var n int
+	_ = e.ops[0].pool.QueryRow(t.Context(), "SELECT count(*) FROM projects").Scan(&n)
+	if n != 1 {
+		t.Fatalf("%d project rows, want 1", n)
+	}
+
+	// Tokens: shown once, listed without secrets, revocable.
+	var created struct {
+		ID    string `json:"id"`
+		Token string `json:"token"`
+	}
+	if code := e.call(a, "POST", "/api/v1/tokens", map[string]any{"name": "ci"}, &created); code != 201 || !strings.HasPrefix(created.Token, "zw_") {
+		t.Fatalf("create token: %d %+v", code, created)
+	}
+	var tokens map[string]any
+	e.call(a, "GET", "/api/v1/tokens", nil, &tokens)
+	if s := fmt.Sprint(tokens); strings.Contains(s, created.Token) || !strings.Contains(s, "ci") {
+		t.Fatalf("token listing: %s", s)
+	}
+	if code := e.call(created.Token, "GET", "/api/v1/projects/web", nil, nil); code != 200 {
+		t.Fatalf("new token: %d", code)
+	}
+	if code := e.call(b, "DELETE", "/api/v1/tokens/"+created.ID, nil, nil); code != 404 {
+		t.Fatalf("other org revoking a token: %d", code)
+	}
+	if code := e.call(a, "DELETE", "/api/v1/tokens/"+created.ID, nil, nil); code != 204 {
+		t.Fatalf("revoke: %d", code)
+	}
+	if code := e.call(created.Token, "GET", "/api/v1/projects/web", nil, nil); code != 401 {
+		t.Fatalf("revoked token: %d", code)
+	}
+
+	// Members: added, listed, removed; the last owner stays.
+	var member map[string]any
+	if code := e.call(a, "POST", "/api/v1/members", map[string]any{"email": "dev@acme.test"}, &member); code != 201 {
+		t.Fatalf("add member: %d", code)
+	}
+	if code := e.call(a, "POST", "/api/v1/members", map[string]any{"email": "nope"}, nil); code != 400 {
+		t.Fatalf("bad member email: %d", code)
+	}
+	var members struct {
+		Members []struct {
+			ID    string `json:"id"`
+			Email string `json:"email"`
+			Role  string `json:"role"`
+		} `json:"members"`
+	}
+	e.call(a, "GET", "/api/v1/members", nil, &members)
+	if len(members.Members) != 2 {
+		t.Fatalf("members: %+v", members)
+	}
+	for _, m := range members.Members {
+		want := 204
+		if m.Role == "owner" {
+			want = 409
+		}
+		if code := e.call(a, "DELETE", "/api/v1/members/"+m.ID, nil, nil); code != want {
+			t.Fatalf("remove %s (%s): %d, want %d", m.Email, m.Role, code, want)
+		}
+	}
+
+	// A new organisation gets its own first token and sees nothing of acme.
+	var org struct {
+		Name  string `json:"name"`
+		Token string `json:"token"`
+	}
+	if code := e.call(a, "POST", "/api/v1/organisations", map[string]any{"name": "acme-labs", "owner_email": "ops@acme.test"}, &org); code != 201 {
+		t.Fatalf("create org: %d", code)
+	}
+	if code := e.call(a, "POST", "/api/v1/organisations", map[string]any{"name": "acme-labs", "owner_email": "ops@acme.test"}, nil); code != 409 {
+		t.Fatalf("duplicate org: %d", code)
+	}
+	var projects struct {
+		Projects []Project `json:"projects"`
+	}
+	if code := e.call(org.Token, "GET", "/api/v1/projects", nil, &projects); code != 200 || len(projects.Projects) != 0 {
+		t.Fatalf("new org's projects: %d %+v", code, projects)
+	}
+	if code := e.call(org.Token, "GET", "/api/v1/deployments/"+d1.ID.String(), nil, nil); code != 404 {
+		t.Fatalf("new org reading acme's deployment: %d", code)
+	}
 }
 
 func sign(body []byte) string {

@@ -178,3 +178,10 @@ ON CONFLICT DO NOTHING;
 
 -- name: DomainLock
 SELECT verified_at, last_checked_at FROM domains WHERE id = $1 FOR UPDATE;
+
+-- name: MembershipDelete
+UPDATE memberships SET deleted_at = now()
+WHERE organisation_id = $1 AND user_id = $2 AND deleted_at IS NULL;
+
+-- name: OwnersCount
+SELECT count(*) FROM memberships WHERE organisation_id = $1 AND role = 'owner' AND deleted_at IS NULL;
