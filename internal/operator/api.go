@@ -11,6 +11,7 @@ import (
 	"io"
 	"net/http"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -30,6 +31,7 @@ var (
 	errNotFound     = errors.New("not_found")
 	errConflict     = errors.New("conflict")
 	errUnauthorized = errors.New("unauthorized")
+	errForbidden    = errors.New("forbidden")
 )
 
 func invalid(format string, args ...any) error {
@@ -62,11 +64,13 @@ func writeErr(w http.ResponseWriter, err error) {
 		code, class = http.StatusConflict, "conflict"
 	case errors.Is(err, errUnauthorized):
 		code, class = http.StatusUnauthorized, "unauthorized"
+	case errors.Is(err, errForbidden):
+		code, class = http.StatusForbidden, "forbidden"
 	}
 	var e apiError
 	e.Error.Code = class
 	msg := err.Error()
-	for _, p := range []string{"invalid: ", "not_found: ", "conflict: ", "unauthorized: "} {
+	for _, p := range []string{"invalid: ", "not_found: ", "conflict: ", "unauthorized: ", "forbidden: "} {
 		msg = strings.TrimPrefix(msg, p)
 	}
 	if code == 500 {
@@ -160,8 +164,29 @@ func (o *Operator) Handler(admin http.Handler) http.Handler {
 	user("DELETE /api/v1/domains/{id}", o.removeDomain)
 	user("GET /api/v1/instances", o.listInstances)
 	user("GET /api/v1/nodes", o.listNodes)
-	user("POST /api/v1/nodes/{id}/drain", o.setNodeState("draining"))
-	user("POST /api/v1/nodes/{id}/enable", o.setNodeState("ready"))
+	// Nodes are shared by every organisation: changing them takes the
+	// cluster token or a token of an organisation in ADMIN_ORGS.
+	adminOnly := func(pattern string, h func(http.ResponseWriter, *http.Request) error) {
+		mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
+			tok := strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer ")
+			if subtle.ConstantTimeCompare([]byte(tok), []byte(o.cfg.ClusterToken)) != 1 {
+				p, err := o.authenticate(r)
+				if err != nil {
+					writeErr(w, err)
+					return
+				}
+				if !slices.Contains(o.cfg.AdminOrgs, p.OrgName) {
+					writeErr(w, fmt.Errorf("%w: changing nodes takes the cluster token or a token of an organisation in ADMIN_ORGS", errForbidden))
+					return
+				}
+			}
+			if err := h(w, r); err != nil {
+				writeErr(w, err)
+			}
+		})
+	}
+	adminOnly("POST /api/v1/nodes/{id}/drain", o.setNodeState("draining"))
+	adminOnly("POST /api/v1/nodes/{id}/enable", o.setNodeState("ready"))
 	user("GET /api/v1/regions", o.listRegions)
 	internal("GET /api/v1/routes", o.routes)
 	internal("POST /api/v1/internal/nodes/register", o.nodeHeartbeat)

@@ -47,6 +47,7 @@ type Config struct {
 	OrphanScanEvery    time.Duration
 	InsecureRegistries []string
 	Drain              time.Duration
+	AdminOrgs          []string
 
 	// BootstrapToken, when set, is ensured at start for BootstrapOrg
 	// (owner BootstrapEmail): a known token for dev clusters and tests.
@@ -90,6 +91,7 @@ func LoadConfig(l *envconfig.Loader) Config {
 		OrphanScanEvery:    l.Duration("ORPHAN_SCAN_INTERVAL", time.Minute),
 		InsecureRegistries: l.List("INSECURE_REGISTRIES", nil),
 		Drain:              l.Duration("DRAIN_TIMEOUT", 20*time.Second),
+		AdminOrgs:          l.List("ADMIN_ORGS", nil),
 	}
 	c.BootstrapToken = l.String("BOOTSTRAP_TOKEN", "")
 	c.BootstrapOrg = l.String("BOOTSTRAP_ORG", "")

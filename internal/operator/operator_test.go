@@ -160,7 +160,7 @@ func testConfig(dbURL string) Config {
 	return Config{DatabaseURL: dbURL, ClusterToken: clusterToken, EncryptionKey: "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
 		WebhookSecret: "whsec", AppsDomain: "zeitwork.test", EdgeHostname: "edge.zeitwork.test", DeployTimeout: 10 * time.Second,
 		Retention: time.Hour, NodeDownAfter: 2 * time.Second, ReconcileEvery: 200 * time.Millisecond, DomainRecheck: time.Hour,
-		OrphanScanEvery: 300 * time.Millisecond}
+		OrphanScanEvery: 300 * time.Millisecond, AdminOrgs: []string{"acme"}}
 }
 
 func startOperator(t *testing.T, cfg Config) (*Operator, string) {
@@ -400,6 +400,18 @@ func TestAPIAuthAndValidation(t *testing.T) {
 	}
 	if code := e.call(a, "POST", "/api/v1/projects/web/deployments", map[string]any{"image": "other"}, nil, "Idempotency-Key", "k1"); code != 409 {
 		t.Fatalf("reused key for another request: %d", code)
+	}
+	// Nodes are shared: only admin organisations (or the cluster token)
+	// change them.
+	var ae2 apiError
+	if code := e.call(b, "POST", "/api/v1/nodes/"+e.agents[0].id+"/drain", nil, &ae2); code != 403 || ae2.Error.Code != "forbidden" {
+		t.Fatalf("drain by a non-admin org: %d %+v", code, ae2)
+	}
+	if code := e.call(clusterToken, "POST", "/api/v1/nodes/"+e.agents[0].id+"/enable", nil, nil); code != 200 {
+		t.Fatalf("enable with the cluster token: %d", code)
+	}
+	if code := e.call("", "POST", "/api/v1/nodes/"+e.agents[0].id+"/drain", nil, nil); code != 401 {
+		t.Fatalf("drain without a token: %d", code)
 	}
 	// Nothing half-written: a rejected project left no row.
 	var n int
