@@ -870,4 +870,21 @@ func TestRollbackRestartsStoppedDeployment(t *testing.T) {
 	if d := e.waitDeployment(tok, v2.ID.String(), "superseded"); d.Active {
 		t.Fatal("v2 still active")
 	}
+
+	// Scaling the project changes the running deployment in every region.
+	for _, n := range []int{1, 3} {
+		if code := e.call(tok, "PATCH", "/api/v1/projects/web", map[string]any{"min_instances_per_region": n}, nil); code != 200 {
+			t.Fatalf("scale to %d: %d", n, code)
+		}
+		e.eventually(fmt.Sprintf("%d healthy instances per region", n), func() bool {
+			d := e.waitDeployment(tok, v1.ID.String(), "active")
+			for _, ri := range d.Regions {
+				if ri.Desired != n || ri.Healthy != n {
+					return false
+				}
+			}
+			r := e.routeFor(alias)
+			return len(d.Regions) == 3 && len(r.Instances) == 3*n
+		})
+	}
 }

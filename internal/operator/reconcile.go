@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"slices"
+	"sort"
 	"strings"
 	"time"
 
@@ -313,6 +314,32 @@ func (o *Operator) ensureInstances(ctx context.Context, d openDeployment) (bool,
 				}
 				routesChanged = true
 			}
+		}
+		// Scaled down: once enough healthy instances serve, the surplus
+		// stops, unhealthy ones first, then from the most crowded node.
+		if have > d.minPerRegion && healthyReady >= d.minPerRegion {
+			var cands []Instance
+			for _, in := range insts {
+				if in.Region == r.name && in.Desired == "running" && in.nodeState == "ready" {
+					cands = append(cands, in)
+				}
+			}
+			sort.SliceStable(cands, func(i, j int) bool {
+				a, b := cands[i], cands[j]
+				if a.Healthy != b.Healthy {
+					return !a.Healthy
+				}
+				return perNode[a.NodeID] > perNode[b.NodeID]
+			})
+			for _, in := range cands[:have-d.minPerRegion] {
+				if _, err := o.pool.Exec(ctx, Q("InstanceSetDesired"), in.ID, "stopped"); err != nil {
+					return false, "", err
+				}
+				perNode[in.NodeID]--
+				routesChanged = true
+				o.log.Info("scaled down", "deployment_id", d.id, "instance_id", in.ID, "region", r.name)
+			}
+			continue
 		}
 		if have >= d.minPerRegion {
 			continue
