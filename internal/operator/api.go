@@ -661,6 +661,12 @@ func (o *Operator) deleteProject(w http.ResponseWriter, r *http.Request) error {
 		if _, err := tx.Exec(r.Context(), Q("ProjectStopDeployments"), p.ID); err != nil {
 			return err
 		}
+		if _, err := tx.Exec(r.Context(), Q("ProjectDeleteDomains"), p.ID); err != nil {
+			return err
+		}
+		if _, err := tx.Exec(r.Context(), Q("ProjectStopInstances"), p.ID); err != nil {
+			return err
+		}
 		_, err := tx.Exec(r.Context(), Q("BumpRoutes"))
 		return err
 	})

@@ -70,6 +70,14 @@ WHERE id = $1 AND organisation_id = $2 AND deleted_at IS NULL;
 -- name: ProjectDelete
 UPDATE projects SET deleted_at = now() WHERE id = $1 AND organisation_id = $2 AND deleted_at IS NULL;
 
+-- name: ProjectDeleteDomains
+UPDATE domains SET deleted_at = now() WHERE project_id = $1 AND deleted_at IS NULL;
+
+-- name: ProjectStopInstances
+UPDATE instances i SET desired_state = 'stopped', updated_at = now()
+FROM deployments d
+WHERE d.id = i.deployment_id AND d.project_id = $1 AND i.deleted_at IS NULL AND i.desired_state = 'running';
+
 -- name: ProjectStopDeployments
 UPDATE deployments SET status = 'stopped', finished_at = now(), updated_at = now()
 WHERE project_id = $1 AND status NOT IN ('failed', 'stopped');
@@ -105,7 +113,7 @@ SELECT d.id, d.project_id, p.name, d.status, d.hostname, d.image_ref, coalesce(i
        p.active_deployment_id IS NOT DISTINCT FROM d.id
 FROM deployments d JOIN projects p ON p.id = d.project_id
 LEFT JOIN images i ON i.id = d.image_id
-WHERE d.organisation_id = $1 AND d.id::text = $2 AND d.deleted_at IS NULL;
+WHERE d.organisation_id = $1 AND d.id::text = $2 AND d.deleted_at IS NULL AND p.deleted_at IS NULL;
 
 -- name: DeploymentsList
 SELECT d.id FROM deployments d
@@ -129,7 +137,9 @@ WHERE i.deployment_id = $1 AND i.deleted_at IS NULL ORDER BY r.name, i.created_a
 -- name: InstancesList
 SELECT i.id, i.deployment_id, i.node_id, r.name, i.state, i.healthy, i.desired_state, i.error, i.restarts
 FROM instances i JOIN regions r ON r.id = i.region_id JOIN deployments d ON d.id = i.deployment_id
-WHERE d.organisation_id = $1 AND i.deleted_at IS NULL AND ($2 = '' OR i.deployment_id::text = $2)
+JOIN projects p ON p.id = d.project_id
+WHERE d.organisation_id = $1 AND i.deleted_at IS NULL AND d.deleted_at IS NULL AND p.deleted_at IS NULL
+  AND ($2 = '' OR i.deployment_id::text = $2)
 ORDER BY i.created_at;
 
 -- name: DomainInsert
@@ -141,7 +151,8 @@ FROM domains WHERE project_id = $1 AND deleted_at IS NULL ORDER BY name;
 
 -- name: DomainGet
 SELECT d.id, d.project_id, d.name, d.verification_token, d.verified_at, d.last_checked_at, d.last_error, d.created_at
-FROM domains d WHERE d.organisation_id = $1 AND d.deleted_at IS NULL AND (d.id::text = $2 OR d.name = $2);
+FROM domains d JOIN projects p ON p.id = d.project_id
+WHERE d.organisation_id = $1 AND d.deleted_at IS NULL AND p.deleted_at IS NULL AND (d.id::text = $2 OR d.name = $2);
 
 -- name: DomainSetVerified
 UPDATE domains SET verified_at = CASE WHEN $2 THEN coalesce(verified_at, now()) ELSE NULL END,
