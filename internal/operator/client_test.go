@@ -47,7 +47,7 @@ func TestClient(t *testing.T) {
 		t.Fatalf("env: %+v %v", env, err)
 	}
 	d, err := c.Deploy(ctx, "api", apiclient.DeployRequest{Image: e.images["v1"]}, "key-1")
-	if err != nil || d.Status != "pending" || d.Hostname == "" {
+	if err != nil || d.ID == "" || d.Status == "failed" || d.Hostname == "" || d.CreatedAt.IsZero() {
 		t.Fatalf("deploy: %+v %v", d, err)
 	}
 	again, err := c.Deploy(ctx, "api", apiclient.DeployRequest{Image: e.images["v1"]}, "key-1")

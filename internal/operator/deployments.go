@@ -354,20 +354,21 @@ func (o *Operator) switchTo(ctx context.Context, d *Deployment) error {
 	case "failed", "stopped":
 		return fmt.Errorf("%w: deployment %s is %s", errConflict, d.ID, d.Status)
 	}
-	healthy := 0
+	healthy, running := 0, 0
 	for _, in := range d.Instances {
-		if in.Desired == "running" && in.Healthy {
-			healthy++
+		if in.Desired == "running" {
+			running++
+			if in.Healthy {
+				healthy++
+			}
 		}
 	}
-	if healthy > 0 && d.HealthyAt != nil {
+	if healthy > 0 && healthy == running && d.HealthyAt != nil {
 		return o.promote(ctx, d.ProjectID, d.ID)
 	}
 	// Its VMs are gone: start them again; promotion follows health.
 	err := o.tx(ctx, func(tx pgx.Tx) error {
-		_, err := tx.Exec(ctx, `UPDATE deployments SET status = 'starting', starting_at = now(), healthy_at = NULL,
-			finished_at = NULL, deadline_at = now() + $2::interval, failure_reason = '', promote_requested = true WHERE id = $1`,
-			d.ID, fmt.Sprintf("%d seconds", int(o.cfg.DeployTimeout.Seconds())))
+		_, err := tx.Exec(ctx, Q("DeploymentRestart"), d.ID, interval(o.cfg.DeployTimeout))
 		return err
 	})
 	if err != nil {
@@ -381,20 +382,22 @@ func (o *Operator) switchTo(ctx context.Context, d *Deployment) error {
 // previous active deployment, in one transaction, and tells edges.
 func (o *Operator) promote(ctx context.Context, projectID, deploymentID uuid.UUID) error {
 	err := o.tx(ctx, func(tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, `SELECT 1 FROM projects WHERE id = $1 FOR UPDATE`, projectID); err != nil {
-			return err
+		for _, q := range []struct {
+			name string
+			args []any
+		}{
+			{"ProjectLock", []any{projectID}},
+			{"DeploymentSupersede", []any{projectID, deploymentID}},
+			{"ProjectSetActive", []any{projectID, deploymentID}},
+			{"DeploymentSetStatus", []any{deploymentID, "active", ""}},
+			{"PromoteRequestClear", []any{deploymentID}},
+			{"BumpRoutes", nil},
+		} {
+			if _, err := tx.Exec(ctx, Q(q.name), q.args...); err != nil {
+				return fmt.Errorf("%s: %w", q.name, err)
+			}
 		}
-		if _, err := tx.Exec(ctx, Q("DeploymentSupersede"), projectID, deploymentID); err != nil {
-			return err
-		}
-		if _, err := tx.Exec(ctx, `UPDATE projects SET active_deployment_id = $2, updated_at = now() WHERE id = $1`, projectID, deploymentID); err != nil {
-			return err
-		}
-		if _, err := tx.Exec(ctx, Q("DeploymentSetStatus"), deploymentID, "active", ""); err != nil {
-			return err
-		}
-		_, err := tx.Exec(ctx, Q("BumpRoutes"))
-		return err
+		return nil
 	})
 	if err == nil {
 		o.m.deployments.WithLabelValues("active").Inc()

@@ -791,6 +791,48 @@ func TestDeploymentLifecycle(t *testing.T) {
 	if r := e.routeFor(alias); r.DeploymentID != pushed.ID {
 		t.Fatal("pushed deployment not live")
 	}
+
+	// Pushes to another branch are previews: healthy on their own URL,
+	// never promoted; a newer preview of the branch supersedes the older.
+	var previews []Deployment
+	for i, psha := range []string{"feed0001feed0001feed0001feed0001feed0001", "feed0002feed0002feed0002feed0002feed0002"} {
+		l, _ := ib.Layer(ib.Entry{Name: "version", Data: []byte(psha)})
+		img, _ := ib.Image(ib.Config{Cmd: []string{"/app"}}, l)
+		if _, err := ib.Push(t.Context(), e.reg+"/acme/web:"+psha, img); err != nil {
+			t.Fatal(err)
+		}
+		body := bytes.ReplaceAll(payload, []byte(sha), []byte(psha))
+		body = bytes.ReplaceAll(body, []byte(`"refs/heads/main"`), []byte(`"refs/heads/feature-x"`))
+		var res struct {
+			Deployments []string `json:"deployments"`
+		}
+		if code := e.call("", "POST", "/api/v1/github/webhook", string(body), &res, "X-GitHub-Event", "push", "X-GitHub-Delivery", fmt.Sprintf("p-%d", i), "X-Hub-Signature-256", sign(body)); code != 202 || len(res.Deployments) != 1 {
+			t.Fatalf("preview push: %d %+v", code, res)
+		}
+		d := e.waitDeployment(tok, res.Deployments[0], "healthy", "failed")
+		if d.Status != "healthy" || !d.Preview || d.Active || d.Branch != "feature-x" {
+			t.Fatalf("preview: %+v", d)
+		}
+		if r := e.routeFor(d.Hostname); r == nil || len(r.Instances) != 9 {
+			t.Fatalf("preview route: %+v", r)
+		}
+		previews = append(previews, d)
+	}
+	if r := e.routeFor(alias); r.DeploymentID != pushed.ID {
+		t.Fatal("a preview took the production alias")
+	}
+	e.waitDeployment(tok, previews[0].ID.String(), "superseded")
+	// A branch deletion is ignored.
+	del := bytes.ReplaceAll(payload, []byte(sha), []byte("0000000000000000000000000000000000000000"))
+	del = bytes.ReplaceAll(del, []byte(`"deleted": false`), []byte(`"deleted": true`))
+	var ignored map[string]any
+	if code := e.call("", "POST", "/api/v1/github/webhook", string(del), &ignored, "X-GitHub-Event", "push", "X-GitHub-Delivery", "del-1", "X-Hub-Signature-256", sign(del)); code != 202 || ignored["ignored"] == nil {
+		t.Fatalf("branch deletion: %d %v", code, ignored)
+	}
+	var ping map[string]any
+	if code := e.call("", "POST", "/api/v1/github/webhook", `{"zen":"Design for failure."}`, &ping, "X-GitHub-Event", "ping", "X-GitHub-Delivery", "ping-1", "X-Hub-Signature-256", sign([]byte(`{"zen":"Design for failure."}`))); code != 200 || ping["message"] != "pong" {
+		t.Fatalf("ping: %d %v", code, ping)
+	}
 	// Never two instance rows for one slot: per deployment and region
 	// exactly min running instances.
 	var dupes int

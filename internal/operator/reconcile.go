@@ -36,6 +36,7 @@ type openDeployment struct {
 	active           bool
 	digest           string
 	finishedAt       *time.Time
+	branch           string
 }
 
 // reconcile is one level-triggered pass over the whole cluster: it
@@ -77,7 +78,7 @@ func (o *Operator) reconcile(ctx context.Context) error {
 	deps, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (openDeployment, error) {
 		var d openDeployment
 		return d, row.Scan(&d.id, &d.status, &d.image, &d.preview, &d.pastDue, &d.projectID, &d.project, &d.org, &d.port,
-			&d.healthPath, &d.minPerRegion, &d.vcpus, &d.memoryMiB, &d.active, &d.digest, &d.finishedAt)
+			&d.healthPath, &d.minPerRegion, &d.vcpus, &d.memoryMiB, &d.active, &d.digest, &d.finishedAt, &d.branch)
 	})
 	if err != nil {
 		return err
@@ -187,22 +188,29 @@ func (o *Operator) step(ctx context.Context, d openDeployment) error {
 			return o.setStatus(ctx, d.id, "failed", reason)
 		}
 	}
-	if d.status == "healthy" && !d.preview && !d.active {
-		var promote bool
-		err := o.pool.QueryRow(ctx, `SELECT d.promote_requested OR p.active_deployment_id IS NULL
-			OR (SELECT a.created_at FROM deployments a WHERE a.id = p.active_deployment_id) < d.created_at
-			FROM deployments d JOIN projects p ON p.id = d.project_id WHERE d.id = $1`, d.id).Scan(&promote)
-		if err != nil {
-			return err
-		}
-		if promote {
-			if _, err := o.pool.Exec(ctx, `UPDATE deployments SET promote_requested = false WHERE id = $1`, d.id); err != nil {
+	if d.status != "healthy" || d.active {
+		return nil
+	}
+	if d.preview {
+		return o.tx(ctx, func(tx pgx.Tx) error {
+			tag, err := tx.Exec(ctx, Q("PreviewsSupersede"), d.projectID, d.branch, d.id)
+			if err != nil || tag.RowsAffected() == 0 {
 				return err
 			}
-			return o.promote(ctx, d.projectID, d.id)
-		}
+			_, err = tx.Exec(ctx, Q("BumpRoutes"))
+			return err
+		})
 	}
-	return nil
+	var promote bool
+	if err := o.pool.QueryRow(ctx, Q("ShouldPromote"), d.id).Scan(&promote); err != nil {
+		return err
+	}
+	if promote {
+		return o.promote(ctx, d.projectID, d.id)
+	}
+	// Healthy but older than what is live (it finished after a newer
+	// deployment): it never goes live; retention then stops it.
+	return o.setStatus(ctx, d.id, "superseded", "a newer deployment went live first")
 }
 
 // resolve turns a reference into its manifest digest (linux/amd64).
@@ -452,7 +460,7 @@ func (o *Operator) allHealthy(ctx context.Context, d openDeployment) bool {
 		}
 	}
 	var regions int
-	if err := o.pool.QueryRow(ctx, `SELECT count(*) FROM (`+Q("AllRegions")+`) r`).Scan(&regions); err != nil || regions == 0 {
+	if err := o.pool.QueryRow(ctx, Q("RegionsWithNodesCount")).Scan(&regions); err != nil || regions == 0 {
 		return false
 	}
 	if len(healthy) < regions {

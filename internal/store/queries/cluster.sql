@@ -36,7 +36,7 @@ RETURNING id;
 -- name: OpenDeployments
 SELECT d.id, d.status, d.image_ref, d.preview, d.deadline_at < now(), p.id, p.name, o.name, p.port, p.health_path,
        p.min_instances_per_region, p.vcpus, p.memory_mib, p.active_deployment_id IS NOT DISTINCT FROM d.id,
-       coalesce(i.digest, ''), d.finished_at
+       coalesce(i.digest, ''), d.finished_at, d.branch
 FROM deployments d JOIN projects p ON p.id = d.project_id JOIN organisations o ON o.id = d.organisation_id
 LEFT JOIN images i ON i.id = d.image_id
 WHERE d.deleted_at IS NULL AND p.deleted_at IS NULL
@@ -174,3 +174,37 @@ SELECT id FROM instances WHERE node_id = $1 AND deleted_at IS NULL AND id = ANY(
 
 -- name: ReadyNodeAddresses
 SELECT id, address FROM nodes WHERE deleted_at IS NULL AND state IN ('ready', 'draining');
+
+-- name: ShouldPromote
+-- A healthy deployment goes live when asked to (promote, rollback), when
+-- nothing is live, or when it is newer than what is live.
+SELECT d.promote_requested OR p.active_deployment_id IS NULL
+       OR (SELECT a.created_at FROM deployments a WHERE a.id = p.active_deployment_id) < d.created_at
+FROM deployments d JOIN projects p ON p.id = d.project_id WHERE d.id = $1;
+
+-- name: ProjectLock
+SELECT 1 FROM projects WHERE id = $1 FOR UPDATE;
+
+-- name: ProjectSetActive
+UPDATE projects SET active_deployment_id = $2, updated_at = now() WHERE id = $1;
+
+-- name: PromoteRequestClear
+UPDATE deployments SET promote_requested = false WHERE id = $1 AND promote_requested;
+
+-- name: PreviewsSupersede
+-- A healthy preview replaces the older previews of its branch; they keep
+-- their URL for the retention window.
+UPDATE deployments SET status = 'superseded', finished_at = now(), updated_at = now()
+WHERE project_id = $1 AND branch = $2 AND preview AND id <> $3 AND status = 'healthy'
+  AND created_at < (SELECT created_at FROM deployments WHERE id = $3);
+
+-- name: DeploymentRestart
+-- Promote or rollback to a deployment whose VMs are gone: it starts again
+-- under a fresh deadline and goes live once healthy.
+UPDATE deployments SET status = 'starting', starting_at = now(), healthy_at = NULL, finished_at = NULL,
+       deadline_at = now() + $2::interval, failure_reason = '', promote_requested = true, updated_at = now()
+WHERE id = $1;
+
+-- name: RegionsWithNodesCount
+SELECT count(DISTINCT n.region_id) FROM nodes n JOIN regions r ON r.id = n.region_id
+WHERE n.deleted_at IS NULL AND r.deleted_at IS NULL;
