@@ -33,7 +33,7 @@ const clusterToken = "cluster-secret"
 // fakeAgent speaks the node agent API and heartbeats like the real one;
 // its instances turn healthy unless their image is in bad.
 type fakeAgent struct {
-	t       *testing.T
+	t       testing.TB
 	id      string
 	region  string
 	srv     *httptest.Server
@@ -45,7 +45,7 @@ type fakeAgent struct {
 	alive   atomic.Bool
 }
 
-func newFakeAgent(t *testing.T, region, op string, bad func(string) bool) *fakeAgent {
+func newFakeAgent(t testing.TB, region, op string, bad func(string) bool) *fakeAgent {
 	a := &fakeAgent{t: t, id: uuid.NewString(), region: region, op: op, insts: map[string]*agentInstance{}, creates: map[string]int{}, bad: bad}
 	a.alive.Store(true)
 	mux := http.NewServeMux()
@@ -146,7 +146,7 @@ func (a *fakeAgent) count() int {
 }
 
 type env struct {
-	t      *testing.T
+	t      testing.TB
 	url    string
 	ops    []*Operator
 	agents []*fakeAgent
@@ -163,7 +163,7 @@ func testConfig(dbURL string) Config {
 		OrphanScanEvery: 300 * time.Millisecond, AdminOrgs: []string{"acme"}}
 }
 
-func startOperator(t *testing.T, cfg Config) (*Operator, string) {
+func startOperator(t testing.TB, cfg Config) (*Operator, string) {
 	pool := pgtestPool(t, cfg.DatabaseURL)
 	op, err := New(cfg, pool, nil, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
@@ -177,7 +177,7 @@ func startOperator(t *testing.T, cfg Config) (*Operator, string) {
 	return op, srv.URL
 }
 
-func newEnv(t *testing.T, configure ...func(*Config)) *env {
+func newEnv(t testing.TB, configure ...func(*Config)) *env {
 	dbURL := pgtest.URL(t)
 	e := &env{t: t, images: map[string]string{}, dns: dnstest.Start(t)}
 	e.cfg = testConfig(dbURL)
@@ -843,7 +843,7 @@ func TestDeploymentLifecycle(t *testing.T) {
 	}
 }
 
-func pgtestPool(t *testing.T, url string) *pgxpoolPool {
+func pgtestPool(t testing.TB, url string) *pgxpoolPool {
 	t.Helper()
 	p, err := openPool(t.Context(), url)
 	if err != nil {
