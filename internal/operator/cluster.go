@@ -270,6 +270,7 @@ func (o *Operator) currentRoutes(ctx context.Context) (*RouteTable, error) {
 		return c.table, nil
 	}
 	built := time.Now()
+	o.m.routeBuilds.Inc()
 	rt, err := o.buildRoutes(ctx)
 	if err != nil {
 		return nil, err

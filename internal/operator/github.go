@@ -25,6 +25,7 @@ func (o *Operator) webhook(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if !webhook.Verify(o.cfg.WebhookSecret, r.Header.Get("X-Hub-Signature-256"), body) {
+		o.m.webhooks.WithLabelValues("bad_signature").Inc()
 		writeErr(w, fmt.Errorf("%w: bad or missing X-Hub-Signature-256", errUnauthorized))
 		return
 	}
@@ -105,15 +106,19 @@ func (o *Operator) webhook(w http.ResponseWriter, r *http.Request) {
 	})
 	switch {
 	case err != nil:
+		o.m.webhooks.WithLabelValues("error").Inc()
 		writeErr(w, err)
 	case duplicate:
+		o.m.webhooks.WithLabelValues("duplicate").Inc()
 		writeJSON(w, 200, map[string]any{"ok": true, "duplicate": true})
 	case !ev.Deploys():
+		o.m.webhooks.WithLabelValues("ignored").Inc()
 		writeJSON(w, 202, map[string]any{"ok": true, "ignored": "branch deletion or non-branch ref"})
 	default:
 		if created == nil {
 			created = []string{}
 		}
+		o.m.webhooks.WithLabelValues("deployed").Inc()
 		writeJSON(w, 202, map[string]any{"ok": true, "deployments": created})
 	}
 }

@@ -146,6 +146,9 @@ type metrics struct {
 	requests    *prometheus.CounterVec
 	deployments *prometheus.CounterVec
 	leader      prometheus.Gauge
+	passes      *prometheus.HistogramVec
+	webhooks    *prometheus.CounterVec
+	routeBuilds prometheus.Counter
 }
 
 // New builds an operator on an open, migrated pool.
@@ -161,9 +164,13 @@ func New(cfg Config, pool *pgxpool.Pool, reg prometheus.Registerer, log *slog.Lo
 		requests:    prometheus.NewCounterVec(prometheus.CounterOpts{Name: "zeitwork_operator_api_requests_total", Help: "API requests by status class."}, []string{"class"}),
 		deployments: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "zeitwork_operator_deployments_total", Help: "Deployment transitions by status."}, []string{"status"}),
 		leader:      prometheus.NewGauge(prometheus.GaugeOpts{Name: "zeitwork_operator_leader", Help: "1 while this operator runs the background work."}),
+		passes: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "zeitwork_operator_reconcile_duration_seconds",
+			Help: "Duration of reconcile passes by result.", Buckets: prometheus.ExponentialBuckets(0.001, 4, 8)}, []string{"result"}),
+		webhooks:    prometheus.NewCounterVec(prometheus.CounterOpts{Name: "zeitwork_operator_webhook_deliveries_total", Help: "GitHub deliveries by result."}, []string{"result"}),
+		routeBuilds: prometheus.NewCounter(prometheus.CounterOpts{Name: "zeitwork_operator_route_table_builds_total", Help: "Route tables built from the database (cache misses)."}),
 	}
 	if reg != nil {
-		reg.MustRegister(o.m.requests, o.m.deployments, o.m.leader)
+		reg.MustRegister(o.m.requests, o.m.deployments, o.m.leader, o.m.passes, o.m.webhooks, o.m.routeBuilds)
 	}
 	return o, nil
 }
@@ -270,8 +277,14 @@ func (o *Operator) reconcileLoop(ctx context.Context, conn *pgxpool.Conn) {
 	backoff := time.Duration(0)
 	for {
 		pctx, cancel := context.WithTimeout(ctx, time.Minute)
+		start := time.Now()
 		err := o.reconcile(pctx)
 		cancel()
+		result := "ok"
+		if err != nil {
+			result = "error"
+		}
+		o.m.passes.WithLabelValues(result).Observe(time.Since(start).Seconds())
 		if err != nil && ctx.Err() == nil {
 			backoff = min(max(2*backoff, 500*time.Millisecond), 30*time.Second)
 			o.log.Warn("reconcile pass failed", "err", err, "backoff", backoff.String())
