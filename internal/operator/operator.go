@@ -16,6 +16,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -137,6 +138,7 @@ type Operator struct {
 	kick       chan struct{} // wakes the reconciler
 
 	lastOrphanScan time.Time // leader loop only
+	leading        atomic.Bool
 
 	routeCacheMu sync.Mutex
 	routeCache   routeCache
@@ -184,6 +186,9 @@ func (o *Operator) Run(ctx context.Context) error {
 	wg.Wait()
 	return nil
 }
+
+// Leading reports whether this operator currently runs the background work.
+func (o *Operator) Leading() bool { return o.leading.Load() }
 
 // listen turns NOTIFYs into in-process wake-ups, reconnecting on errors.
 func (o *Operator) listen(ctx context.Context) {
@@ -261,7 +266,9 @@ func (o *Operator) lead(ctx context.Context) {
 		}
 		o.log.Info("became leader")
 		o.m.leader.Set(1)
+		o.leading.Store(true)
 		o.reconcileLoop(ctx, conn)
+		o.leading.Store(false)
 		o.m.leader.Set(0)
 		uctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		_, _ = conn.Exec(uctx, "SELECT pg_advisory_unlock($1)", leaderLockKey)

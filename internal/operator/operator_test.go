@@ -146,14 +146,15 @@ func (a *fakeAgent) count() int {
 }
 
 type env struct {
-	t      testing.TB
-	url    string
-	ops    []*Operator
-	agents []*fakeAgent
-	reg    string
-	images map[string]string
-	cfg    Config
-	dns    *dnstest.Server
+	t         testing.TB
+	url       string
+	ops       []*Operator
+	agents    []*fakeAgent
+	reg       string
+	images    map[string]string
+	cfg       Config
+	dns       *dnstest.Server
+	stopFirst func() // ends the first operator's background work
 }
 
 func testConfig(dbURL string) Config {
@@ -164,6 +165,13 @@ func testConfig(dbURL string) Config {
 }
 
 func startOperator(t testing.TB, cfg Config) (*Operator, string) {
+	op, url, _ := startStoppableOperator(t, cfg)
+	return op, url
+}
+
+// startStoppableOperator also returns a function that ends the operator's
+// background work (as if its process died) while its API keeps serving.
+func startStoppableOperator(t testing.TB, cfg Config) (*Operator, string, func()) {
 	pool := pgtestPool(t, cfg.DatabaseURL)
 	op, err := New(cfg, pool, nil, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
@@ -173,8 +181,9 @@ func startOperator(t testing.TB, cfg Config) (*Operator, string) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { _ = op.Run(ctx); close(done) }()
-	t.Cleanup(func() { srv.Close(); cancel(); <-done })
-	return op, srv.URL
+	stop := func() { cancel(); <-done }
+	t.Cleanup(func() { srv.Close(); stop() })
+	return op, srv.URL, stop
 }
 
 func newEnv(t testing.TB, configure ...func(*Config)) *env {
@@ -185,8 +194,8 @@ func newEnv(t testing.TB, configure ...func(*Config)) *env {
 	for _, f := range configure {
 		f(&e.cfg)
 	}
-	op, url := startOperator(t, e.cfg)
-	e.ops, e.url = []*Operator{op}, url
+	op, url, stop := startStoppableOperator(t, e.cfg)
+	e.ops, e.url, e.stopFirst = []*Operator{op}, url, stop
 	reg := httptest.NewServer(registry.New(registry.Logger(log.New(io.Discard, "", 0))))
 	t.Cleanup(reg.Close)
 	e.reg = strings.TrimPrefix(reg.URL, "http://")
@@ -928,5 +937,32 @@ func TestRollbackRestartsStoppedDeployment(t *testing.T) {
 			r := e.routeFor(alias)
 			return len(d.Regions) == 3 && len(r.Instances) == 3*n
 		})
+	}
+}
+
+// TestLeaderFailover: the leader's background work stops; the second
+// operator takes the lock over and finishes the deployment.
+func TestLeaderFailover(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	tok, _ := e.ops[0].Bootstrap(t.Context(), "acme", "ops@acme.test", "t")
+	e.eventually("first operator leads", e.ops[0].Leading)
+	op2, _, _ := startStoppableOperator(t, e.cfg)
+	if code := e.call(tok, "POST", "/api/v1/projects", map[string]any{"name": "web", "min_instances_per_region": 1}, nil); code != 201 {
+		t.Fatalf("create project: %d", code)
+	}
+	// Stop the first operator's background work (its API keeps serving the
+	// agents' heartbeats, as a second API replica would).
+	e.stopFirst()
+	if e.ops[0].Leading() {
+		t.Fatal("a stopped operator still leads")
+	}
+	var d Deployment
+	if code := e.call(tok, "POST", "/api/v1/projects/web/deployments", map[string]any{"image": e.images["v1"]}, &d); code != 202 {
+		t.Fatalf("deploy: %d", code)
+	}
+	e.eventually("second operator leads", op2.Leading)
+	if d = e.waitDeployment(tok, d.ID.String(), "active", "failed"); d.Status != "active" || len(d.Instances) != 3 {
+		t.Fatalf("after failover: %s %q", d.Status, d.FailureReason)
 	}
 }
