@@ -127,7 +127,7 @@ func TestClient(t *testing.T) {
 	}
 	e.eventually("VMs of the deleted project stopped", func() bool {
 		for _, a := range e.agents {
-			if a.count() != 0 {
+			if a.Count() != 0 {
 				return false
 			}
 		}

@@ -13,27 +13,19 @@ import (
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
 
+	"github.com/zeitwork/zeitwork/internal/operator/agents"
 	"github.com/zeitwork/zeitwork/internal/operator/names"
 )
 
 type nodeReport struct {
-	ID        string          `json:"id"`
-	Hostname  string          `json:"hostname"`
-	Region    string          `json:"region"`
-	Address   string          `json:"address"`
-	VCPUs     int             `json:"vcpus"`
-	MemoryMiB int             `json:"memory_mib"`
-	DiskBytes int64           `json:"disk_bytes"`
-	Instances []agentInstance `json:"instances"`
-}
-
-type agentInstance struct {
-	ID       string `json:"id"`
-	State    string `json:"state"`
-	Healthy  bool   `json:"healthy"`
-	IP       string `json:"ip"`
-	Restarts int    `json:"restarts"`
-	Error    string `json:"error"`
+	ID        string            `json:"id"`
+	Hostname  string            `json:"hostname"`
+	Region    string            `json:"region"`
+	Address   string            `json:"address"`
+	VCPUs     int               `json:"vcpus"`
+	MemoryMiB int               `json:"memory_mib"`
+	DiskBytes int64             `json:"disk_bytes"`
+	Instances []agents.Instance `json:"instances"`
 }
 
 // nodeHeartbeat registers a node agent (first call) and records its

@@ -429,7 +429,7 @@ func (o *Operator) deploymentLogs(w http.ResponseWriter, r *http.Request) error 
 	if err != nil {
 		return err
 	}
-	follow := r.URL.Query().Get("follow")
+	follow := r.URL.Query().Get("follow") == "1" || r.URL.Query().Get("follow") == "true"
 	w.Header().Set("Content-Type", "application/x-ndjson")
 	w.WriteHeader(200)
 	var mu sync.Mutex
@@ -440,15 +440,12 @@ func (o *Operator) deploymentLogs(w http.ResponseWriter, r *http.Request) error 
 			continue
 		}
 		wg.Go(func() {
-			req, _ := http.NewRequestWithContext(r.Context(), "GET", in.nodeAddress+"/instances/"+in.ID.String()+"/logs?follow="+follow, nil)
-			req.Header.Set("Authorization", "Bearer "+o.cfg.ClusterToken)
-			client := &http.Client{}
-			resp, err := client.Do(req)
+			body, err := o.agents.Logs(r.Context(), in.nodeAddress, in.ID.String(), follow)
 			if err != nil {
 				return
 			}
-			defer resp.Body.Close()
-			sc := bufio.NewScanner(resp.Body)
+			defer body.Close()
+			sc := bufio.NewScanner(body)
 			sc.Buffer(make([]byte, 64<<10), 1<<20)
 			for sc.Scan() {
 				var line map[string]any

@@ -13,7 +13,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"net/http"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -25,6 +24,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/zeitwork/zeitwork/internal/envconfig"
+	"github.com/zeitwork/zeitwork/internal/operator/agents"
 	"github.com/zeitwork/zeitwork/internal/operator/domains"
 	"github.com/zeitwork/zeitwork/internal/operator/secrets"
 )
@@ -129,7 +129,7 @@ type Operator struct {
 	pool   *pgxpool.Pool
 	log    *slog.Logger
 	seal   *secrets.Sealer
-	client *http.Client
+	agents *agents.Client
 	verify *domains.Verifier
 	m      *metrics
 
@@ -159,7 +159,7 @@ func New(cfg Config, pool *pgxpool.Pool, reg prometheus.Registerer, log *slog.Lo
 	if err != nil {
 		return nil, fmt.Errorf("ENCRYPTION_KEY: %w", err)
 	}
-	o := &Operator{cfg: cfg, pool: pool, log: log, seal: s, client: &http.Client{Timeout: 15 * time.Second},
+	o := &Operator{cfg: cfg, pool: pool, log: log, seal: s, agents: agents.New(cfg.ClusterToken),
 		routesWake: make(chan struct{}), kick: make(chan struct{}, 1),
 		verify: domains.NewVerifier(cfg.DNSResolver, cfg.EdgeHostname, cfg.EdgeIPs)}
 	o.m = &metrics{

@@ -16,7 +16,6 @@ import (
 	"os"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -24,132 +23,18 @@ import (
 	"github.com/google/uuid"
 
 	ib "github.com/zeitwork/zeitwork/internal/imagebuild"
+	"github.com/zeitwork/zeitwork/internal/operator/agents/agenttest"
 	"github.com/zeitwork/zeitwork/internal/operator/domains/dnstest"
 	"github.com/zeitwork/zeitwork/internal/pgtest"
 )
 
 const clusterToken = "cluster-secret"
 
-// fakeAgent speaks the node agent API and heartbeats like the real one;
-// its instances turn healthy unless their image is in bad.
-type fakeAgent struct {
-	t       testing.TB
-	id      string
-	region  string
-	srv     *httptest.Server
-	op      string
-	mu      sync.Mutex
-	insts   map[string]*agentInstance
-	creates map[string]int
-	bad     func(image string) bool
-	alive   atomic.Bool
-}
-
-func newFakeAgent(t testing.TB, region, op string, bad func(string) bool) *fakeAgent {
-	a := &fakeAgent{t: t, id: uuid.NewString(), region: region, op: op, insts: map[string]*agentInstance{}, creates: map[string]int{}, bad: bad}
-	a.alive.Store(true)
-	mux := http.NewServeMux()
-	mux.HandleFunc("POST /instances", func(w http.ResponseWriter, r *http.Request) {
-		var spec struct {
-			ID    string `json:"id"`
-			Image string `json:"image"`
-		}
-		_ = json.NewDecoder(r.Body).Decode(&spec)
-		a.mu.Lock()
-		a.creates[spec.ID]++
-		if _, ok := a.insts[spec.ID]; !ok {
-			a.insts[spec.ID] = &agentInstance{ID: spec.ID, State: "running", Healthy: !a.bad(spec.Image), IP: "10.0.0.2"}
-		}
-		a.mu.Unlock()
-		w.WriteHeader(201)
-	})
-	mux.HandleFunc("GET /instances", func(w http.ResponseWriter, r *http.Request) {
-		a.mu.Lock()
-		list := []agentInstance{}
-		for _, in := range a.insts {
-			list = append(list, *in)
-		}
-		a.mu.Unlock()
-		_ = json.NewEncoder(w).Encode(list)
-	})
-	mux.HandleFunc("GET /instances/{id}/logs", func(w http.ResponseWriter, r *http.Request) {
-		a.mu.Lock()
-		_, ok := a.insts[r.PathValue("id")]
-		a.mu.Unlock()
-		if !ok {
-			w.WriteHeader(404)
-			return
-		}
-		fmt.Fprintf(w, "{\"time\":%q,\"stream\":\"stdout\",\"line\":\"hello from %s\"}\n", time.Now().UTC().Format(time.RFC3339Nano), r.PathValue("id"))
-	})
-	mux.HandleFunc("DELETE /instances/{id}", func(w http.ResponseWriter, r *http.Request) {
-		a.mu.Lock()
-		delete(a.insts, r.PathValue("id"))
-		a.mu.Unlock()
-		w.WriteHeader(204)
-	})
-	a.srv = httptest.NewServer(mux)
-	t.Cleanup(a.srv.Close)
-	return a
-}
-
-func (a *fakeAgent) heartbeat() {
-	if !a.alive.Load() {
-		return
-	}
-	a.mu.Lock()
-	var list []agentInstance
-	for _, in := range a.insts {
-		list = append(list, *in)
-	}
-	a.mu.Unlock()
-	b, _ := json.Marshal(map[string]any{"id": a.id, "hostname": "h-" + a.id[:8], "region": a.region, "address": a.srv.URL,
-		"vcpus": 16, "memory_mib": 16384, "instances": list})
-	req, _ := http.NewRequest("POST", a.op+"/api/v1/internal/nodes/"+a.id+"/heartbeat", bytes.NewReader(b))
-	req.Header.Set("Authorization", "Bearer "+clusterToken)
-	if resp, err := http.DefaultClient.Do(req); err == nil {
-		resp.Body.Close()
-	}
-}
-
-// forget drops an instance as if the agent had lost its state.
-func (a *fakeAgent) forget(id string) {
-	a.mu.Lock()
-	delete(a.insts, id)
-	a.mu.Unlock()
-}
-
-// adopt runs an instance nobody asked for (an orphan).
-func (a *fakeAgent) adopt(id string) {
-	a.mu.Lock()
-	a.insts[id] = &agentInstance{ID: id, State: "running", Healthy: true}
-	a.mu.Unlock()
-}
-
-func (a *fakeAgent) has(id string) bool {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	_, ok := a.insts[id]
-	return ok
-}
-
-func (a *fakeAgent) createsOf(id string) int {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return a.creates[id]
-}
-
-func (a *fakeAgent) count() int {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return len(a.insts)
-}
-
 type env struct {
 	t         testing.TB
 	url       string
 	ops       []*Operator
-	agents    []*fakeAgent
+	agents    []*agenttest.Agent
 	reg       string
 	images    map[string]string
 	cfg       Config
@@ -211,7 +96,7 @@ func newEnv(t testing.TB, configure ...func(*Config)) *env {
 	bad := func(image string) bool { return strings.Contains(image, strings.Split(e.images["v3-broken"], "@")[1]) }
 	for _, region := range []string{"us-east", "eu-west", "ap-south"} {
 		for range 2 {
-			e.agents = append(e.agents, newFakeAgent(t, region, url, bad))
+			e.agents = append(e.agents, agenttest.Start(t, region, url, clusterToken, bad))
 		}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
@@ -219,7 +104,7 @@ func newEnv(t testing.TB, configure ...func(*Config)) *env {
 	wg.Go(func() {
 		for ctx.Err() == nil {
 			for _, a := range e.agents {
-				a.heartbeat()
+				a.Heartbeat()
 			}
 			time.Sleep(150 * time.Millisecond)
 		}
@@ -288,9 +173,9 @@ func (e *env) eventually(what string, cond func() bool) {
 	}
 }
 
-func (e *env) agentOf(nodeID uuid.UUID) *fakeAgent {
+func (e *env) agentOf(nodeID uuid.UUID) *agenttest.Agent {
 	for _, a := range e.agents {
-		if a.id == nodeID.String() {
+		if a.ID == nodeID.String() {
 			return a
 		}
 	}
@@ -413,13 +298,13 @@ func TestAPIAuthAndValidation(t *testing.T) {
 	// Nodes are shared: only admin organisations (or the cluster token)
 	// change them.
 	var ae2 apiError
-	if code := e.call(b, "POST", "/api/v1/nodes/"+e.agents[0].id+"/drain", nil, &ae2); code != 403 || ae2.Error.Code != "forbidden" {
+	if code := e.call(b, "POST", "/api/v1/nodes/"+e.agents[0].ID+"/drain", nil, &ae2); code != 403 || ae2.Error.Code != "forbidden" {
 		t.Fatalf("drain by a non-admin org: %d %+v", code, ae2)
 	}
-	if code := e.call(clusterToken, "POST", "/api/v1/nodes/"+e.agents[0].id+"/enable", nil, nil); code != 200 {
+	if code := e.call(clusterToken, "POST", "/api/v1/nodes/"+e.agents[0].ID+"/enable", nil, nil); code != 200 {
 		t.Fatalf("enable with the cluster token: %d", code)
 	}
-	if code := e.call("", "POST", "/api/v1/nodes/"+e.agents[0].id+"/drain", nil, nil); code != 401 {
+	if code := e.call("", "POST", "/api/v1/nodes/"+e.agents[0].ID+"/drain", nil, nil); code != 401 {
 		t.Fatalf("drain without a token: %d", code)
 	}
 	// Nothing half-written: a rejected project left no row.
@@ -549,11 +434,11 @@ func TestDeploymentLifecycle(t *testing.T) {
 	for _, in := range v1.Instances {
 		on := 0
 		for _, a := range e.agents {
-			if a.createsOf(in.ID.String()) > 0 {
+			if a.CreatesOf(in.ID.String()) > 0 {
 				on++
 			}
 		}
-		if on != 1 || e.agentOf(in.NodeID).createsOf(in.ID.String()) == 0 {
+		if on != 1 || e.agentOf(in.NodeID).CreatesOf(in.ID.String()) == 0 {
 			t.Fatalf("instance %s created on %d nodes", in.ID, on)
 		}
 	}
@@ -659,14 +544,14 @@ func TestDeploymentLifecycle(t *testing.T) {
 	// enable makes it eligible again.
 	drained := e.agents[2]
 	var node map[string]any
-	if code := e.call(tok, "POST", "/api/v1/nodes/"+drained.id+"/drain", nil, &node); code != 200 || node["state"] != "draining" {
+	if code := e.call(tok, "POST", "/api/v1/nodes/"+drained.ID+"/drain", nil, &node); code != 200 || node["state"] != "draining" {
 		t.Fatalf("drain: %d %v", code, node)
 	}
 	e.eventually("drained node empty and its region whole", func() bool {
 		d := e.waitDeployment(tok, v1.ID.String(), "active")
-		return drained.count() == 0 && d.Regions[drained.region].Healthy == 3
+		return drained.Count() == 0 && d.Regions[drained.Region].Healthy == 3
 	})
-	if code := e.call(tok, "POST", "/api/v1/nodes/"+drained.id+"/enable", nil, &node); code != 200 || node["state"] != "ready" {
+	if code := e.call(tok, "POST", "/api/v1/nodes/"+drained.ID+"/enable", nil, &node); code != 200 || node["state"] != "ready" {
 		t.Fatalf("enable: %d %v", code, node)
 	}
 	if code := e.call(tok, "POST", "/api/v1/nodes/"+uuid.NewString()+"/drain", nil, nil); code != 404 {
@@ -678,35 +563,35 @@ func TestDeploymentLifecycle(t *testing.T) {
 	lossy := e.agents[4]
 	var lostID string
 	for _, in := range e.waitDeployment(tok, v1.ID.String(), "active").Instances {
-		if in.NodeID.String() == lossy.id && in.Desired == "running" {
+		if in.NodeID.String() == lossy.ID && in.Desired == "running" {
 			lostID = in.ID.String()
 		}
 	}
 	if lostID == "" {
 		t.Fatal("no v1 instance on the lossy node")
 	}
-	lossy.forget(lostID)
+	lossy.Forget(lostID)
 	orphan := uuid.NewString()
-	e.agents[5].adopt(orphan)
+	e.agents[5].Adopt(orphan)
 	e.eventually("lost instance recreated and orphan deleted", func() bool {
-		return lossy.has(lostID) && lossy.createsOf(lostID) >= 2 && !e.agents[5].has(orphan)
+		return lossy.Has(lostID) && lossy.CreatesOf(lostID) >= 2 && !e.agents[5].Has(orphan)
 	})
 
 	// A node that stops heartbeating is marked down; its instances are
 	// replaced in the same region. When it comes back its old VMs go.
 	victim := e.agents[0]
-	before := victim.count()
+	before := victim.Count()
 	if before == 0 {
 		t.Fatal("victim has no instances")
 	}
-	victim.alive.Store(false)
+	victim.SetAlive(false)
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		d := e.waitDeployment(tok, v1.ID.String(), "active")
-		if ri := d.Regions[victim.region]; ri.Healthy == 3 && ri.Desired == 3 {
+		if ri := d.Regions[victim.Region]; ri.Healthy == 3 && ri.Desired == 3 {
 			moved := true
 			for _, in := range d.Instances {
-				if in.NodeID.String() == victim.id && in.Desired == "running" {
+				if in.NodeID.String() == victim.ID && in.Desired == "running" {
 					moved = false
 				}
 			}
@@ -720,8 +605,8 @@ func TestDeploymentLifecycle(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 
-	victim.alive.Store(true)
-	e.eventually("returning node's replaced VMs deleted", func() bool { return victim.count() == 0 })
+	victim.SetAlive(true)
+	e.eventually("returning node's replaced VMs deleted", func() bool { return victim.Count() == 0 })
 
 	// Custom domain: routes only once verified, to the active deployment.
 	var dom Domain
@@ -889,7 +774,7 @@ func TestRollbackRestartsStoppedDeployment(t *testing.T) {
 			}
 		}
 		for _, in := range v1.Instances {
-			if e.agentOf(in.NodeID).has(in.ID.String()) {
+			if e.agentOf(in.NodeID).Has(in.ID.String()) {
 				return false
 			}
 		}

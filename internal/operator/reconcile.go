@@ -1,14 +1,10 @@
 package operator
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net"
-	"net/http"
 	"slices"
 	"sort"
 	"strings"
@@ -20,6 +16,7 @@ import (
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
 
+	"github.com/zeitwork/zeitwork/internal/operator/agents"
 	"github.com/zeitwork/zeitwork/internal/operator/placement"
 )
 
@@ -395,11 +392,9 @@ func (o *Operator) ensureInstances(ctx context.Context, d openDeployment) (bool,
 				return false, "", err
 			}
 		}
-		spec := map[string]any{
-			"id": in.ID, "deployment_id": d.id, "image": d.imageRef(), "port": d.port, "vcpus": d.vcpus,
-			"memory_mib": d.memoryMiB, "env": env, "health_path": d.healthPath,
-		}
-		if err := o.callAgent(ctx, in.nodeAddress, "POST", "/instances", spec); err != nil {
+		spec := agents.Spec{ID: in.ID.String(), DeploymentID: d.id.String(), Image: d.imageRef(), Port: d.port, VCPUs: d.vcpus,
+			MemoryMiB: d.memoryMiB, Env: env, HealthPath: d.healthPath}
+		if err := o.agents.Create(ctx, in.nodeAddress, spec); err != nil {
 			o.log.Warn("cannot create instance on node", "instance_id", in.ID, "node", in.nodeAddress, "err", err)
 		}
 	}
@@ -415,36 +410,6 @@ func (d openDeployment) imageRef() string {
 		repo = d.image[:j]
 	}
 	return repo + "@" + d.digest
-}
-
-func (o *Operator) callAgent(ctx context.Context, base, method, path string, body any) error {
-	var rd *bytes.Reader
-	if body != nil {
-		b, _ := json.Marshal(body)
-		rd = bytes.NewReader(b)
-	} else {
-		rd = bytes.NewReader(nil)
-	}
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, method, base+path, rd)
-	if err != nil {
-		return err
-	}
-	req.Header.Set("Authorization", "Bearer "+o.cfg.ClusterToken)
-	req.Header.Set("Content-Type", "application/json")
-	resp, err := o.client.Do(req)
-	if err != nil {
-		return err
-	}
-	resp.Body.Close()
-	if resp.StatusCode == 404 && method == "DELETE" {
-		return nil
-	}
-	if resp.StatusCode/100 != 2 {
-		return fmt.Errorf("%s %s: status %d", method, path, resp.StatusCode)
-	}
-	return nil
 }
 
 // allHealthy reports whether every region has min healthy instances.
@@ -514,7 +479,7 @@ func (o *Operator) stopInstances(ctx context.Context) error {
 		return err
 	}
 	for _, s := range list {
-		if err := o.callAgent(ctx, s.addr, "DELETE", "/instances/"+s.id.String(), nil); err != nil {
+		if err := o.agents.Delete(ctx, s.addr, s.id.String()); err != nil {
 			o.log.Warn("cannot stop instance", "instance_id", s.id, "err", err)
 			continue
 		}
@@ -549,10 +514,8 @@ func (o *Operator) collectOrphans(ctx context.Context) error {
 		return err
 	}
 	for _, n := range nodes {
-		var listed []struct {
-			ID string `json:"id"`
-		}
-		if err := o.getAgent(ctx, n.addr, "/instances", &listed); err != nil {
+		listed, err := o.agents.List(ctx, n.addr)
+		if err != nil {
 			o.log.Warn("cannot list instances of node", "node_id", n.id, "err", err)
 			continue
 		}
@@ -575,29 +538,10 @@ func (o *Operator) collectOrphans(ctx context.Context) error {
 				continue
 			}
 			o.log.Warn("deleting an instance the database does not know", "node_id", n.id, "instance_id", id)
-			if err := o.callAgent(ctx, n.addr, "DELETE", "/instances/"+id.String(), nil); err != nil {
+			if err := o.agents.Delete(ctx, n.addr, id.String()); err != nil {
 				o.log.Warn("cannot delete orphan instance", "instance_id", id, "err", err)
 			}
 		}
 	}
 	return nil
-}
-
-func (o *Operator) getAgent(ctx context.Context, base, path string, out any) error {
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, "GET", base+path, nil)
-	if err != nil {
-		return err
-	}
-	req.Header.Set("Authorization", "Bearer "+o.cfg.ClusterToken)
-	resp, err := o.client.Do(req)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != 200 {
-		return fmt.Errorf("GET %s: status %d", path, resp.StatusCode)
-	}
-	return json.NewDecoder(io.LimitReader(resp.Body, 16<<20)).Decode(out)
 }
