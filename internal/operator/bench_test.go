@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/zeitwork/zeitwork/internal/operator/routes"
 	"github.com/zeitwork/zeitwork/internal/operator/webhook"
 )
 
@@ -52,11 +53,11 @@ func BenchmarkAliasSwitch(b *testing.B) {
 	b.ResetTimer()
 	for i := range b.N {
 		target := ids[i%2]
-		var cur RouteTable
+		var cur routes.Table
 		e.call(clusterToken, "GET", "/api/v1/routes", nil, &cur)
-		got := make(chan RouteTable, 1)
+		got := make(chan routes.Table, 1)
 		go func() {
-			var rt RouteTable
+			var rt routes.Table
 			req, _ := http.NewRequest("GET", e.url+"/api/v1/routes?wait=30s&version="+cur.Version, nil)
 			req.Header.Set("Authorization", "Bearer "+clusterToken)
 			if resp, err := http.DefaultClient.Do(req); err == nil {

@@ -4,10 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"hash/fnv"
 	"net/http"
-	"sort"
-	"strconv"
 	"time"
 
 	"github.com/google/uuid"
@@ -217,170 +214,27 @@ func (o *Operator) listRegions(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
-// RouteTable is what edge proxies consume.
-type RouteTable struct {
-	Version     string    `json:"version"`
-	GeneratedAt time.Time `json:"generated_at"`
-	Routes      []Route   `json:"routes"`
-}
-
-// Route maps a host to a deployment's instances.
-type Route struct {
-	Host         string          `json:"host"`
-	Kind         string          `json:"kind"` // versioned | production | custom
-	ProjectID    uuid.UUID       `json:"project_id"`
-	DeploymentID uuid.UUID       `json:"deployment_id"`
-	Instances    []RouteInstance `json:"instances"`
-}
-
-// RouteInstance is one backend of a route.
-type RouteInstance struct {
-	ID          uuid.UUID `json:"id"`
-	NodeID      uuid.UUID `json:"node_id"`
-	NodeAddress string    `json:"node_address"`
-	Region      string    `json:"region"`
-	Healthy     bool      `json:"healthy"`
-}
-
-// routeCacheMaxAge bounds how long a cached table is served without a
-// rebuild, should a routing change ever miss its version bump.
-const routeCacheMaxAge = 5 * time.Second
-
-// currentRoutes returns the route table, rebuilt only when the database's
-// route_table_version moved (every routing change bumps it in its own
-// transaction) or the cached copy is older than routeCacheMaxAge. Waiting
-// long-polls therefore cost one tiny query per wake-up.
-func (o *Operator) currentRoutes(ctx context.Context) (*RouteTable, error) {
-	var counter int64
-	if err := o.pool.QueryRow(ctx, Q("RoutesVersion")).Scan(&counter); err != nil {
-		return nil, err
-	}
-	o.routeCacheMu.Lock()
-	c := o.routeCache
-	o.routeCacheMu.Unlock()
-	if c.table != nil && c.counter == counter && time.Since(c.built) < routeCacheMaxAge {
-		return c.table, nil
-	}
-	built := time.Now()
-	o.m.routeBuilds.Inc()
-	rt, err := o.buildRoutes(ctx)
-	if err != nil {
-		return nil, err
-	}
-	o.routeCacheMu.Lock()
-	if counter >= o.routeCache.counter {
-		o.routeCache = routeCache{counter: counter, built: built, table: rt}
-	}
-	o.routeCacheMu.Unlock()
-	return rt, nil
-}
-
-type routeCache struct {
-	counter int64
-	built   time.Time
-	table   *RouteTable
-}
-
-// buildRoutes reads the route table; its version is a hash of its content,
-// so every operator reports the same version for the same table.
-func (o *Operator) buildRoutes(ctx context.Context) (*RouteTable, error) {
-	inst := map[uuid.UUID][]RouteInstance{}
-	rows, err := o.pool.Query(ctx, Q("RouteInstances"))
-	if err != nil {
-		return nil, err
-	}
-	for rows.Next() {
-		var ri RouteInstance
-		var dep uuid.UUID
-		if err := rows.Scan(&ri.ID, &dep, &ri.NodeID, &ri.NodeAddress, &ri.Region, &ri.Healthy); err != nil {
-			rows.Close()
-			return nil, err
-		}
-		inst[dep] = append(inst[dep], ri)
-	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
-		return nil, err
-	}
-	var routes []Route
-	active := map[uuid.UUID]uuid.UUID{} // project → active deployment
-	rows, err = o.pool.Query(ctx, Q("RouteDeployments"))
-	if err != nil {
-		return nil, err
-	}
-	for rows.Next() {
-		var dep, proj uuid.UUID
-		var host, pname, oname string
-		var isActive bool
-		if err := rows.Scan(&dep, &host, &proj, &pname, &oname, &isActive); err != nil {
-			rows.Close()
-			return nil, err
-		}
-		routes = append(routes, Route{Host: host, Kind: "versioned", ProjectID: proj, DeploymentID: dep, Instances: inst[dep]})
-		if isActive {
-			active[proj] = dep
-			routes = append(routes, Route{Host: names.AliasLabel(pname, oname) + "." + o.cfg.AppsDomain, Kind: "production", ProjectID: proj, DeploymentID: dep, Instances: inst[dep]})
-		}
-	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
-		return nil, err
-	}
-	rows, err = o.pool.Query(ctx, Q("RouteDomains"))
-	if err != nil {
-		return nil, err
-	}
-	for rows.Next() {
-		var name string
-		var dep, proj uuid.UUID
-		if err := rows.Scan(&name, &dep, &proj); err != nil {
-			rows.Close()
-			return nil, err
-		}
-		routes = append(routes, Route{Host: name, Kind: "custom", ProjectID: proj, DeploymentID: dep, Instances: inst[dep]})
-	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
-		return nil, err
-	}
-	sort.Slice(routes, func(i, j int) bool { return routes[i].Host < routes[j].Host })
-	for _, rt := range routes {
-		sort.Slice(rt.Instances, func(i, j int) bool { return rt.Instances[i].ID.String() < rt.Instances[j].ID.String() })
-	}
-	if routes == nil {
-		routes = []Route{}
-	}
-	b, _ := json.Marshal(routes)
-	h := fnv.New64a()
-	h.Write(b)
-	return &RouteTable{Version: strconv.FormatUint(h.Sum64(), 16), GeneratedAt: time.Now().UTC(), Routes: routes}, nil
-}
-
 // routes serves the table; with ?version=V&wait=D it long-polls until the
-// table differs from V (woken by NOTIFY, re-checked every 500 ms).
+// table differs from V.
 func (o *Operator) routes(w http.ResponseWriter, r *http.Request) error {
-	have := r.URL.Query().Get("version")
-	wait, _ := time.ParseDuration(r.URL.Query().Get("wait"))
-	wait = min(wait, 60*time.Second)
-	deadline := time.Now().Add(wait)
-	for {
-		woken := o.routesChanged()
-		rt, err := o.currentRoutes(r.Context())
-		if err != nil {
-			return err
+	var wait time.Duration
+	if v := r.URL.Query().Get("wait"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil || d < 0 {
+			return invalid("wait %q is not a duration like 30s", v)
 		}
-		if rt.Version != have || wait <= 0 || time.Now().After(deadline) {
-			w.Header().Set("ETag", `"`+rt.Version+`"`)
-			writeJSON(w, 200, rt)
-			return nil
-		}
-		select {
-		case <-r.Context().Done():
-			return nil
-		case <-woken:
-		case <-time.After(500 * time.Millisecond):
-		}
+		wait = min(d, 60*time.Second)
 	}
+	rt, err := o.routeTable.Wait(r.Context(), r.URL.Query().Get("version"), wait)
+	if err != nil {
+		if r.Context().Err() != nil {
+			return nil
+		}
+		return err
+	}
+	w.Header().Set("ETag", `"`+rt.Version+`"`)
+	writeJSON(w, 200, rt)
+	return nil
 }
 
 // EnsureRegion creates a region row (used by tests and bootstrap).

@@ -26,6 +26,7 @@ import (
 	"github.com/zeitwork/zeitwork/internal/envconfig"
 	"github.com/zeitwork/zeitwork/internal/operator/agents"
 	"github.com/zeitwork/zeitwork/internal/operator/domains"
+	"github.com/zeitwork/zeitwork/internal/operator/routes"
 	"github.com/zeitwork/zeitwork/internal/operator/secrets"
 )
 
@@ -133,15 +134,11 @@ type Operator struct {
 	verify *domains.Verifier
 	m      *metrics
 
-	routesMu   sync.Mutex
-	routesWake chan struct{} // closed and replaced on every routes notification
+	routeTable *routes.Source
 	kick       chan struct{} // wakes the reconciler
 
 	lastOrphanScan time.Time // leader loop only
 	leading        atomic.Bool
-
-	routeCacheMu sync.Mutex
-	routeCache   routeCache
 }
 
 type metrics struct {
@@ -160,7 +157,7 @@ func New(cfg Config, pool *pgxpool.Pool, reg prometheus.Registerer, log *slog.Lo
 		return nil, fmt.Errorf("ENCRYPTION_KEY: %w", err)
 	}
 	o := &Operator{cfg: cfg, pool: pool, log: log, seal: s, agents: agents.New(cfg.ClusterToken),
-		routesWake: make(chan struct{}), kick: make(chan struct{}, 1),
+		kick:   make(chan struct{}, 1),
 		verify: domains.NewVerifier(cfg.DNSResolver, cfg.EdgeHostname, cfg.EdgeIPs)}
 	o.m = &metrics{
 		requests:    prometheus.NewCounterVec(prometheus.CounterOpts{Name: "zeitwork_operator_api_requests_total", Help: "API requests by status class."}, []string{"class"}),
@@ -171,6 +168,7 @@ func New(cfg Config, pool *pgxpool.Pool, reg prometheus.Registerer, log *slog.Lo
 		webhooks:    prometheus.NewCounterVec(prometheus.CounterOpts{Name: "zeitwork_operator_webhook_deliveries_total", Help: "GitHub deliveries by result."}, []string{"result"}),
 		routeBuilds: prometheus.NewCounter(prometheus.CounterOpts{Name: "zeitwork_operator_route_table_builds_total", Help: "Route tables built from the database (cache misses)."}),
 	}
+	o.routeTable = routes.New(pool, cfg.AppsDomain, o.m.routeBuilds)
 	if reg != nil {
 		reg.MustRegister(o.m.requests, o.m.deployments, o.m.leader, o.m.passes, o.m.webhooks, o.m.routeBuilds)
 	}
@@ -210,7 +208,7 @@ func (o *Operator) listen(ctx context.Context) {
 					return err
 				}
 				if n.Channel == "zeitwork_routes" {
-					o.wakeRoutes()
+					o.routeTable.Changed()
 				}
 				o.nudge()
 			}
@@ -219,25 +217,12 @@ func (o *Operator) listen(ctx context.Context) {
 			return
 		}
 		o.log.Warn("notification listener failed; retrying", "err", err)
-		o.wakeRoutes() // waiters re-read the table
+		o.routeTable.Changed() // waiters re-read the table
 		select {
 		case <-ctx.Done():
 		case <-time.After(time.Second):
 		}
 	}
-}
-
-func (o *Operator) wakeRoutes() {
-	o.routesMu.Lock()
-	close(o.routesWake)
-	o.routesWake = make(chan struct{})
-	o.routesMu.Unlock()
-}
-
-func (o *Operator) routesChanged() <-chan struct{} {
-	o.routesMu.Lock()
-	defer o.routesMu.Unlock()
-	return o.routesWake
 }
 
 func (o *Operator) nudge() {

@@ -25,6 +25,7 @@ import (
 	ib "github.com/zeitwork/zeitwork/internal/imagebuild"
 	"github.com/zeitwork/zeitwork/internal/operator/agents/agenttest"
 	"github.com/zeitwork/zeitwork/internal/operator/domains/dnstest"
+	"github.com/zeitwork/zeitwork/internal/operator/routes"
 	"github.com/zeitwork/zeitwork/internal/pgtest"
 )
 
@@ -216,9 +217,9 @@ func (e *env) logs(tok string, dep uuid.UUID) []map[string]any {
 	}
 }
 
-func (e *env) routeFor(host string) *Route {
+func (e *env) routeFor(host string) *routes.Route {
 	e.t.Helper()
-	var rt RouteTable
+	var rt routes.Table
 	if code := e.call(clusterToken, "GET", "/api/v1/routes", nil, &rt); code != 200 {
 		e.t.Fatalf("routes: %d", code)
 	}
@@ -459,15 +460,18 @@ func TestDeploymentLifecycle(t *testing.T) {
 	if code := e.call("zw_user", "GET", "/api/v1/routes", nil, nil); code != 401 {
 		t.Fatalf("routes without the cluster token: %d", code)
 	}
-	var cur RouteTable
+	if code := e.call(clusterToken, "GET", "/api/v1/routes?wait=soon", nil, nil); code != 400 {
+		t.Fatalf("malformed wait: %d", code)
+	}
+	var cur routes.Table
 	e.call(clusterToken, "GET", "/api/v1/routes", nil, &cur)
-	var same RouteTable
+	var same routes.Table
 	if e.call(clusterToken, "GET", "/api/v1/routes?version="+cur.Version+"&wait=300ms", nil, &same); same.Version != cur.Version {
 		t.Fatalf("idle long poll changed version %s → %s", cur.Version, same.Version)
 	}
-	polled := make(chan RouteTable, 1)
+	polled := make(chan routes.Table, 1)
 	go func() { // no t.Fatal off the test goroutine: a failure shows as an empty table
-		var rt RouteTable
+		var rt routes.Table
 		req, _ := http.NewRequest("GET", e.url+"/api/v1/routes?version="+cur.Version+"&wait=60s", nil)
 		req.Header.Set("Authorization", "Bearer "+clusterToken)
 		if resp, err := http.DefaultClient.Do(req); err == nil {

@@ -7,9 +7,6 @@ WHERE t.token_hash = $1 AND t.deleted_at IS NULL AND o.deleted_at IS NULL
 -- name: TokenTouch
 UPDATE api_tokens SET last_used_at = now() WHERE id = $1 AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute');
 
--- name: OrgByName
-SELECT id FROM organisations WHERE name = $1 AND deleted_at IS NULL;
-
 -- name: OrgUpsert
 INSERT INTO organisations (id, name) VALUES ($1, $2)
 ON CONFLICT (name) WHERE deleted_at IS NULL DO UPDATE SET name = excluded.name

@@ -17,9 +17,6 @@ WHERE id = $1 AND node_id = $7 AND deleted_at IS NULL
   AND (state, healthy, ip, restarts, error) IS DISTINCT FROM ($2, $3, $4, $5, $6)
 RETURNING deployment_id;
 
--- name: InstancesOfNode
-SELECT i.id, i.desired_state, i.state FROM instances i WHERE i.node_id = $1 AND i.deleted_at IS NULL;
-
 -- name: EdgeUpsert
 INSERT INTO edges (id, region_id, https_address, http_address, last_seen_at) VALUES ($1, $2, $3, $4, now())
 ON CONFLICT (id) DO UPDATE SET region_id = $2, https_address = $3, http_address = $4, last_seen_at = now();
@@ -77,18 +74,6 @@ UPDATE instances SET deleted_at = now(), updated_at = now() WHERE id = $1;
 SELECT i.id, n.address FROM instances i JOIN nodes n ON n.id = i.node_id
 WHERE i.deleted_at IS NULL AND i.desired_state = 'stopped' AND n.state <> 'down';
 
--- name: InstancesOnDownNodes
-SELECT i.id FROM instances i JOIN nodes n ON n.id = i.node_id
-WHERE i.deleted_at IS NULL AND n.state = 'down';
-
--- name: InstancesDrainable
-SELECT i.id FROM instances i JOIN nodes n ON n.id = i.node_id
-WHERE i.deleted_at IS NULL AND n.state = 'draining' AND i.desired_state = 'running';
-
--- name: ProjectPromote
-UPDATE projects SET active_deployment_id = $2, updated_at = now() WHERE id = $1
-RETURNING (SELECT active_deployment_id FROM projects WHERE id = $1);
-
 -- name: DeploymentSupersede
 UPDATE deployments SET status = 'superseded', finished_at = now(), updated_at = now()
 WHERE project_id = $1 AND id <> $2 AND status IN ('active', 'healthy') AND NOT preview;
@@ -135,9 +120,6 @@ SELECT p.id, p.organisation_id, p.name, p.github_branch, p.image_template, o.nam
 FROM projects p JOIN organisations o ON o.id = p.organisation_id
 WHERE lower(p.github_repo) = lower($1) AND p.deleted_at IS NULL AND o.deleted_at IS NULL
 ORDER BY p.id;
-
--- name: OrgName
-SELECT name FROM organisations WHERE id = $1;
 
 -- name: PreviousHealthy
 SELECT d.id FROM deployments d
