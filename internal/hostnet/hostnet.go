@@ -23,6 +23,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -37,6 +38,7 @@ type Lease struct {
 	HostIP  string `json:"host_ip"`
 	GuestIP string `json:"guest_ip"`
 	Bits    int    `json:"bits"`
+	Port    int    `json:"port"` // the app port the host may connect to
 }
 
 // GuestCIDR is the guest address with its prefix length.
@@ -158,6 +160,26 @@ func (m *Manager) Rules() string {
 	var b bytes.Buffer
 	fmt.Fprintf(&b, "table inet %s\ndelete table inet %s\n", t, t)
 	fmt.Fprintf(&b, "table inet %s {\n", t)
+	// Host → guest: only each VM's app port (health checks, proxied
+	// requests) — no other process on the node reaches anything else.
+	fmt.Fprintf(&b, "  set apps {\n    type ipv4_addr . inet_service\n")
+	m.mu.Lock()
+	var elems []string
+	for _, l := range m.leases {
+		if l.Port > 0 {
+			elems = append(elems, fmt.Sprintf("%s . %d", l.GuestIP, l.Port))
+		}
+	}
+	m.mu.Unlock()
+	sort.Strings(elems)
+	if len(elems) > 0 {
+		fmt.Fprintf(&b, "    elements = { %s }\n", strings.Join(elems, ", "))
+	}
+	fmt.Fprintf(&b, "  }\n")
+	fmt.Fprintf(&b, "  chain output {\n    type filter hook output priority 0; policy accept;\n")
+	fmt.Fprintf(&b, "    oifname %q ip daddr . tcp dport @apps accept\n", vm)
+	fmt.Fprintf(&b, "    oifname %q ct state established,related accept\n", vm)
+	fmt.Fprintf(&b, "    oifname %q drop\n  }\n", vm)
 	// Guest → this host: nothing but replies to connections the host opened
 	// (health checks, proxied requests).
 	fmt.Fprintf(&b, "  chain input {\n    type filter hook input priority 0; policy accept;\n")
@@ -222,12 +244,21 @@ func (m *Manager) Teardown() error {
 	return errors.Join(errs...)
 }
 
-// Allocate returns id's lease, creating it and its tap when needed. It is
+// Allocate returns id's lease, creating it and its tap when needed, and
+// lets the host reach the guest on port (0 = on no port). It is
 // idempotent: a restarted agent calls it again for its VMs.
-func (m *Manager) Allocate(id string) (*Lease, error) {
+func (m *Manager) Allocate(id string, port int) (*Lease, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	l, ok := m.leases[id]
+	if ok && l.Port != port {
+		m.nft(fmt.Sprintf("delete element inet %s apps { %s . %d }", m.Table(), l.GuestIP, l.Port))
+		l.Port = port
+		b, _ := json.Marshal(l)
+		if err := writeFileAtomic(m.leasePath(id), b); err != nil {
+			return nil, fmt.Errorf("cannot persist lease: %w", err)
+		}
+	}
 	if !ok {
 		n := m.slotCount()
 		slot := -1
@@ -242,6 +273,7 @@ func (m *Manager) Allocate(id string) (*Lease, error) {
 			return nil, fmt.Errorf("VM subnet %s is full (%d VMs)", m.cfg.Subnet, n)
 		}
 		l = m.lease(id, slot)
+		l.Port = port
 		b, _ := json.Marshal(l)
 		if err := writeFileAtomic(m.leasePath(id), b); err != nil {
 			return nil, fmt.Errorf("cannot persist lease: %w", err)
@@ -254,7 +286,21 @@ func (m *Manager) Allocate(id string) (*Lease, error) {
 	if err := m.ensureTap(l); err != nil {
 		return nil, err
 	}
+	if l.Port > 0 {
+		if err := m.nft(fmt.Sprintf("add element inet %s apps { %s . %d }", m.Table(), l.GuestIP, l.Port)); err != nil {
+			return nil, fmt.Errorf("cannot allow the app port: %w", err)
+		}
+	}
 	return l, nil
+}
+
+// nft runs one nft command (in the namespace, if any).
+func (m *Manager) nft(command string) error {
+	args := append([]string{"nft"}, strings.Fields(command)...)
+	if m.cfg.Netns != "" {
+		args = append([]string{"ip", "netns", "exec", m.cfg.Netns}, args...)
+	}
+	return run(args...)
 }
 
 func (m *Manager) leasePath(id string) string {
@@ -310,6 +356,9 @@ func (m *Manager) Release(id string) error {
 	var errs []error
 	if _, err := m.output(m.ipArgs("link", "show", "dev", l.Tap)...); err == nil {
 		errs = append(errs, m.ip("link", "del", "dev", l.Tap))
+	}
+	if l.Port > 0 {
+		_ = m.nft(fmt.Sprintf("delete element inet %s apps { %s . %d }", m.Table(), l.GuestIP, l.Port))
 	}
 	if err := os.Remove(m.leasePath(id)); err != nil && !os.IsNotExist(err) {
 		errs = append(errs, err)

@@ -55,7 +55,7 @@ func TestManager(t *testing.T) {
 		t.Fatal(err)
 	}
 	rules := in(t, ns, "nft", "list", "table", "inet", m.Table())
-	for _, want := range []string{"masquerade", `iifname "` + m.TapPrefix() + `*" drop`, `oifname "zw*" drop`, "ct state established,related accept"} {
+	for _, want := range []string{"masquerade", "ip daddr . tcp dport @apps accept", `iifname "` + m.TapPrefix() + `*" drop`, `oifname "zw*" drop`, "ct state established,related accept"} {
 		if !strings.Contains(rules, want) {
 			t.Errorf("rules lack %q:\n%s", want, rules)
 		}
@@ -69,7 +69,7 @@ func TestManager(t *testing.T) {
 	leases := map[string]*Lease{}
 	seen := map[string]bool{}
 	for _, id := range ids {
-		l, err := m.Allocate(id)
+		l, err := m.Allocate(id, 8080)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -93,10 +93,10 @@ func TestManager(t *testing.T) {
 			t.Fatalf("mtu: %s", link)
 		}
 	}
-	if again, err := m.Allocate("a"); err != nil || *again != *leases["a"] {
+	if again, err := m.Allocate("a", 8080); err != nil || *again != *leases["a"] {
 		t.Fatalf("allocate is not idempotent: %+v %v", again, err)
 	}
-	if _, err := m.Allocate("e"); err == nil || !strings.Contains(err.Error(), "full") {
+	if _, err := m.Allocate("e", 8080); err == nil || !strings.Contains(err.Error(), "full") {
 		t.Fatalf("fifth lease in a /28: %v", err)
 	}
 
@@ -133,9 +133,20 @@ func TestManager(t *testing.T) {
 			t.Fatalf("Setup removed the tap of live lease %s", id)
 		}
 	}
-	e, err := m2.Allocate("e")
+	e, err := m2.Allocate("e", 9000)
 	if err != nil {
 		t.Fatal(err)
+	}
+	// The host may reach each guest on its app port only: the set holds the
+	// live leases (re-created by Setup after the restart) and not b's.
+	set := in(t, ns, "nft", "list", "set", "inet", m.Table(), "apps")
+	for _, id := range []string{"a", "c", "d"} {
+		if !strings.Contains(set, leases[id].GuestIP+" . 8080") {
+			t.Errorf("apps set lacks %s:\n%s", id, set)
+		}
+	}
+	if !strings.Contains(set, e.GuestIP+" . 9000") || strings.Count(set, "10.77.") != 4 {
+		t.Errorf("apps set after release and reuse:\n%s", set)
 	}
 	if e.GuestIP != leases["b"].GuestIP {
 		t.Fatalf("e got %s; the only free slot is b's %s", e.GuestIP, leases["b"].GuestIP)
@@ -161,14 +172,17 @@ func TestNextFit(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	a, err := m.Allocate("a")
+	if err := m.Setup(); err != nil {
+		t.Fatal(err)
+	}
+	a, err := m.Allocate("a", 8080)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if err := m.Release("a"); err != nil {
 		t.Fatal(err)
 	}
-	b, err := m.Allocate("b")
+	b, err := m.Allocate("b", 0)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -220,6 +220,8 @@ func (f *fixture) waitFor(id, what string, cond func(Status) bool) Status {
 		}
 		if time.Now().After(deadline) {
 			console, _ := os.ReadFile(filepath.Join(f.cfg.WorkDir, "instances", id, "console.log"))
+			rules, _ := exec.Command("nft", "list", "table", "inet", f.agent.net.Table()).CombinedOutput()
+			f.t.Logf("rules:\n%s", rules)
 			f.t.Fatalf("instance %s never %s: %+v\nconsole:\n%s", id, what, st, console)
 		}
 		time.Sleep(200 * time.Millisecond)

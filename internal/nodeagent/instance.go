@@ -455,7 +455,7 @@ func (in *instance) boot() (vmm.Machine, error) {
 		}
 		return nil, err
 	}
-	lease, err := in.a.net.Allocate(spec.ID)
+	lease, err := in.a.net.Allocate(spec.ID, spec.Port)
 	if err != nil {
 		return nil, err
 	}
