@@ -766,29 +766,6 @@ func (o *Operator) unsetEnv(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
-// projectEnv decrypts a project's variables.
-func (o *Operator) projectEnv(ctx context.Context, projectID uuid.UUID) (map[string]string, error) {
-	rows, err := o.pool.Query(ctx, Q("EnvAll"), projectID)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	out := map[string]string{}
-	for rows.Next() {
-		var name string
-		var nonce, ct []byte
-		if err := rows.Scan(&name, &nonce, &ct); err != nil {
-			return nil, err
-		}
-		v, err := o.seal.Open(projectID.String(), name, nonce, ct)
-		if err != nil {
-			return nil, err
-		}
-		out[name] = v
-	}
-	return out, rows.Err()
-}
-
 func (o *Operator) notify(ctx context.Context, channel string) {
 	_, _ = o.pool.Exec(ctx, "SELECT pg_notify($1, '')", channel)
 }

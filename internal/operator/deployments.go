@@ -18,6 +18,7 @@ import (
 
 	"github.com/zeitwork/zeitwork/internal/operator/names"
 	"github.com/zeitwork/zeitwork/internal/operator/webhook"
+	"github.com/zeitwork/zeitwork/internal/store"
 )
 
 // Deployment is the API's deployment document.
@@ -106,16 +107,16 @@ func (o *Operator) deployment(ctx context.Context, org principal, id string) (*D
 }
 
 func (o *Operator) instancesOf(ctx context.Context, deploymentID uuid.UUID) ([]Instance, error) {
-	rows, err := o.pool.Query(ctx, Q("InstancesOfDeployment"), deploymentID)
+	rows, err := store.InstancesOf(ctx, o.pool, deploymentID)
 	if err != nil {
 		return nil, err
 	}
-	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (Instance, error) {
-		var in Instance
-		err := row.Scan(&in.ID, &in.NodeID, &in.Region, &in.State, &in.Healthy, &in.Desired, &in.Error, &in.Restarts, &in.nodeAddress, &in.nodeState)
-		in.DeploymentID = deploymentID
-		return in, err
-	})
+	out := make([]Instance, 0, len(rows))
+	for _, in := range rows {
+		out = append(out, Instance{ID: in.ID, DeploymentID: in.DeploymentID, NodeID: in.NodeID, Region: in.Region, State: in.State,
+			Healthy: in.Healthy, Desired: in.Desired, Error: in.Error, Restarts: in.Restarts, nodeAddress: in.NodeAddress, nodeState: in.NodeState})
+	}
+	return out, nil
 }
 
 type deployRequest struct {
@@ -179,7 +180,7 @@ func (o *Operator) newDeployment(ctx context.Context, q querier, org principal, 
 		id := newID()
 		host := names.VersionedLabel(p.Name, names.NanoID(), org.OrgName) + "." + o.cfg.AppsDomain
 		tag, err := q.Exec(ctx, Q("DeploymentInsert"), id, p.ID, org.OrgID, host, req.Image, req.CommitSHA, req.Branch, req.Preview, key,
-			interval(o.cfg.DeployTimeout))
+			store.Interval(o.cfg.DeployTimeout))
 		if err != nil {
 			return uuid.Nil, err
 		}
@@ -368,7 +369,7 @@ func (o *Operator) switchTo(ctx context.Context, d *Deployment) error {
 	}
 	// Its VMs are gone: start them again; promotion follows health.
 	err := o.tx(ctx, func(tx pgx.Tx) error {
-		_, err := tx.Exec(ctx, Q("DeploymentRestart"), d.ID, interval(o.cfg.DeployTimeout))
+		_, err := tx.Exec(ctx, Q("DeploymentRestart"), d.ID, store.Interval(o.cfg.DeployTimeout))
 		return err
 	})
 	if err != nil {
@@ -381,29 +382,12 @@ func (o *Operator) switchTo(ctx context.Context, d *Deployment) error {
 // promote points the project's alias at deploymentID and supersedes the
 // previous active deployment, in one transaction, and tells edges.
 func (o *Operator) promote(ctx context.Context, projectID, deploymentID uuid.UUID) error {
-	err := o.tx(ctx, func(tx pgx.Tx) error {
-		for _, q := range []struct {
-			name string
-			args []any
-		}{
-			{"ProjectLock", []any{projectID}},
-			{"DeploymentSupersede", []any{projectID, deploymentID}},
-			{"ProjectSetActive", []any{projectID, deploymentID}},
-			{"DeploymentSetStatus", []any{deploymentID, "active", ""}},
-			{"PromoteRequestClear", []any{deploymentID}},
-			{"BumpRoutes", nil},
-		} {
-			if _, err := tx.Exec(ctx, Q(q.name), q.args...); err != nil {
-				return fmt.Errorf("%s: %w", q.name, err)
-			}
-		}
-		return nil
-	})
-	if err == nil {
-		o.m.deployments.WithLabelValues("active").Inc()
-		o.log.Info("promoted", "project_id", projectID, "deployment_id", deploymentID)
+	if err := store.Promote(ctx, o.pool, projectID, deploymentID); err != nil {
+		return err
 	}
-	return err
+	o.m.deployments.WithLabelValues("active").Inc()
+	o.log.Info("promoted", "project_id", projectID, "deployment_id", deploymentID)
+	return nil
 }
 
 func (o *Operator) listInstances(w http.ResponseWriter, r *http.Request) error {

@@ -26,6 +26,7 @@ import (
 	"github.com/zeitwork/zeitwork/internal/envconfig"
 	"github.com/zeitwork/zeitwork/internal/operator/agents"
 	"github.com/zeitwork/zeitwork/internal/operator/domains"
+	"github.com/zeitwork/zeitwork/internal/operator/reconcile"
 	"github.com/zeitwork/zeitwork/internal/operator/routes"
 	"github.com/zeitwork/zeitwork/internal/operator/secrets"
 )
@@ -131,14 +132,14 @@ type Operator struct {
 	log    *slog.Logger
 	seal   *secrets.Sealer
 	agents *agents.Client
+	rec    *reconcile.Reconciler
 	verify *domains.Verifier
 	m      *metrics
 
 	routeTable *routes.Source
 	kick       chan struct{} // wakes the reconciler
 
-	lastOrphanScan time.Time // leader loop only
-	leading        atomic.Bool
+	leading atomic.Bool
 }
 
 type metrics struct {
@@ -169,6 +170,8 @@ func New(cfg Config, pool *pgxpool.Pool, reg prometheus.Registerer, log *slog.Lo
 		routeBuilds: prometheus.NewCounter(prometheus.CounterOpts{Name: "zeitwork_operator_route_table_builds_total", Help: "Route tables built from the database (cache misses)."}),
 	}
 	o.routeTable = routes.New(pool, cfg.AppsDomain, o.m.routeBuilds)
+	o.rec = reconcile.New(reconcile.Config{DeployTimeout: cfg.DeployTimeout, Retention: cfg.Retention, NodeDownAfter: cfg.NodeDownAfter,
+		OrphanScanEvery: cfg.OrphanScanEvery, InsecureRegistries: cfg.InsecureRegistries}, pool, o.agents, s, log, o.m.deployments)
 	if reg != nil {
 		reg.MustRegister(o.m.requests, o.m.deployments, o.m.leader, o.m.passes, o.m.webhooks, o.m.routeBuilds)
 	}
@@ -270,7 +273,7 @@ func (o *Operator) reconcileLoop(ctx context.Context, conn *pgxpool.Conn) {
 	for {
 		pctx, cancel := context.WithTimeout(ctx, time.Minute)
 		start := time.Now()
-		err := o.reconcile(pctx)
+		err := errors.Join(o.rec.Pass(pctx), o.recheckDomains(pctx))
 		cancel()
 		result := "ok"
 		if err != nil {
