@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"strconv"
@@ -43,6 +42,7 @@ type LB struct {
 	metrics *metrics
 	slots   chan struct{} // one per open client connection (MaxConns)
 	dialer  *net.Dialer
+	workers *workers
 
 	mu    sync.Mutex
 	conns map[*net.TCPConn]struct{} // open sockets, closed when the drain times out
@@ -70,6 +70,7 @@ func New(cfg Config, reg prometheus.Registerer, log *slog.Logger) (*LB, error) {
 	l := &LB{
 		cfg: cfg, log: log, dialer: newDialer(cfg.ConnectTimeout), metrics: newMetrics(reg),
 		slots: make(chan struct{}, cfg.MaxConns), conns: map[*net.TCPConn]struct{}{},
+		workers: newWorkers(1024),
 	}
 	for _, ls := range cfg.Listeners {
 		p, err := NewPool(cfg.Algorithm)
@@ -158,6 +159,7 @@ func (l *LB) Run(ctx context.Context) error {
 	}
 	cancelHealth()
 	wg.Wait()
+	l.workers.Close()
 	return err
 }
 
@@ -217,11 +219,11 @@ func (l *LB) accept(ln *net.TCPListener, pool *Pool, stop <-chan struct{}) error
 		backoff = 0
 		l.metrics.accepted.Inc()
 		l.wg.Add(1)
-		go func() {
+		l.workers.Go(func() {
 			defer l.wg.Done()
 			defer func() { <-l.slots }()
 			l.handle(c, pool)
-		}()
+		})
 	}
 }
 
@@ -264,7 +266,7 @@ func (l *LB) handle(client *net.TCPConn, pool *Pool) {
 			return
 		}
 	}
-	up, down := relay(client, upstream)
+	up, down := relay(client, upstream, l.workers)
 	l.metrics.bytesIn.Add(float64(up))
 	l.metrics.bytesOut.Add(float64(down))
 }
@@ -292,9 +294,8 @@ func (l *LB) connect(pool *Pool, client net.IP) (*net.TCPConn, *Backend) {
 }
 
 // relay copies both directions until both have ended and returns the bytes
-// sent upstream and downstream. io.Copy between two *net.TCPConn uses
-// splice(2) through a pipe, so payload bytes are never copied into Go
-// memory.
+// sent upstream and downstream. Bytes move by splice(2) through a pipe
+// (spliceCopy), never through Go memory.
 //
 // A direction that reaches EOF half-closes its destination (shutdown
 // SHUT_WR) and the other direction keeps flowing, so a client that sends
@@ -302,10 +303,10 @@ func (l *LB) connect(pool *Pool, client net.IP) (*net.TCPConn, *Backend) {
 // The second direction to end needs no shutdown: both sockets are closed
 // right after. A direction that fails (reset, timeout) closes both sockets,
 // which ends the other one at once.
-func relay(client, upstream *net.TCPConn) (up, down int64) {
+func relay(client, upstream *net.TCPConn, w *workers) (up, down int64) {
 	var ended atomic.Int32
 	pipe := func(dst, src *net.TCPConn) int64 {
-		n, err := io.Copy(dst, src)
+		n, err := spliceCopy(dst, src)
 		if err != nil {
 			_ = client.Close()
 			_ = upstream.Close()
@@ -315,7 +316,7 @@ func relay(client, upstream *net.TCPConn) (up, down int64) {
 		return n
 	}
 	done := make(chan int64, 1)
-	go func() { done <- pipe(upstream, client) }()
+	w.Go(func() { done <- pipe(upstream, client) })
 	down = pipe(client, upstream)
 	return <-done, down
 }

@@ -1,0 +1,125 @@
+package lb
+
+import (
+	"errors"
+	"net"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// The relay moves bytes with splice(2): socket → pipe → socket, so payload
+// bytes are never copied into user memory. It calls splice directly, as a
+// raw non-blocking system call, and waits for readiness through the
+// connection's poller (syscall.RawConn): unlike io.Copy's splice path this
+// skips the runtime's blocking-syscall bookkeeping on every call, which on
+// a balancer is most of its calls (see docs/adr/0100).
+
+// pipeSize is the pipe capacity asked for: larger pipes move more per call
+// on bulk transfers (the kernel may grant less).
+const pipeSize = 1 << 20
+
+type pipe struct {
+	r, w int
+	size int
+}
+
+// pipes is a free list of pipes, so a connection does not cost a pipe2 and
+// an fcntl; at most cap(pipes) idle pipes are kept.
+var pipes = make(chan *pipe, 512)
+
+func getPipe() (*pipe, error) {
+	select {
+	case p := <-pipes:
+		return p, nil
+	default:
+	}
+	var fds [2]int
+	if err := unix.Pipe2(fds[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
+		return nil, err
+	}
+	p := &pipe{r: fds[0], w: fds[1], size: 64 << 10}
+	if n, err := unix.FcntlInt(uintptr(p.w), unix.F_SETPIPE_SZ, pipeSize); err == nil {
+		p.size = n
+	}
+	return p, nil
+}
+
+// putPipe returns an empty pipe to the free list; a pipe that may still
+// hold data is closed instead.
+func putPipe(p *pipe, empty bool) {
+	if empty {
+		select {
+		case pipes <- p:
+			return
+		default:
+		}
+	}
+	_ = unix.Close(p.r)
+	_ = unix.Close(p.w)
+}
+
+func rawSplice(in, out, n int) (int, syscall.Errno) {
+	r, _, e := unix.RawSyscall6(unix.SYS_SPLICE, uintptr(in), 0, uintptr(out), 0, uintptr(n), unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+	return int(r), e
+}
+
+// spliceCopy copies src to dst until src's EOF (nil error) or a failure.
+func spliceCopy(dst, src *net.TCPConn) (int64, error) {
+	rsrc, err := src.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	rdst, err := dst.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	p, err := getPipe()
+	if err != nil {
+		return 0, err
+	}
+	var total int64
+	inPipe := 0
+	defer func() { putPipe(p, inPipe == 0) }()
+	for {
+		var n int
+		var errno syscall.Errno
+		err := rsrc.Read(func(fd uintptr) bool {
+			for {
+				n, errno = rawSplice(int(fd), p.w, p.size)
+				if errno != unix.EINTR {
+					return errno != unix.EAGAIN
+				}
+			}
+		})
+		switch {
+		case err != nil:
+			return total, err
+		case errno != 0:
+			return total, errno
+		case n == 0:
+			return total, nil
+		}
+		inPipe = n
+		for inPipe > 0 {
+			err := rdst.Write(func(fd uintptr) bool {
+				for {
+					n, errno = rawSplice(p.r, int(fd), inPipe)
+					if errno != unix.EINTR {
+						return errno != unix.EAGAIN
+					}
+				}
+			})
+			switch {
+			case err != nil:
+				return total, err
+			case errno != 0:
+				return total, errno
+			case n == 0:
+				return total, errors.New("splice to socket wrote nothing")
+			}
+			inPipe -= n
+			total += int64(n)
+		}
+	}
+}
