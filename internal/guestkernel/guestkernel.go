@@ -1,7 +1,9 @@
 // Package guestkernel provides the guest kernel and initramfs every microVM
 // boots: Debian's cloud kernel (fetched with apt-get download, never
-// installed on the host), and an uncompressed initramfs holding
-// zeitwork-init as /init plus the virtio modules it loads. Both are cached
+// installed on the host), the same kernel as an uncompressed ELF vmlinux
+// (Firecracker boots only that; see vmlinux.go), and an uncompressed
+// initramfs holding zeitwork-init as /init plus the virtio modules it
+// loads. All are cached
 // in a directory and rebuilt only when the kernel package or the init
 // binary changes. See docs/adr/0003-guest-kernel.md.
 package guestkernel
@@ -36,6 +38,7 @@ const Package = "linux-image-cloud-amd64"
 type Kernel struct {
 	Version string // e.g. 6.1.0-56-cloud-amd64
 	BzImage string // compressed kernel (QEMU -kernel)
+	Vmlinux string // the same kernel as an uncompressed ELF (Firecracker)
 	Initrd  string // initramfs with zeitwork-init
 }
 
@@ -62,6 +65,9 @@ func Ensure(ctx context.Context, dir, initBinary string) (*Kernel, error) {
 	}
 	version := filepath.Base(kdir)
 	k := &Kernel{Version: version, BzImage: filepath.Join(kdir, "vmlinuz")}
+	if k.Vmlinux, err = EnsureVmlinux(k.BzImage); err != nil {
+		return nil, err
+	}
 	initBytes, err := os.ReadFile(initBinary)
 	if err != nil {
 		return nil, fmt.Errorf("cannot read init binary: %w", err)
