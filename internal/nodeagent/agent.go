@@ -40,6 +40,7 @@ import (
 	"github.com/zeitwork/zeitwork/internal/hostnet"
 	"github.com/zeitwork/zeitwork/internal/rootfs"
 	"github.com/zeitwork/zeitwork/internal/vmm"
+	"github.com/zeitwork/zeitwork/internal/vmm/firecracker"
 	"github.com/zeitwork/zeitwork/internal/vmm/qemu"
 )
 
@@ -59,6 +60,10 @@ type Config struct {
 	VMM             string
 	QEMUBin         string
 	FirecrackerBin  string
+	JailerBin       string // empty: no jailer
+	JailerUID       int
+	JailerGID       int
+	JailerChroot    string
 	Insecure        []string
 	DNS             []string
 	CacheBytes      int64
@@ -88,6 +93,10 @@ func LoadConfig(l *envconfig.Loader) Config {
 		VMM:             l.Enum("VMM", "qemu", "qemu", "firecracker"),
 		QEMUBin:         l.String("QEMU_BIN", "qemu-system-x86_64"),
 		FirecrackerBin:  l.String("FIRECRACKER_BIN", "firecracker"),
+		JailerBin:       l.String("JAILER_BIN", ""),
+		JailerUID:       l.Int("JAILER_UID", 0, 0, 1<<31-1),
+		JailerGID:       l.Int("JAILER_GID", 0, 0, 1<<31-1),
+		JailerChroot:    l.String("JAILER_CHROOT_BASE", "/srv/jailer"),
 		Insecure:        l.List("INSECURE_REGISTRIES", nil),
 		DNS:             l.List("VM_DNS", []string{"1.1.1.1", "8.8.8.8"}),
 		CacheBytes:      int64(l.Int("IMAGE_CACHE_MIB", 20480, 64, 1<<24)) << 20,
@@ -121,8 +130,8 @@ func LoadConfig(l *envconfig.Loader) Config {
 	if len(c.Operators) > 0 && c.Token == "" {
 		l.Errorf("CLUSTER_TOKEN", "is required with OPERATOR_URL")
 	}
-	if c.VMM == "firecracker" {
-		l.Errorf("VMM", "the firecracker backend is not in this build; use qemu")
+	if c.JailerBin != "" && c.VMM != "firecracker" {
+		l.Errorf("JAILER_BIN", "is only used with VMM=firecracker")
 	}
 	if c.Token == "" && l.String("ENVIRONMENT", "production") == "production" {
 		l.Errorf("CLUSTER_TOKEN", "is required in production (the instance API and data plane authenticate with it)")
@@ -239,6 +248,18 @@ func newVMM(cfg Config) (vmm.VMM, error) {
 			q.Bin = cfg.QEMUBin
 		}
 		return q, nil
+	case "firecracker":
+		fc := firecracker.Config{Bin: cfg.FirecrackerBin}
+		if cfg.JailerBin != "" {
+			fc.Jailer = &firecracker.JailerConfig{Bin: cfg.JailerBin, UID: cfg.JailerUID, GID: cfg.JailerGID, ChrootBaseDir: cfg.JailerChroot}
+		}
+		// The backend boots the ELF kernel it extracts from the
+		// bzImage it is given (guestkernel.EnsureVmlinux).
+		f, err := firecracker.New(fc)
+		if err != nil {
+			return nil, err
+		}
+		return f, nil
 	default:
 		return nil, fmt.Errorf("VMM %q is not available", cfg.VMM)
 	}

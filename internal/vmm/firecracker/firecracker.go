@@ -20,6 +20,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -31,6 +32,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/zeitwork/zeitwork/internal/guestkernel"
 	"github.com/zeitwork/zeitwork/internal/vmm"
 )
 
@@ -149,12 +151,16 @@ func (f *Firecracker) Start(ctx context.Context, spec vmm.Spec) (vmm.Machine, er
 	if err != nil {
 		return nil, err
 	}
-	kernel, initrd := spec.Kernel, spec.Initrd
+	kernel, err := kernelELF(spec.Kernel)
+	if err != nil {
+		return nil, err
+	}
+	initrd := spec.Initrd
 	if l.Root != "" {
 		if err := os.MkdirAll(l.host("/run"), 0o755); err != nil {
 			return nil, err
 		}
-		if kernel, err = f.intoChroot(l, spec.Kernel, "/vmlinux"); err != nil {
+		if kernel, err = f.intoChroot(l, kernel, "/vmlinux"); err != nil {
 			return nil, err
 		}
 		if initrd != "" {
@@ -188,6 +194,23 @@ func (f *Firecracker) Start(ctx context.Context, spec vmm.Spec) (vmm.Machine, er
 		return nil, err
 	}
 	return m, nil
+}
+
+// kernelELF returns the ELF kernel Firecracker needs: path itself, or,
+// when path is a bzImage (what the agent hands every backend), the ELF
+// extracted from it and cached beside it.
+func kernelELF(path string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", fmt.Errorf("cannot open the guest kernel: %w", err)
+	}
+	hdr := make([]byte, 0x206)
+	_, err = io.ReadFull(f, hdr)
+	f.Close()
+	if err != nil || string(hdr[0x202:]) != "HdrS" {
+		return path, nil // not a bzImage: Firecracker judges it
+	}
+	return guestkernel.EnsureVmlinux(path)
 }
 
 type apiCall struct {

@@ -2,7 +2,9 @@ package firecracker
 
 import (
 	"bytes"
+	"compress/gzip"
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -189,6 +191,43 @@ func TestBoot(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitDone(t, m, time.Second)
+}
+
+// TestBootFromBzImage: handed a bzImage (as the agent hands every
+// backend), Start boots the ELF extracted from it.
+func TestBootFromBzImage(t *testing.T) {
+	spec := testSpec(t)
+	elfBytes, err := os.ReadFile(fakeBin) // any x86-64 ELF executable
+	if err != nil {
+		t.Fatal(err)
+	}
+	var gz bytes.Buffer
+	zw := gzip.NewWriter(&gz)
+	zw.Write(elfBytes)
+	zw.Close()
+	bz := make([]byte, 1024+gz.Len()) // boot sector + 1 setup sector, payload at 0
+	bz[0x1f1] = 1
+	copy(bz[0x202:], "HdrS")
+	binary.LittleEndian.PutUint16(bz[0x206:], 0x20f)
+	binary.LittleEndian.PutUint32(bz[0x24c:], uint32(gz.Len()))
+	copy(bz[1024:], gz.Bytes())
+	spec.Kernel = filepath.Join(t.TempDir(), "vmlinuz")
+	if err := os.WriteFile(spec.Kernel, bz, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	m, err := backend(t).Start(t.Context(), spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Kill()
+	recs := requests(t, spec.Dir)
+	want := filepath.Join(filepath.Dir(spec.Kernel), "vmlinux")
+	if b := body(t, recs[1]); b["kernel_image_path"] != want {
+		t.Fatalf("kernel_image_path %v, want the extracted %s", b["kernel_image_path"], want)
+	}
+	if got, _ := os.ReadFile(want); !bytes.Equal(got, elfBytes) {
+		t.Fatal("extracted kernel differs from the ELF in the bzImage")
+	}
 }
 
 // TestBootWithoutNetwork leaves the network interface out.
