@@ -18,7 +18,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"net/http/httputil"
 	"net/netip"
 	"net/url"
 	"os"
@@ -26,7 +25,6 @@ import (
 	"regexp"
 	"runtime"
 	"sort"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -149,17 +147,16 @@ func hostMemoryMiB() int {
 
 // Agent is the running node agent.
 type Agent struct {
-	cfg         Config
-	log         *slog.Logger
-	vmm         vmm.VMM
-	kernel      *guestkernel.Kernel
-	images      *rootfs.Store
-	net         *hostnet.Manager
-	metrics     *metrics
-	client      *http.Client
-	bootSlots   chan struct{}
-	dataPlane   *httputil.ReverseProxy
-	vmTransport *http.Transport
+	cfg       Config
+	log       *slog.Logger
+	vmm       vmm.VMM
+	kernel    *guestkernel.Kernel
+	images    *rootfs.Store
+	net       *hostnet.Manager
+	metrics   *metrics
+	client    *http.Client
+	bootSlots chan struct{}
+	routes    *routeTable // what the data plane process serves
 
 	mu           sync.Mutex
 	instances    map[string]*instance
@@ -173,7 +170,6 @@ type Agent struct {
 type metrics struct {
 	instances *prometheus.GaugeVec
 	bootTime  prometheus.Histogram
-	proxied   *prometheus.CounterVec
 }
 
 // New prepares the agent: work directory, node id, kernel, image store,
@@ -198,7 +194,7 @@ func New(ctx context.Context, cfg Config, reg prometheus.Registerer, log *slog.L
 	}
 	a := &Agent{cfg: cfg, bootSlots: make(chan struct{}, cfg.BootConcurrency), log: log.With("node_id", cfg.NodeID), instances: map[string]*instance{}, detached: make(chan struct{}), client: &http.Client{Timeout: 10 * time.Second}}
 	a.detachCtx, a.cancelDetach = context.WithCancel(context.Background())
-	a.dataPlane = a.newDataPlane()
+	a.routes = newRouteTable(cfg.WorkDir, cfg.NodeID, a.log)
 	if a.vmm, err = newVMM(cfg); err != nil {
 		return nil, err
 	}
@@ -227,12 +223,17 @@ func New(ctx context.Context, cfg Config, reg prometheus.Registerer, log *slog.L
 	a.metrics = &metrics{
 		instances: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "zeitwork_node_agent_instances", Help: "Instances by state."}, []string{"state"}),
 		bootTime:  prometheus.NewHistogram(prometheus.HistogramOpts{Name: "zeitwork_node_agent_boot_seconds", Help: "Spawn to healthy.", Buckets: prometheus.ExponentialBuckets(0.25, 2, 10)}),
-		proxied:   prometheus.NewCounterVec(prometheus.CounterOpts{Name: "zeitwork_node_agent_proxied_requests_total", Help: "Data-plane requests by status class."}, []string{"class"}),
 	}
 	if reg != nil {
-		reg.MustRegister(a.metrics.instances, a.metrics.bootTime, a.metrics.proxied)
+		reg.MustRegister(a.metrics.instances, a.metrics.bootTime)
 	}
 	a.adopt(ctx)
+	// The table is rewritten from what this process knows: whatever a
+	// previous one left is replaced.
+	for _, in := range a.instances {
+		in.publishRoute()
+	}
+	a.routes.write()
 	return a, nil
 }
 
@@ -526,6 +527,7 @@ func (a *Agent) Delete(ctx context.Context, id string) error {
 	a.mu.Lock()
 	delete(a.instances, id)
 	a.mu.Unlock()
+	a.routes.set(id, nil)
 	var errs []error
 	errs = append(errs, a.net.Release(id))
 	errs = append(errs, os.RemoveAll(in.dir))
@@ -699,7 +701,9 @@ func (a *Agent) report(ctx context.Context, call string) error {
 	return lastErr
 }
 
-// Handler serves the API (cluster-token authenticated) and the data plane.
+// Handler serves the API (cluster-token authenticated), /health* and
+// /metrics. The data plane process in front of it (ADR 0354) answers
+// requests for instances itself and forwards everything else here.
 func (a *Agent) Handler(admin http.Handler) http.Handler {
 	api := http.NewServeMux()
 	api.HandleFunc("POST /instances", a.handleCreate)
@@ -742,14 +746,6 @@ func (a *Agent) Handler(admin http.Handler) http.Handler {
 	api.HandleFunc("GET /node/resources", func(w http.ResponseWriter, r *http.Request) { writeJSON(w, 200, a.Resources()) })
 
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if id := r.Header.Get("X-Zeitwork-Instance"); id != "" {
-			if !a.tokenOK(r.Header.Get("X-Zeitwork-Token")) {
-				writeJSON(w, 401, apiError("unauthorized", "bad or missing X-Zeitwork-Token"))
-				return
-			}
-			a.proxy(w, r, id)
-			return
-		}
 		if strings.HasPrefix(r.URL.Path, "/health") || r.URL.Path == "/metrics" {
 			admin.ServeHTTP(w, r)
 			return
@@ -825,57 +821,6 @@ func (a *Agent) handleLogs(w http.ResponseWriter, r *http.Request) {
 			return
 		case <-wake:
 		}
-	}
-}
-
-// proxy forwards a data-plane request to the instance's VM.
-func (a *Agent) proxy(w http.ResponseWriter, r *http.Request, id string) {
-	in, err := a.get(id)
-	if err != nil {
-		writeJSON(w, 404, apiError("not_found", "no such instance on this node"))
-		return
-	}
-	st := in.status()
-	if st.State != StateRunning || st.IP == "" {
-		w.Header().Set("Retry-After", "1")
-		writeJSON(w, 503, apiError("unavailable", "instance is "+st.State))
-		return
-	}
-	target := &url.URL{Scheme: "http", Host: net.JoinHostPort(st.IP, strconv.Itoa(st.Port))}
-	a.dataPlane.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), targetKey{}, target)))
-}
-
-type targetKey struct{}
-
-// newDataPlane is the reverse proxy to the VMs, shared by all requests:
-// one transport keeps connections to each VM alive; responses stream
-// (FlushInterval -1) and upgraded connections pass through.
-func (a *Agent) newDataPlane() *httputil.ReverseProxy {
-	a.vmTransport = &http.Transport{
-		DialContext:         (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
-		MaxIdleConns:        1024,
-		MaxIdleConnsPerHost: 256,
-		IdleConnTimeout:     90 * time.Second,
-	}
-	return &httputil.ReverseProxy{
-		Rewrite: func(pr *httputil.ProxyRequest) {
-			pr.SetURL(pr.In.Context().Value(targetKey{}).(*url.URL))
-			pr.Out.Host = pr.In.Host
-			pr.Out.Header.Del("X-Zeitwork-Instance")
-			pr.Out.Header.Del("X-Zeitwork-Token")
-			// Edge proxies set X-Forwarded-*; keep them as they are.
-			pr.Out.Header["X-Forwarded-For"] = pr.In.Header["X-Forwarded-For"]
-		},
-		Transport:     a.vmTransport,
-		FlushInterval: -1,
-		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
-			a.metrics.proxied.WithLabelValues("error").Inc()
-			writeJSON(w, 502, apiError("bad_gateway", "instance did not answer: "+err.Error()))
-		},
-		ModifyResponse: func(resp *http.Response) error {
-			a.metrics.proxied.WithLabelValues(strconv.Itoa(resp.StatusCode/100) + "xx").Inc()
-			return nil
-		},
 	}
 }
 
