@@ -24,6 +24,7 @@ import (
 	"time"
 
 	"github.com/zeitwork/zeitwork/internal/apiclient"
+	"github.com/zeitwork/zeitwork/internal/dataplane"
 	"github.com/zeitwork/zeitwork/internal/devcluster"
 )
 
@@ -339,19 +340,42 @@ func TestPlatform(t *testing.T) {
 		t.Fatalf("another client was limited: %d", code)
 	}
 
-	// 8. kill -9 the node agent: its VMs keep running (their processes
-	// outlive it); the restarted agent re-adopts them without rebooting
-	// and traffic flows again.
+	// 8. kill -9 the node agent: its VMs and its data plane process keep
+	// running (they outlive it), so the app keeps serving through the
+	// load balancer while the agent is dead; the restarted agent re-adopts
+	// the VMs without rebooting them and keeps the same data plane.
 	agent := s.c.Regions[0].NodeAgents[0]
 	pidsBefore := vmPIDs(t, s)
+	workDir := agent.Env["VM_WORK_DIR"]
+	dataPlane := dataplane.RunningPID(workDir)
+	if dataPlane == 0 {
+		t.Fatal("no data plane process runs for the node agent")
+	}
 	agent.Kill()
 	for _, pid := range pidsBefore {
 		if syscall.Kill(pid, 0) != nil {
 			t.Fatalf("VM process %d died with its node agent", pid)
 		}
 	}
+	served := 0
+	for until := time.Now().Add(4 * time.Second); time.Now().Before(until); time.Sleep(100 * time.Millisecond) {
+		if agent.Running() {
+			t.Fatal("the node agent is still running")
+		}
+		if code, body, err := get(c, prodURL+"/"); code != 200 || !strings.Contains(body, "hello from pushed") {
+			t.Fatalf("with the node agent dead (after %d good requests): %d %q %v", served, code, body, err)
+		}
+		served++
+	}
+	health := strings.TrimSuffix(agent.Health, "/live")
+	if code, body, _ := get(http.DefaultClient, health); code != 503 || !strings.Contains(body, "agent_unavailable") {
+		t.Fatalf("the agent's /health with the agent dead: %d %q", code, body)
+	}
 	if err := s.c.RestartNodeAgent(context.Background(), 0, 0); err != nil {
 		t.Fatal(err)
+	}
+	if got := dataplane.RunningPID(workDir); got != dataPlane {
+		t.Fatalf("the restarted agent replaced the data plane (%d → %d) instead of keeping it", dataPlane, got)
 	}
 	s.waitBody(c, prodURL+"/", "hello from pushed", 60*time.Second)
 	for _, pid := range pidsBefore {

@@ -23,6 +23,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/zeitwork/zeitwork/internal/dataplane"
 	"github.com/zeitwork/zeitwork/internal/embeddedpg"
 )
 
@@ -347,9 +348,14 @@ func (c *Cluster) Stop() error {
 	return errors.Join(errs...)
 }
 
-// StopVMs kills the microVMs the cluster's node agents started and removes
-// their taps (node agents leave VMs running on purpose when they stop).
+// StopVMs kills what the cluster's node agents leave running on purpose
+// when they stop: their data plane processes, their microVMs and the VMs'
+// taps.
 func (c *Cluster) StopVMs() {
+	dirs, _ := filepath.Glob(filepath.Join(c.cfg.StateDir, "nodes", "*"))
+	for _, d := range dirs {
+		_ = dataplane.Stop(d, 2*time.Second)
+	}
 	pids, _ := filepath.Glob(filepath.Join(c.cfg.StateDir, "nodes", "*", "instances", "*", "vmm.pid"))
 	for _, p := range pids {
 		b, err := os.ReadFile(p)

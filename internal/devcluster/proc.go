@@ -49,8 +49,8 @@ func (p *Proc) Start(ctx context.Context, timeout time.Duration) error {
 	cmd.Env = env
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// Setpgid: Kill can take the whole group; Pdeathsig: nothing outlives
-	// the cluster's owner (microVMs have their own session and are handled
-	// by StopVMs).
+	// the cluster's owner (microVMs and node agents' data planes have their
+	// own sessions and are handled by StopVMs).
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		logf.Close()

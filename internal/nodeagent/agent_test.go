@@ -25,6 +25,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/zeitwork/zeitwork/internal/dataplane"
 	"github.com/zeitwork/zeitwork/internal/ocitest"
 )
 
@@ -70,7 +71,8 @@ type fixture struct {
 	op      *operator
 	reg     *prometheus.Registry
 	agent   *Agent
-	srv     *httptest.Server
+	api     *httptest.Server // the agent, on its Unix socket
+	srv     *httptest.Server // the data plane, on the node's port
 	cancel  context.CancelFunc
 	stopped chan struct{}
 }
@@ -107,6 +109,7 @@ func newFixture(t *testing.T) *fixture {
 		StopGrace: 3 * time.Second, MaxRestarts: 3, MaxBackoff: 2 * time.Second, VCPUs: 4, MemoryMiB: 640,
 		BootConcurrency: 2, BootTimeout: 60 * time.Second, DNS: []string{"192.0.2.53"},
 	}
+	f.startDataPlane()
 	f.start()
 	t.Cleanup(func() {
 		f.stop()
@@ -124,10 +127,31 @@ func newFixture(t *testing.T) *fixture {
 	return f
 }
 
+// startDataPlane runs the node's data plane (in process; ADR 0354) for
+// the whole test: it outlives agent restarts. It listens on all
+// addresses, so that the isolation check below means something: without
+// the rules a VM could reach it, and through it the API, via its gateway.
+func (f *fixture) startDataPlane() {
+	t := f.t
+	p := dataplane.PathsFor(f.cfg.WorkDir)
+	dp := dataplane.New(dataplane.Config{Token: token, TablePath: p.Table, AgentSocket: p.AgentSocket, Poll: 10 * time.Millisecond},
+		slog.New(slog.DiscardHandler))
+	ln, err := net.Listen("tcp", ":0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.srv = httptest.NewUnstartedServer(dp.Handler())
+	f.srv.Listener.Close()
+	f.srv.Listener = ln
+	f.srv.Start()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { _ = dp.Run(ctx); close(done) }()
+	t.Cleanup(func() { f.srv.Close(); cancel(); <-done })
+}
+
 // start runs an agent on the fixture's work directory, as a restarted
-// process would. The API listens on all addresses, so that the isolation
-// check below means something: without the rules a VM could reach it
-// through its gateway.
+// process would, serving its API on its Unix socket.
 func (f *fixture) start() {
 	t := f.t
 	ctx, cancel := context.WithCancel(context.Background())
@@ -137,16 +161,18 @@ func (f *fixture) start() {
 		cancel()
 		t.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", ":0")
+	sock := dataplane.PathsFor(f.cfg.WorkDir).AgentSocket
+	_ = os.Remove(sock)
+	ln, err := net.Listen("unix", sock)
 	if err != nil {
 		cancel()
 		t.Fatal(err)
 	}
 	f.agent, f.cancel, f.stopped = a, cancel, make(chan struct{})
-	f.srv = httptest.NewUnstartedServer(a.Handler(http.NotFoundHandler()))
-	f.srv.Listener.Close()
-	f.srv.Listener = ln
-	f.srv.Start()
+	f.api = httptest.NewUnstartedServer(a.Handler(http.NotFoundHandler()))
+	f.api.Listener.Close()
+	f.api.Listener = ln
+	f.api.Start()
 	go func() { _ = a.Run(ctx); close(f.stopped) }()
 }
 
@@ -155,7 +181,7 @@ func (f *fixture) stop() {
 	if f.cancel == nil {
 		return
 	}
-	f.srv.Close()
+	f.api.Close()
 	f.cancel()
 	<-f.stopped
 	f.cancel = nil
@@ -186,20 +212,28 @@ func (f *fixture) do(method, path string, body any, out any) int {
 	return resp.StatusCode
 }
 
-// app sends a data-plane request to instance id.
+// app sends a data-plane request to instance id. The data plane follows
+// the agent's table within its poll interval, so a 503 right after the
+// API said running is retried briefly.
 func (f *fixture) app(id, path string) (int, string) {
 	f.t.Helper()
-	req, _ := http.NewRequest("GET", f.url(path), nil)
-	req.Host = "web-abc1234-acme.zeitwork.test"
-	req.Header.Set("X-Zeitwork-Instance", id)
-	req.Header.Set("X-Zeitwork-Token", token)
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		f.t.Fatal(err)
+	deadline := time.Now().Add(2 * time.Second)
+	for {
+		req, _ := http.NewRequest("GET", f.url(path), nil)
+		req.Host = "web-abc1234-acme.zeitwork.test"
+		req.Header.Set("X-Zeitwork-Instance", id)
+		req.Header.Set("X-Zeitwork-Token", token)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			f.t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 503 || time.Now().After(deadline) {
+			return resp.StatusCode, string(b)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(b)
 }
 
 func (f *fixture) status(id string) Status {
@@ -376,6 +410,16 @@ func TestNodeAgent(t *testing.T) {
 		if !alive(pid) {
 			t.Fatalf("VM %s (pid %d) died with the agent", id, pid)
 		}
+	}
+	// While the agent is down the data plane keeps serving its VMs; only
+	// the API is unavailable.
+	for id := range pids {
+		if code, body := f.app(id, "/"); code != 200 || !strings.HasPrefix(body, "hello from") {
+			t.Fatalf("with the agent down, %s: %d %q", id, code, body)
+		}
+	}
+	if code := f.do("GET", "/instances", nil, nil); code != 503 {
+		t.Fatalf("API with the agent down: %d, want 503", code)
 	}
 	f.start()
 	if f.agent.NodeID() != nodeID {

@@ -125,6 +125,7 @@ func (in *instance) update(f func(*Status)) {
 	in.mu.Lock()
 	defer in.mu.Unlock()
 	f(&in.st)
+	in.a.routes.set(in.st.ID, &in.st)
 	b, err := json.Marshal(in.st)
 	if err != nil || bytes.Equal(b, in.saved) {
 		return
@@ -134,6 +135,13 @@ func (in *instance) update(f func(*Status)) {
 		return
 	}
 	in.saved = b
+}
+
+// publishRoute hands the instance's current route to the data plane.
+func (in *instance) publishRoute() {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	in.a.routes.set(in.st.ID, &in.st)
 }
 
 // maxLogFile bounds an instance's log file; one older generation is kept.
@@ -418,7 +426,6 @@ func (in *instance) finish(state, reason string) {
 	}
 	if lease != nil {
 		_ = in.a.net.Release(in.st.ID)
-		in.a.vmTransport.CloseIdleConnections() // its address may go to another VM
 	}
 	_ = os.Remove(filepath.Join(in.dir, "disk.qcow2"))
 	in.update(func(s *Status) {
