@@ -202,7 +202,7 @@ func (f *Firecracker) Start(ctx context.Context, spec vmm.Spec) (vmm.Machine, er
 func kernelELF(path string) (string, error) {
 	f, err := os.Open(path)
 	if err != nil {
-		return "", fmt.Errorf("cannot open the guest kernel: %w", err)
+		return path, nil // Firecracker names the problem (see APIError)
 	}
 	hdr := make([]byte, 0x206)
 	_, err = io.ReadFull(f, hdr)
