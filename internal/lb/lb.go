@@ -261,7 +261,7 @@ func (l *LB) handle(client *net.TCPConn, pool *Pool) {
 		if l.cfg.ProxyProtocol == "v1" {
 			h.Version = 1
 		}
-		if _, err := upstream.Write(h.Format()); err != nil {
+		if err := rawWrite(upstream, h.Format()); err != nil {
 			l.metrics.errProxyHeader.Inc()
 			return
 		}
@@ -311,7 +311,7 @@ func relay(client, upstream *net.TCPConn, w *workers) (up, down int64) {
 			_ = client.Close()
 			_ = upstream.Close()
 		} else if ended.Add(1) == 1 {
-			_ = dst.CloseWrite()
+			_ = rawCloseWrite(dst)
 		}
 		return n
 	}

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"net"
 	"syscall"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -122,4 +123,55 @@ func spliceCopy(dst, src *net.TCPConn) (int64, error) {
 			total += int64(n)
 		}
 	}
+}
+
+// rawWrite writes b to c with raw non-blocking write(2) calls, waiting for
+// writability through the poller like spliceCopy: the PROXY header is the
+// only write the relay makes, and it should not pay for the runtime's
+// blocking-syscall path (which wakes sysmon when the process was idle).
+func rawWrite(c *net.TCPConn, b []byte) error {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	for len(b) > 0 {
+		var n int
+		var errno syscall.Errno
+		err := rc.Write(func(fd uintptr) bool {
+			for {
+				r, _, e := unix.RawSyscall(unix.SYS_WRITE, fd, uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)))
+				n, errno = int(r), e
+				if errno != unix.EINTR {
+					return errno != unix.EAGAIN
+				}
+			}
+		})
+		switch {
+		case err != nil:
+			return err
+		case errno != 0:
+			return errno
+		}
+		b = b[n:]
+	}
+	return nil
+}
+
+// rawCloseWrite shuts down c's sending side (shutdown(2) SHUT_WR) with a
+// raw system call; see rawWrite.
+func rawCloseWrite(c *net.TCPConn) error {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var errno syscall.Errno
+	if err := rc.Control(func(fd uintptr) {
+		_, _, errno = unix.RawSyscall(unix.SYS_SHUTDOWN, fd, unix.SHUT_WR, 0)
+	}); err != nil {
+		return err
+	}
+	if errno != 0 {
+		return errno
+	}
+	return nil
 }
