@@ -181,7 +181,7 @@ func run() error {
 func bootApp(ctx context.Context, m vmm.Machine, start time.Time) (time.Duration, time.Duration, io.ReadWriteCloser, error) {
 	cctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
-	conn, err := guest.Dial(cctx, m.AgentSocket())
+	conn, err := guest.Dial(cctx, m.DialAgent)
 	if err != nil {
 		return 0, 0, nil, err
 	}

@@ -1,7 +1,9 @@
 // Package guest is the protocol between a node agent and zeitwork-init, the
 // PID 1 of every microVM. Frames are newline-delimited JSON over the agent
 // channel: a virtio-serial port named "zw.agent" under QEMU (no vhost-vsock
-// on the development hosts), a vsock under Firecracker.
+// on the development hosts), a vsock stream to port VsockPort under
+// Firecracker (the host reaches it through Firecracker's hybrid vsock).
+// Dial (host.go) opens the host end; Channel (channel.go) is init's end.
 //
 // host → guest: config (once, first), stop.
 // guest → host: ready, log (one per line of the app's stdout/stderr), exit.
@@ -18,6 +20,10 @@ import (
 
 // PortName is the virtio-serial port name of the agent channel.
 const PortName = "zw.agent"
+
+// VsockPort is the guest vsock port init listens on when the VM has a
+// vsock device and no virtio-serial port named PortName (Firecracker).
+const VsockPort = 1024
 
 // MaxFrame bounds one frame (a config with a large environment, or a long
 // log line, which is truncated to fit).
@@ -69,6 +75,10 @@ type Frame struct {
 	Error  string  `json:"error,omitempty"`
 }
 
+// ErrBadFrame marks a malformed or invalid frame (Reader.Next): the stream
+// itself is intact and the next frame can be read.
+var ErrBadFrame = errors.New("bad frame")
+
 // Validate checks a frame received from the other side.
 func (f *Frame) Validate() error {
 	switch f.Type {
@@ -109,10 +119,10 @@ func (r *Reader) Next() (*Frame, error) {
 		}
 		var f Frame
 		if err := json.Unmarshal(line, &f); err != nil {
-			return nil, fmt.Errorf("bad frame: %w", err)
+			return nil, fmt.Errorf("%w: %w", ErrBadFrame, err)
 		}
 		if err := f.Validate(); err != nil {
-			return nil, err
+			return nil, fmt.Errorf("%w: %w", ErrBadFrame, err)
 		}
 		return &f, nil
 	}
@@ -133,16 +143,24 @@ func NewWriter(w io.Writer) *Writer { return &Writer{w: w} }
 
 // Send writes one frame.
 func (w *Writer) Send(f *Frame) error {
+	b, err := encode(f)
+	if err != nil {
+		return err
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	_, err = w.w.Write(b)
+	return err
+}
+
+// encode is f as one line, a log line truncated to maxLine.
+func encode(f *Frame) ([]byte, error) {
 	if f.Type == TypeLog && len(f.Line) > maxLine {
 		f.Line = f.Line[:maxLine]
 	}
 	b, err := json.Marshal(f)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	b = append(b, '\n')
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	_, err = w.w.Write(b)
-	return err
+	return append(b, '\n'), nil
 }

@@ -593,7 +593,7 @@ func shortID(id string) string {
 // agent restart it reconnects without resending the configuration (init
 // only takes one).
 func (in *instance) channel(ctx context.Context, m vmm.Machine) {
-	conn, err := guest.Dial(ctx, m.AgentSocket())
+	conn, err := guest.Dial(ctx, m.DialAgent)
 	if err != nil {
 		return
 	}

@@ -5,12 +5,14 @@
 //
 // A machine's process runs in its own session so it outlives the agent;
 // everything needed to re-adopt it after an agent restart (pid, sockets)
-// lives in its state directory.
+// lives in its state directory. The host end of the guest agent channel is
+// Machine.DialAgent.
 package vmm
 
 import (
 	"context"
 	"errors"
+	"net"
 )
 
 // Spec describes one microVM.
@@ -35,8 +37,11 @@ type Spec struct {
 type Machine interface {
 	ID() string
 	PID() int
-	// AgentSocket is the host Unix socket of the guest agent channel.
-	AgentSocket() string
+	// DialAgent opens one connection to the guest agent channel (see
+	// package guest): QEMU's virtio-serial chardev socket, or Firecracker's
+	// hybrid vsock to guest.VsockPort. It fails while the guest is not
+	// listening yet; guest.Dial retries it.
+	DialAgent(ctx context.Context) (net.Conn, error)
 	// Done is closed when the VMM process has exited.
 	Done() <-chan struct{}
 	// Kill stops the VMM process at once.

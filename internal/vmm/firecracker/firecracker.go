@@ -32,6 +32,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/zeitwork/zeitwork/internal/guest"
 	"github.com/zeitwork/zeitwork/internal/guestkernel"
 	"github.com/zeitwork/zeitwork/internal/vmm"
 )
@@ -421,27 +422,52 @@ func (m *Machine) PID() int { return m.pid }
 // Done is closed when firecracker has exited.
 func (m *Machine) Done() <-chan struct{} { return m.done }
 
-// AgentSocket is the hybrid vsock socket on the host: a connection must
-// first send "CONNECT <port>\n" (DialAgent does).
-func (m *Machine) AgentSocket() string { return m.l.host(m.l.VsockUDS) }
+// VsockPath is the hybrid vsock socket on the host: a connection first
+// sends "CONNECT <port>\n" (DialVsock does).
+func (m *Machine) VsockPath() string { return m.l.host(m.l.VsockUDS) }
 
-// DialAgent connects to the guest's vsock port through the hybrid vsock
-// socket.
-func (m *Machine) DialAgent(ctx context.Context, port uint32) (net.Conn, error) {
+// DialAgent connects to zeitwork-init, which listens on guest.VsockPort.
+// Each agent start opens a new connection; init switches to the newest.
+func (m *Machine) DialAgent(ctx context.Context) (net.Conn, error) {
+	return m.DialVsock(ctx, guest.VsockPort)
+}
+
+// handshakeTimeout bounds the wait for Firecracker's answer to CONNECT (it
+// gives up on a guest that does not answer after 2 s).
+const handshakeTimeout = 5 * time.Second
+
+// DialVsock connects to a guest vsock port through the hybrid vsock
+// socket: "CONNECT <port>\n", answered "OK <host port>\n" once the guest
+// accepted; Firecracker closes the connection when nothing listens there.
+func (m *Machine) DialVsock(ctx context.Context, port uint32) (net.Conn, error) {
 	var d net.Dialer
-	c, err := d.DialContext(ctx, "unix", m.AgentSocket())
+	c, err := d.DialContext(ctx, "unix", m.VsockPath())
 	if err != nil {
 		return nil, fmt.Errorf("cannot connect to the vsock of %s: %w", m.id, err)
 	}
-	if dl, ok := ctx.Deadline(); ok {
-		c.SetDeadline(dl)
+	dl := time.Now().Add(handshakeTimeout)
+	if cdl, ok := ctx.Deadline(); ok && cdl.Before(dl) {
+		dl = cdl
 	}
+	c.SetDeadline(dl)
+	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Unix(1, 0)) })
+	defer stop()
 	br := bufio.NewReader(c)
-	fmt.Fprintf(c, "CONNECT %d\n", port)
-	line, err := br.ReadString('\n')
-	if err != nil || !strings.HasPrefix(line, "OK ") {
+	var line string
+	if _, err = fmt.Fprintf(c, "CONNECT %d\n", port); err == nil {
+		line, err = br.ReadString('\n')
+	}
+	var hostPort uint32
+	if err == nil {
+		_, err = fmt.Sscanf(line, "OK %d\n", &hostPort)
+	}
+	if err != nil {
 		c.Close()
-		return nil, fmt.Errorf("vsock CONNECT %d to %s refused: %q %v", port, m.id, strings.TrimSpace(line), err)
+		return nil, fmt.Errorf("vsock CONNECT %d to %s refused: %q: %w", port, m.id, strings.TrimSpace(line), err)
+	}
+	if !stop() {
+		c.Close()
+		return nil, ctx.Err()
 	}
 	c.SetDeadline(time.Time{})
 	if br.Buffered() > 0 {

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -17,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/zeitwork/zeitwork/internal/guest"
 	"github.com/zeitwork/zeitwork/internal/vmm"
 	"github.com/zeitwork/zeitwork/internal/vmm/firecracker/fctest"
 )
@@ -165,8 +167,9 @@ func TestBoot(t *testing.T) {
 		t.Errorf("network interface %v", b)
 	}
 	b = body(t, recs[4])
-	if b["guest_cid"] != 3.0 || b["uds_path"] != m.AgentSocket() || filepath.Dir(m.AgentSocket()) != spec.Dir {
-		t.Errorf("vsock %v, agent socket %s", b, m.AgentSocket())
+	fm := m.(*Machine)
+	if b["guest_cid"] != 3.0 || b["uds_path"] != fm.VsockPath() || filepath.Dir(fm.VsockPath()) != spec.Dir {
+		t.Errorf("vsock %v, vsock socket %s", b, fm.VsockPath())
 	}
 	base, _ := os.ReadFile(spec.RootDisk)
 	copied, err := os.ReadFile(disk)
@@ -174,9 +177,8 @@ func TestBoot(t *testing.T) {
 		t.Fatalf("root disk copy differs from the base image (%v)", err)
 	}
 
-	// The agent channel: hybrid vsock handshake, then the (echoing) guest.
-	fm := m.(*Machine)
-	c, err := fm.DialAgent(t.Context(), 1024)
+	// The hybrid vsock handshake, then the (echoing) guest.
+	c, err := fm.DialVsock(t.Context(), 7)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -296,8 +298,9 @@ func TestAdoptAfterAgentRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if a.PID() != m.PID() || a.AgentSocket() != m.AgentSocket() || a.ID() != filepath.Base(spec.Dir) {
-		t.Fatalf("adopted pid %d socket %s, started pid %d socket %s", a.PID(), a.AgentSocket(), m.PID(), m.AgentSocket())
+	as, ms := a.(*Machine).VsockPath(), m.(*Machine).VsockPath()
+	if a.PID() != m.PID() || as != ms || a.ID() != filepath.Base(spec.Dir) {
+		t.Fatalf("adopted pid %d socket %s, started pid %d socket %s", a.PID(), as, m.PID(), ms)
 	}
 	if err := a.(*Machine).Pause(t.Context()); err != nil {
 		t.Fatal(err)
@@ -352,7 +355,7 @@ func TestSnapshotAndRestore(t *testing.T) {
 	if b["snapshot_path"] != snap.State || b["resume_vm"] != true || mb["backend_type"] != "File" || mb["backend_path"] != snap.Memory {
 		t.Fatalf("snapshot/load %v", b)
 	}
-	c, err := r.DialAgent(t.Context(), 1024)
+	c, err := r.DialAgent(t.Context())
 	if err != nil {
 		t.Fatalf("agent channel after restore: %v", err)
 	}
@@ -428,8 +431,8 @@ func TestJailer(t *testing.T) {
 	if sys := st.Sys().(*syscall.Stat_t); sys.Uid != 1234 || sys.Gid != 1234 {
 		t.Fatalf("root disk in the jail owned by %d:%d, want the jailed user", sys.Uid, sys.Gid)
 	}
-	if m.AgentSocket() != filepath.Join(root, "v.sock") {
-		t.Fatalf("agent socket %s", m.AgentSocket())
+	if p := m.(*Machine).VsockPath(); p != filepath.Join(root, "v.sock") {
+		t.Fatalf("vsock socket %s", p)
 	}
 	a, err := f.Adopt(context.Background(), spec.Dir)
 	if err != nil {
@@ -447,5 +450,121 @@ func TestNewChecksBinaries(t *testing.T) {
 	}
 	if _, err := New(Config{Bin: fakeBin, Jailer: &JailerConfig{Bin: "/nonexistent/jailer"}}); err == nil || !strings.Contains(err.Error(), "JAILER_BIN") {
 		t.Fatalf("New with a missing jailer = %v", err)
+	}
+}
+
+// TestAgentChannelOverVsock: the node agent's side of the guest protocol
+// through DialAgent and the fake's hybrid vsock, relayed to a guest.Channel
+// that stands in for zeitwork-init (a Unix listener for its vsock
+// listener on guest.VsockPort). Before init listens the dial is refused;
+// then ready → config → log; an agent restart (Adopt + DialAgent) opens a
+// new connection, which replaces the first: its stop frame reaches init,
+// and init's log and exit frames reach it.
+func TestAgentChannelOverVsock(t *testing.T) {
+	guestDir := t.TempDir()
+	t.Setenv("FAKE_FIRECRACKER_GUEST_VSOCK", guestDir)
+	spec := testSpec(t)
+	m, err := backend(t).Start(t.Context(), spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Kill()
+
+	// Nothing listens in the guest yet: refused, and guest.Dial retries
+	// until its context ends.
+	ctx, cancel := context.WithTimeout(t.Context(), 200*time.Millisecond)
+	if c, err := guest.Dial(ctx, m.DialAgent); err == nil {
+		c.Close()
+		t.Fatal("DialAgent succeeded with no listener in the guest")
+	}
+	cancel()
+
+	// "init": a channel fed by the listener on the agent port.
+	l, err := net.Listen("unix", filepath.Join(guestDir, fmt.Sprintf("%d.sock", guest.VsockPort)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	ch := guest.NewChannel()
+	defer ch.Close()
+	go func() { // ends when l is closed
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			ch.Accept(c)
+		}
+	}()
+	initErr := make(chan error, 1)
+	go func() {
+		initErr <- func() error {
+			ch.Greet(&guest.Frame{Type: guest.TypeReady})
+			f, err := ch.Next()
+			if err != nil || f.Type != guest.TypeConfig {
+				return fmt.Errorf("init: want config, got %+v %v", f, err)
+			}
+			ch.Greet(nil)
+			if err := ch.Send(&guest.Frame{Type: guest.TypeLog, Stream: "stdout", Line: "app " + f.Config.Argv()[0]}); err != nil {
+				return err
+			}
+			if f, err = ch.Next(); err != nil || f.Type != guest.TypeStop {
+				return fmt.Errorf("init: want stop, got %+v %v", f, err)
+			}
+			code := 143
+			if err := ch.Send(&guest.Frame{Type: guest.TypeLog, Stream: "stdout", Line: "stopping"}); err != nil {
+				return err
+			}
+			return ch.Send(&guest.Frame{Type: guest.TypeExit, Code: &code})
+		}()
+	}()
+
+	ctx, cancel = context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	expect := func(r *guest.Reader, typ, line string) {
+		t.Helper()
+		f, err := r.Next()
+		if err != nil || f.Type != typ || f.Line != line {
+			t.Fatalf("agent: want %s %q, got %+v %v", typ, line, f, err)
+		}
+	}
+	c1, err := guest.Dial(ctx, m.DialAgent)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c1.Close()
+	c1.SetDeadline(time.Now().Add(10 * time.Second))
+	r1, w1 := guest.NewReader(c1), guest.NewWriter(c1)
+	expect(r1, guest.TypeReady, "")
+	if err := w1.Send(&guest.Frame{Type: guest.TypeConfig, Config: &guest.Config{Cmd: []string{"/hello"}}}); err != nil {
+		t.Fatal(err)
+	}
+	expect(r1, guest.TypeLog, "app /hello")
+
+	// The agent restarts: it re-adopts the VM and dials again.
+	a, err := backend(t).Adopt(t.Context(), spec.Dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c2, err := guest.Dial(ctx, a.DialAgent)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	c2.SetDeadline(time.Now().Add(10 * time.Second))
+	if f, err := r1.Next(); !errors.Is(err, io.EOF) {
+		t.Fatalf("first connection after the second one: %+v %v, want EOF", f, err)
+	}
+	r2, w2 := guest.NewReader(c2), guest.NewWriter(c2)
+	if err := w2.Send(&guest.Frame{Type: guest.TypeStop}); err != nil {
+		t.Fatal(err)
+	}
+	expect(r2, guest.TypeLog, "stopping")
+	f, err := r2.Next()
+	if err != nil || f.Type != guest.TypeExit || *f.Code != 143 {
+		t.Fatalf("agent: want exit 143, got %+v %v", f, err)
+	}
+	if err := <-initErr; err != nil {
+		t.Fatal(err)
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -241,9 +242,17 @@ type machine struct {
 
 func (m *machine) ID() string { return m.id }
 func (m *machine) PID() int   { return m.pid }
-func (m *machine) AgentSocket() string {
-	s, _ := socketPath(m.dir)
-	return s
+
+// DialAgent connects to the chardev socket behind the guest's virtio-serial
+// port guest.PortName. A node agent that restarts connects again; init
+// keeps its end of the port.
+func (m *machine) DialAgent(ctx context.Context) (net.Conn, error) {
+	sock, err := socketPath(m.dir)
+	if err != nil {
+		return nil, err
+	}
+	var d net.Dialer
+	return d.DialContext(ctx, "unix", sock)
 }
 
 // socketDir holds agent sockets: Unix socket paths are limited to 108

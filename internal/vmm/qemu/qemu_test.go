@@ -64,7 +64,7 @@ func TestBootRunStop(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer m.Kill()
-	conn, err := guest.Dial(ctx, m.AgentSocket())
+	conn, err := guest.Dial(ctx, m.DialAgent)
 	if err != nil {
 		t.Fatal(err)
 	}

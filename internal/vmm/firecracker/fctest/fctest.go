@@ -98,6 +98,12 @@ type Server struct {
 	// IgnoreCtrlAltDel makes SendCtrlAltDel a no-op, like a guest
 	// without a keyboard driver: the backend must then kill.
 	IgnoreCtrlAltDel bool
+	// Guest, when set, is the guest side of the vsock: a host connection's
+	// CONNECT <port> is relayed to the stream Guest returns, and closed
+	// unanswered when it fails (as Firecracker does when nothing listens
+	// on the port in the guest). Unset, the guest accepts every port and
+	// echoes what it receives.
+	Guest func(port uint32) (net.Conn, error)
 
 	router routers.Router
 	doc    *openapi3.T
@@ -396,8 +402,9 @@ func (s *Server) mustExist(p string) error {
 }
 
 // listenVsock binds the hybrid vsock socket as Firecracker does at start:
-// a host connection sends "CONNECT <port>\n" and gets "OK <host port>\n";
-// the fake guest then echoes what it receives.
+// a host connection sends "CONNECT <port>\n" and gets "OK <host port>\n"
+// once the guest (Guest, or an echo) accepted it, then the stream is
+// relayed.
 func (s *Server) listenVsock() error {
 	if s.vsockPath == "" {
 		return nil
@@ -416,24 +423,44 @@ func (s *Server) listenVsock() error {
 				return
 			}
 			s.wg.Add(1)
-			go func() { // ends when the host hangs up
+			go func() { // ends when the host or the guest hangs up
 				defer s.wg.Done()
-				defer c.Close()
-				br := bufio.NewReader(c)
-				line, err := br.ReadString('\n')
-				var port uint32
-				if err != nil || !strings.HasPrefix(line, "CONNECT ") {
-					return
-				}
-				if _, err := fmt.Sscanf(line, "CONNECT %d\n", &port); err != nil {
-					return
-				}
-				fmt.Fprintf(c, "OK %d\n", 1073741824+port)
-				io.Copy(c, br)
+				s.serveVsock(c)
 			}()
 		}
 	}()
 	return nil
+}
+
+func (s *Server) serveVsock(c net.Conn) {
+	defer c.Close()
+	br := bufio.NewReader(c)
+	line, err := br.ReadString('\n')
+	var port uint32
+	if err != nil || !strings.HasPrefix(line, "CONNECT ") {
+		return
+	}
+	if _, err := fmt.Sscanf(line, "CONNECT %d\n", &port); err != nil {
+		return
+	}
+	if s.Guest == nil {
+		fmt.Fprintf(c, "OK %d\n", 1073741824+port)
+		io.Copy(c, br)
+		return
+	}
+	g, err := s.Guest(port)
+	if err != nil {
+		return // the guest refused: the host sees the connection close
+	}
+	defer g.Close()
+	fmt.Fprintf(c, "OK %d\n", 1073741824+port)
+	done := make(chan struct{}, 2)
+	go func() { io.Copy(g, br); done <- struct{}{} }() // ends when either side closes
+	go func() { io.Copy(c, g); done <- struct{}{} }()  // ends when either side closes
+	<-done                                             // one side hung up: end both
+	c.Close()
+	g.Close()
+	<-done
 }
 
 func oneLine(s string) string { return strings.Join(strings.Fields(s), " ") }

@@ -10,6 +10,9 @@
 // chroot or drop privileges.
 //
 // FAKE_FIRECRACKER_IGNORE_CTRL_ALT_DEL=1 makes Ctrl-Alt-Del a no-op.
+// FAKE_FIRECRACKER_GUEST_VSOCK=DIR makes DIR/<port>.sock the guest's vsock
+// listener on <port>: a host CONNECT is relayed there, and refused when
+// nothing listens (see fctest.Server.Guest). Unset, the guest echoes.
 package main
 
 import (
@@ -67,6 +70,11 @@ func run(args []string) error {
 	}
 	srv.Root = root
 	srv.IgnoreCtrlAltDel = os.Getenv("FAKE_FIRECRACKER_IGNORE_CTRL_ALT_DEL") == "1"
+	if dir := os.Getenv("FAKE_FIRECRACKER_GUEST_VSOCK"); dir != "" {
+		srv.Guest = func(port uint32) (net.Conn, error) {
+			return net.Dial("unix", filepath.Join(dir, fmt.Sprintf("%d.sock", port)))
+		}
+	}
 	logf, err := os.OpenFile(filepath.Join(filepath.Dir(hostSock), "fake-firecracker.ndjson"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return err
