@@ -75,12 +75,13 @@ func startCluster(t *testing.T, cfg devcluster.Config) *suite {
 	s.c = c
 	t.Cleanup(func() {
 		if t.Failed() {
-			for _, l := range []string{"operator", "edge-proxy-" + c.Regions[0].Name, "node-agent-" + c.Regions[0].Name + "-0"} {
-				b, _ := os.ReadFile(filepath.Join(cfg.StateDir, "logs", l+".log"))
-				if len(b) > 6000 {
-					b = b[len(b)-6000:]
+			logs, _ := filepath.Glob(filepath.Join(cfg.StateDir, "logs", "*.log"))
+			for _, l := range logs {
+				b, _ := os.ReadFile(l)
+				if len(b) > 4000 {
+					b = b[len(b)-4000:]
 				}
-				t.Logf("--- %s log (tail):\n%s", l, b)
+				t.Logf("--- %s (tail):\n%s", filepath.Base(l), b)
 			}
 		}
 		_ = c.Stop()
