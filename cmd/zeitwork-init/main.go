@@ -11,6 +11,7 @@ package main
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -70,15 +71,14 @@ func run() int {
 		logf("agent channel: %v", err)
 		return 121
 	}
-	w := guest.NewWriter(ch)
 	// Log lines go through a bounded queue: while the host side is away
-	// (agent restart) writes to the port block, and the app must not.
+	// (agent restart) sends block, and the app must not.
 	logs := make(chan *guest.Frame, 4096)
 	drained := make(chan struct{})
 	go func() { // ends when logs is closed
 		defer close(drained)
 		for f := range logs {
-			_ = w.Send(f)
+			_ = ch.Send(f)
 		}
 	}()
 	flush := func() {
@@ -99,14 +99,15 @@ func run() int {
 		logf("%s", msg)
 		send("init", msg)
 		flush()
-		_ = w.Send(&guest.Frame{Type: guest.TypeExit, Code: &code, Error: msg})
+		_ = ch.Send(&guest.Frame{Type: guest.TypeExit, Code: &code, Error: msg})
 		return code
 	}
-	r := guest.NewReader(ch)
-	_ = w.Send(&guest.Frame{Type: guest.TypeReady})
+	// Every host connection is greeted with ready until one sends the
+	// config (under vsock an agent may go away in between).
+	ch.Greet(&guest.Frame{Type: guest.TypeReady})
 	var cfg *guest.Config
 	for cfg == nil {
-		f, err := r.Next()
+		f, err := ch.Next()
 		if err != nil {
 			return fail(122, "reading config: %v", err)
 		}
@@ -114,6 +115,7 @@ func run() int {
 			cfg = f.Config
 		}
 	}
+	ch.Greet(nil)
 	if err := mountRoot(); err != nil {
 		return fail(123, "root disk: %v", err)
 	}
@@ -123,7 +125,7 @@ func run() int {
 	if err := writeEtc(cfg); err != nil {
 		send("init", "cannot write /etc files: "+err.Error())
 	}
-	return supervise(cfg, ch, w, send, flush)
+	return supervise(cfg, ch, send, flush)
 }
 
 func earlyMounts() error {
@@ -151,25 +153,6 @@ func loadModule(path string) error {
 		return err
 	}
 	return nil
-}
-
-// openAgentChannel finds the virtio-serial port named guest.PortName.
-func openAgentChannel(timeout time.Duration) (*os.File, error) {
-	deadline := time.Now().Add(timeout)
-	for {
-		names, _ := filepath.Glob("/sys/class/virtio-ports/*/name")
-		for _, n := range names {
-			b, err := os.ReadFile(n)
-			if err == nil && strings.TrimSpace(string(b)) == guest.PortName {
-				dev := "/dev/" + filepath.Base(filepath.Dir(n))
-				return os.OpenFile(dev, os.O_RDWR, 0)
-			}
-		}
-		if time.Now().After(deadline) {
-			return nil, fmt.Errorf("no virtio port named %s", guest.PortName)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
 }
 
 func mountRoot() error {
@@ -293,7 +276,7 @@ func replaceFile(path, content string) error {
 
 // supervise runs the app, forwards its output, handles stop frames, reaps
 // every child, and returns the app's exit code.
-func supervise(cfg *guest.Config, ch *os.File, w *guest.Writer, send func(stream, line string), flush func()) int {
+func supervise(cfg *guest.Config, ch *guest.Channel, send func(stream, line string), flush func()) int {
 	argv := cfg.Argv()
 	path := argv[0]
 	if !strings.Contains(path, "/") {
@@ -318,7 +301,7 @@ func supervise(cfg *guest.Config, ch *os.File, w *guest.Writer, send func(stream
 		msg := fmt.Sprintf("cannot start %s: %v", strings.Join(argv, " "), err)
 		send("init", msg)
 		flush()
-		_ = w.Send(&guest.Frame{Type: guest.TypeExit, Code: &code, Error: msg})
+		_ = ch.Send(&guest.Frame{Type: guest.TypeExit, Code: &code, Error: msg})
 		return code
 	}
 	var out sync.WaitGroup
@@ -336,17 +319,15 @@ func supervise(cfg *guest.Config, ch *os.File, w *guest.Writer, send func(stream
 		grace = 10 * time.Second
 	}
 	go func() { // ends at power-off
-		r := guest.NewReader(ch)
 		for {
-			f, err := r.Next()
-			if err != nil {
-				// EOF: the host side is disconnected (agent restart) and
-				// reads return at once; poll until it is back.
-				time.Sleep(200 * time.Millisecond)
-				r = guest.NewReader(ch)
-				continue
+			// A host that goes away and comes back (agent restart) is
+			// the channel's business: Next goes on with the newest
+			// connection. Malformed frames are skipped.
+			f, err := ch.Next()
+			if errors.Is(err, guest.ErrClosed) {
+				return
 			}
-			if f.Type == guest.TypeStop {
+			if err == nil && f.Type == guest.TypeStop {
 				_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM)
 				time.AfterFunc(grace, func() { _ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) })
 			}
@@ -375,7 +356,7 @@ func supervise(cfg *guest.Config, ch *os.File, w *guest.Writer, send func(stream
 	}
 	out.Wait()
 	flush()
-	_ = w.Send(&guest.Frame{Type: guest.TypeExit, Code: &code})
+	_ = ch.Send(&guest.Frame{Type: guest.TypeExit, Code: &code})
 	return code
 }
 
