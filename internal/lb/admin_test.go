@@ -278,3 +278,44 @@ func TestKeepaliveInherited(t *testing.T) {
 		t.Fatalf("accepted socket keepalive=%d idle=%d interval=%d count=%d", on, idle, intvl, cnt)
 	}
 }
+
+// TestBackendKeepalive: the balancer's connection to a backend gets TCP
+// keepalive once the backend's first bytes have been relayed.
+func TestBackendKeepalive(t *testing.T) {
+	b := startBackend(t, "edge-a", "127.0.0.1:0")
+	l := startLB(t, Config{}, b.addr)
+	c, err := net.Dial("tcp", l.Addrs()[0].String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := bufio.NewReader(c).ReadString('\n'); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		var on, idle int
+		l.mu.Lock()
+		for s := range l.conns {
+			if s.RemoteAddr().String() != b.addr {
+				continue
+			}
+			raw, err := s.SyscallConn()
+			if err != nil {
+				continue
+			}
+			_ = raw.Control(func(fd uintptr) {
+				on, _ = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_KEEPALIVE)
+				idle, _ = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_KEEPIDLE)
+			})
+		}
+		l.mu.Unlock()
+		if on == 1 && idle == int(keepaliveIdle/time.Second) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("backend connection keepalive=%d idle=%d", on, idle)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}

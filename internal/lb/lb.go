@@ -256,17 +256,21 @@ func (l *LB) handle(client *net.TCPConn, pool *Pool) {
 		l.metrics.active.Dec()
 	}()
 
+	var sent int64
 	if l.cfg.ProxyProtocol != "off" {
 		h := proxyproto.Header{Version: 2, Command: proxyproto.Proxy, Source: caddr, Destination: client.LocalAddr().(*net.TCPAddr)}
 		if l.cfg.ProxyProtocol == "v1" {
 			h.Version = 1
 		}
-		if err := rawWrite(upstream, h.Format()); err != nil {
+		n, err := sendHeader(upstream, client, h.Format())
+		if err != nil {
 			l.metrics.errProxyHeader.Inc()
 			return
 		}
+		sent = n
 	}
 	up, down := relay(client, upstream, l.workers)
+	up += sent
 	l.metrics.bytesIn.Add(float64(up))
 	l.metrics.bytesOut.Add(float64(down))
 }
@@ -305,8 +309,8 @@ func (l *LB) connect(pool *Pool, client net.IP) (*net.TCPConn, *Backend) {
 // which ends the other one at once.
 func relay(client, upstream *net.TCPConn, w *workers) (up, down int64) {
 	var ended atomic.Int32
-	pipe := func(dst, src *net.TCPConn) int64 {
-		n, err := spliceCopy(dst, src)
+	pipe := func(dst, src *net.TCPConn, first func()) int64 {
+		n, err := spliceCopy(dst, src, first)
 		if err != nil {
 			_ = client.Close()
 			_ = upstream.Close()
@@ -316,8 +320,10 @@ func relay(client, upstream *net.TCPConn, w *workers) (up, down int64) {
 		return n
 	}
 	done := make(chan int64, 1)
-	w.Go(func() { done <- pipe(upstream, client) })
-	down = pipe(client, upstream)
+	w.Go(func() { done <- pipe(upstream, client, nil) })
+	// The backend connection gets its keepalive once its first answer
+	// has been delivered (the client socket inherits it from the listener).
+	down = pipe(client, upstream, func() { _ = keepalive(upstream) })
 	return <-done, down
 }
 

@@ -3,8 +3,10 @@ package lb
 import (
 	"context"
 	"net"
+	"os"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -18,7 +20,9 @@ const (
 	keepaliveCount    = 6
 )
 
-// setKeepalive enables TCP keepalive on a raw socket.
+// setKeepalive enables TCP keepalive on a raw socket. The options are set
+// with raw system calls: they are fast, and the runtime's blocking-syscall
+// path would wake sysmon when the process was idle.
 func setKeepalive(fd int) error {
 	for _, o := range []struct{ level, opt, val int }{
 		{unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1},
@@ -26,8 +30,10 @@ func setKeepalive(fd int) error {
 		{unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, int(keepaliveInterval / time.Second)},
 		{unix.IPPROTO_TCP, unix.TCP_KEEPCNT, keepaliveCount},
 	} {
-		if err := unix.SetsockoptInt(fd, o.level, o.opt, o.val); err != nil {
-			return err
+		v := int32(o.val)
+		_, _, errno := unix.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), uintptr(o.level), uintptr(o.opt), uintptr(unsafe.Pointer(&v)), 4, 0)
+		if errno != 0 {
+			return os.NewSyscallError("setsockopt", errno)
 		}
 	}
 	return nil
@@ -39,6 +45,15 @@ func controlKeepalive(_, _ string, c syscall.RawConn) error {
 		return err
 	}
 	return serr
+}
+
+// keepalive enables TCP keepalive on an open connection.
+func keepalive(c *net.TCPConn) error {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	return controlKeepalive("", "", rc)
 }
 
 // listen binds a public listener. Keepalive is set once on the listening
@@ -53,8 +68,10 @@ func listen(ctx context.Context, addr string) (*net.TCPListener, error) {
 	return ln.(*net.TCPListener), nil
 }
 
-// newDialer returns the dialer for backend connections, with keepalive
-// set before connect.
+// newDialer returns the dialer for backend connections. Keepalive is set
+// on them by relay once the first bytes have come back from the backend,
+// off the path of the first request (four system calls that would add to
+// every new connection's latency).
 func newDialer(timeout time.Duration) *net.Dialer {
-	return &net.Dialer{Timeout: timeout, KeepAlive: -1, Control: controlKeepalive}
+	return &net.Dialer{Timeout: timeout, KeepAlive: -1}
 }

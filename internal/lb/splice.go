@@ -3,6 +3,7 @@ package lb
 import (
 	"errors"
 	"net"
+	"sync"
 	"syscall"
 	"unsafe"
 
@@ -66,7 +67,8 @@ func rawSplice(in, out, n int) (int, syscall.Errno) {
 }
 
 // spliceCopy copies src to dst until src's EOF (nil error) or a failure.
-func spliceCopy(dst, src *net.TCPConn) (int64, error) {
+// first, when not nil, runs once after the first bytes reached dst.
+func spliceCopy(dst, src *net.TCPConn, first func()) (int64, error) {
 	rsrc, err := src.SyscallConn()
 	if err != nil {
 		return 0, err
@@ -122,6 +124,10 @@ func spliceCopy(dst, src *net.TCPConn) (int64, error) {
 			inPipe -= n
 			total += int64(n)
 		}
+		if first != nil {
+			first()
+			first = nil
+		}
 	}
 }
 
@@ -174,4 +180,60 @@ func rawCloseWrite(c *net.TCPConn) error {
 		return errno
 	}
 	return nil
+}
+
+// firstChunk bounds the client bytes sent along with the PROXY header.
+const firstChunk = 16 << 10
+
+var chunkBufs = sync.Pool{New: func() any { b := make([]byte, 0, 256+firstChunk); return &b }}
+
+// sendHeader writes the PROXY header to upstream together with whatever
+// the client has already sent (a TLS ClientHello usually has arrived by
+// the time the backend connection is up): one write and one TCP segment
+// instead of a write and a splice through the pipe, and the backend reads
+// both at once. It never waits for the client — protocols where the
+// server speaks first still get their header at once. It returns the
+// number of client bytes sent.
+func sendHeader(upstream, client *net.TCPConn, header []byte) (int64, error) {
+	bp := chunkBufs.Get().(*[]byte)
+	defer chunkBufs.Put(bp)
+	buf := append((*bp)[:0], header...)
+	n, err := readQueued(client, buf[len(buf):cap(buf)])
+	if err != nil {
+		return 0, err
+	}
+	if err := rawWrite(upstream, buf[:len(buf)+n]); err != nil {
+		return 0, err
+	}
+	return int64(n), nil
+}
+
+// readQueued reads what is already queued on c into b without waiting (0
+// when nothing is, or at EOF: the relay sees the EOF next).
+func readQueued(c *net.TCPConn, b []byte) (int, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var n int
+	var errno syscall.Errno
+	if err := rc.Control(func(fd uintptr) {
+		for {
+			r, _, e := unix.RawSyscall6(unix.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)), unix.MSG_DONTWAIT, 0, 0)
+			n, errno = int(r), e
+			if e != unix.EINTR {
+				return
+			}
+		}
+	}); err != nil {
+		return 0, err
+	}
+	switch errno {
+	case 0:
+		return n, nil
+	case unix.EAGAIN:
+		return 0, nil
+	default:
+		return 0, errno
+	}
 }
