@@ -32,6 +32,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/zeitwork/zeitwork/internal/httpjson"
 	"github.com/zeitwork/zeitwork/internal/service"
 )
 
@@ -233,7 +234,7 @@ func (s *Server) Handler() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if id := r.Header.Get(HeaderInstance); id != "" {
 			if !s.tokenOK(r.Header.Get(HeaderToken)) {
-				writeJSON(w, 401, apiError("unauthorized", "bad or missing X-Zeitwork-Token"))
+				httpjson.Write(w, 401, httpjson.Error("unauthorized", "bad or missing X-Zeitwork-Token"))
 				return
 			}
 			s.serveInstance(w, r, id)
@@ -271,7 +272,7 @@ func (s *Server) Health() map[string]any {
 
 func (s *Server) handleHealth(w http.ResponseWriter, _ *http.Request) {
 	w.Header().Set("Cache-Control", "no-store")
-	writeJSON(w, 200, s.Health())
+	httpjson.Write(w, 200, s.Health())
 }
 
 func (s *Server) tokenOK(got string) bool {
@@ -285,12 +286,12 @@ func (s *Server) tokenOK(got string) bool {
 func (s *Server) serveInstance(w http.ResponseWriter, r *http.Request, id string) {
 	rt, ok := s.table.Load().Instances[id]
 	if !ok {
-		writeJSON(w, 404, apiError("not_found", "no such instance on this node"))
+		httpjson.Write(w, 404, httpjson.Error("not_found", "no such instance on this node"))
 		return
 	}
 	if rt.State != StateRunning || rt.Addr == "" {
 		w.Header().Set("Retry-After", "1")
-		writeJSON(w, 503, apiError("unavailable", "instance is "+rt.State))
+		httpjson.Write(w, 503, httpjson.Error("unavailable", "instance is "+rt.State))
 		return
 	}
 	target := &url.URL{Scheme: "http", Host: rt.Addr}
@@ -326,7 +327,7 @@ func (s *Server) newVMProxy() *httputil.ReverseProxy {
 		FlushInterval: -1,
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
 			s.proxied.WithLabelValues("error").Inc()
-			writeJSON(w, 502, apiError("bad_gateway", "instance did not answer: "+err.Error()))
+			httpjson.Write(w, 502, httpjson.Error("bad_gateway", "instance did not answer: "+err.Error()))
 		},
 		ModifyResponse: func(resp *http.Response) error {
 			s.proxied.WithLabelValues(fmt.Sprintf("%dxx", resp.StatusCode/100)).Inc()
@@ -359,26 +360,7 @@ func (s *Server) newAgentProxy() *httputil.ReverseProxy {
 				return // the caller left
 			}
 			w.Header().Set("Retry-After", "2")
-			writeJSON(w, 503, apiError("agent_unavailable", "the node agent is not answering (VM traffic is unaffected): "+err.Error()))
+			httpjson.Write(w, 503, httpjson.Error("agent_unavailable", "the node agent is not answering (VM traffic is unaffected): "+err.Error()))
 		},
 	}
-}
-
-type apiErr struct {
-	Error struct {
-		Code    string `json:"code"`
-		Message string `json:"message"`
-	} `json:"error"`
-}
-
-func apiError(code, msg string) apiErr {
-	var e apiErr
-	e.Error.Code, e.Error.Message = code, msg
-	return e
-}
-
-func writeJSON(w http.ResponseWriter, code int, v any) {
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(code)
-	_ = json.NewEncoder(w).Encode(v)
 }

@@ -15,6 +15,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/zeitwork/zeitwork/internal/httpjson"
 )
 
 const token = "s3cret-token"
@@ -108,7 +110,7 @@ func (f *fixture) get(path, instance, tok string, hdr ...string) (int, http.Head
 
 // errCode extracts the API error code of a JSON error body.
 func errCode(body string) string {
-	var e apiErr
+	var e httpjson.ErrorBody
 	_ = json.Unmarshal([]byte(body), &e)
 	return e.Error.Code
 }

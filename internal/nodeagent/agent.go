@@ -36,6 +36,7 @@ import (
 	"github.com/zeitwork/zeitwork/internal/envconfig"
 	"github.com/zeitwork/zeitwork/internal/guestkernel"
 	"github.com/zeitwork/zeitwork/internal/hostnet"
+	"github.com/zeitwork/zeitwork/internal/httpjson"
 	"github.com/zeitwork/zeitwork/internal/rootfs"
 	"github.com/zeitwork/zeitwork/internal/vmm"
 	"github.com/zeitwork/zeitwork/internal/vmm/firecracker"
@@ -707,14 +708,14 @@ func (a *Agent) report(ctx context.Context, call string) error {
 func (a *Agent) Handler(admin http.Handler) http.Handler {
 	api := http.NewServeMux()
 	api.HandleFunc("POST /instances", a.handleCreate)
-	api.HandleFunc("GET /instances", func(w http.ResponseWriter, r *http.Request) { writeJSON(w, 200, a.List()) })
+	api.HandleFunc("GET /instances", func(w http.ResponseWriter, r *http.Request) { httpjson.Write(w, 200, a.List()) })
 	api.HandleFunc("GET /instances/{id}", func(w http.ResponseWriter, r *http.Request) {
 		in, err := a.get(r.PathValue("id"))
 		if err != nil {
 			writeErr(w, err)
 			return
 		}
-		writeJSON(w, 200, in.status().Public())
+		httpjson.Write(w, 200, in.status().Public())
 	})
 	api.HandleFunc("POST /instances/{id}/stop", func(w http.ResponseWriter, r *http.Request) {
 		st, err := a.Stop(r.PathValue("id"))
@@ -722,7 +723,7 @@ func (a *Agent) Handler(admin http.Handler) http.Handler {
 			writeErr(w, err)
 			return
 		}
-		writeJSON(w, 202, st.Public())
+		httpjson.Write(w, 202, st.Public())
 	})
 	api.HandleFunc("POST /instances/{id}/start", func(w http.ResponseWriter, r *http.Request) {
 		st, err := a.Start(r.PathValue("id"))
@@ -730,7 +731,7 @@ func (a *Agent) Handler(admin http.Handler) http.Handler {
 			writeErr(w, err)
 			return
 		}
-		writeJSON(w, 202, st.Public())
+		httpjson.Write(w, 202, st.Public())
 	})
 	api.HandleFunc("DELETE /instances/{id}", func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), a.cfg.StopGrace+30*time.Second)
@@ -742,8 +743,8 @@ func (a *Agent) Handler(admin http.Handler) http.Handler {
 		w.WriteHeader(http.StatusNoContent)
 	})
 	api.HandleFunc("GET /instances/{id}/logs", a.handleLogs)
-	api.HandleFunc("GET /node/info", func(w http.ResponseWriter, r *http.Request) { writeJSON(w, 200, a.Info()) })
-	api.HandleFunc("GET /node/resources", func(w http.ResponseWriter, r *http.Request) { writeJSON(w, 200, a.Resources()) })
+	api.HandleFunc("GET /node/info", func(w http.ResponseWriter, r *http.Request) { httpjson.Write(w, 200, a.Info()) })
+	api.HandleFunc("GET /node/resources", func(w http.ResponseWriter, r *http.Request) { httpjson.Write(w, 200, a.Resources()) })
 
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if strings.HasPrefix(r.URL.Path, "/health") || r.URL.Path == "/metrics" {
@@ -751,7 +752,7 @@ func (a *Agent) Handler(admin http.Handler) http.Handler {
 			return
 		}
 		if !a.tokenOK(strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer ")) {
-			writeJSON(w, 401, apiError("unauthorized", "bad or missing cluster token"))
+			httpjson.Write(w, 401, httpjson.Error("unauthorized", "bad or missing cluster token"))
 			return
 		}
 		api.ServeHTTP(w, r)
@@ -770,7 +771,7 @@ func (a *Agent) handleCreate(w http.ResponseWriter, r *http.Request) {
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<20))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&spec); err != nil {
-		writeJSON(w, 400, apiError("invalid_json", err.Error()))
+		httpjson.Write(w, 400, httpjson.Error("invalid_json", err.Error()))
 		return
 	}
 	st, created, err := a.Create(spec)
@@ -782,7 +783,7 @@ func (a *Agent) handleCreate(w http.ResponseWriter, r *http.Request) {
 	if created {
 		code = 201
 	}
-	writeJSON(w, code, st.Public())
+	httpjson.Write(w, code, st.Public())
 }
 
 func (a *Agent) handleLogs(w http.ResponseWriter, r *http.Request) {
@@ -824,34 +825,15 @@ func (a *Agent) handleLogs(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-type apiErr struct {
-	Error struct {
-		Code    string `json:"code"`
-		Message string `json:"message"`
-	} `json:"error"`
-}
-
-func apiError(code, msg string) apiErr {
-	var e apiErr
-	e.Error.Code, e.Error.Message = code, msg
-	return e
-}
-
 func writeErr(w http.ResponseWriter, err error) {
 	switch {
 	case errors.Is(err, errNotFound):
-		writeJSON(w, 404, apiError("not_found", err.Error()))
+		httpjson.Write(w, 404, httpjson.Error("not_found", err.Error()))
 	case errors.Is(err, errCapacity):
-		writeJSON(w, 409, apiError("insufficient_capacity", err.Error()))
+		httpjson.Write(w, 409, httpjson.Error("insufficient_capacity", err.Error()))
 	case errors.Is(err, errInvalid):
-		writeJSON(w, 400, apiError("invalid", err.Error()))
+		httpjson.Write(w, 400, httpjson.Error("invalid", err.Error()))
 	default:
-		writeJSON(w, 500, apiError("internal", err.Error()))
+		httpjson.Write(w, 500, httpjson.Error("internal", err.Error()))
 	}
-}
-
-func writeJSON(w http.ResponseWriter, code int, v any) {
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(code)
-	_ = json.NewEncoder(w).Encode(v)
 }

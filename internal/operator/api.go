@@ -20,6 +20,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/zeitwork/zeitwork/internal/db"
+	"github.com/zeitwork/zeitwork/internal/httpjson"
 	"github.com/zeitwork/zeitwork/internal/operator/names"
 	"github.com/zeitwork/zeitwork/internal/operator/secrets"
 	"github.com/zeitwork/zeitwork/internal/store"
@@ -40,19 +41,6 @@ func invalid(format string, args ...any) error {
 
 func notFound(what string) error { return fmt.Errorf("%w: %s not found", errNotFound, what) }
 
-type apiError struct {
-	Error struct {
-		Code    string `json:"code"`
-		Message string `json:"message"`
-	} `json:"error"`
-}
-
-func writeJSON(w http.ResponseWriter, code int, v any) {
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(code)
-	_ = json.NewEncoder(w).Encode(v)
-}
-
 func writeErr(w http.ResponseWriter, err error) {
 	code, class := http.StatusInternalServerError, "internal"
 	switch {
@@ -67,7 +55,7 @@ func writeErr(w http.ResponseWriter, err error) {
 	case errors.Is(err, errForbidden):
 		code, class = http.StatusForbidden, "forbidden"
 	}
-	var e apiError
+	var e httpjson.ErrorBody
 	e.Error.Code = class
 	msg := err.Error()
 	for _, p := range []string{"invalid: ", "not_found: ", "conflict: ", "unauthorized: ", "forbidden: "} {
@@ -77,7 +65,7 @@ func writeErr(w http.ResponseWriter, err error) {
 		msg = "internal error: " + msg
 	}
 	e.Error.Message = msg
-	writeJSON(w, code, e)
+	httpjson.Write(w, code, e)
 }
 
 // decode reads a JSON body strictly: unknown fields and trailing data are
@@ -321,7 +309,7 @@ func (o *Operator) createOrganisation(w http.ResponseWriter, r *http.Request) er
 	if err != nil {
 		return err
 	}
-	writeJSON(w, 201, map[string]any{"id": id, "name": req.Name, "token": tok, "note": "store this token now: it is not shown again"})
+	httpjson.Write(w, 201, map[string]any{"id": id, "name": req.Name, "token": tok, "note": "store this token now: it is not shown again"})
 	return nil
 }
 
@@ -356,7 +344,7 @@ func (o *Operator) removeMember(w http.ResponseWriter, r *http.Request) error {
 
 func (o *Operator) whoami(w http.ResponseWriter, r *http.Request) error {
 	p := who(r)
-	writeJSON(w, 200, map[string]any{"organisation": p.OrgName, "organisation_id": p.OrgID, "token_id": p.TokenID})
+	httpjson.Write(w, 200, map[string]any{"organisation": p.OrgName, "organisation_id": p.OrgID, "token_id": p.TokenID})
 	return nil
 }
 
@@ -378,7 +366,7 @@ func (o *Operator) listMembers(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	writeJSON(w, 200, map[string]any{"members": out})
+	httpjson.Write(w, 200, map[string]any{"members": out})
 	return nil
 }
 
@@ -412,7 +400,7 @@ func (o *Operator) addMember(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	writeJSON(w, 201, map[string]any{"email": req.Email, "role": req.Role})
+	httpjson.Write(w, 201, map[string]any{"email": req.Email, "role": req.Role})
 	return nil
 }
 
@@ -434,7 +422,7 @@ func (o *Operator) listTokens(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	writeJSON(w, 200, map[string]any{"tokens": out})
+	httpjson.Write(w, 200, map[string]any{"tokens": out})
 	return nil
 }
 
@@ -453,7 +441,7 @@ func (o *Operator) createToken(w http.ResponseWriter, r *http.Request) error {
 	if _, err := o.pool.Exec(r.Context(), Q("TokenInsert"), id, who(r).OrgID, req.Name, hash); err != nil {
 		return err
 	}
-	writeJSON(w, 201, map[string]any{"id": id, "name": req.Name, "token": tok, "note": "store this token now: it is not shown again"})
+	httpjson.Write(w, 201, map[string]any{"id": id, "name": req.Name, "token": tok, "note": "store this token now: it is not shown again"})
 	return nil
 }
 
@@ -594,7 +582,7 @@ func (o *Operator) createProject(w http.ResponseWriter, r *http.Request) error {
 	}
 	p.CreatedAt = time.Now().UTC()
 	p.ProductionURL = "https://" + names.AliasLabel(p.Name, who(r).OrgName) + "." + o.cfg.AppsDomain
-	writeJSON(w, 201, p)
+	httpjson.Write(w, 201, p)
 	return nil
 }
 
@@ -612,7 +600,7 @@ func (o *Operator) listProjects(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	writeJSON(w, 200, map[string]any{"projects": out})
+	httpjson.Write(w, 200, map[string]any{"projects": out})
 	return nil
 }
 
@@ -621,7 +609,7 @@ func (o *Operator) getProject(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	writeJSON(w, 200, p)
+	httpjson.Write(w, 200, p)
 	return nil
 }
 
@@ -645,7 +633,7 @@ func (o *Operator) updateProject(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	o.notify(r.Context(), "zeitwork_reconcile")
-	writeJSON(w, 200, p)
+	httpjson.Write(w, 200, p)
 	return nil
 }
 
@@ -700,7 +688,7 @@ func (o *Operator) listEnv(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	writeJSON(w, 200, map[string]any{"env": out})
+	httpjson.Write(w, 200, map[string]any{"env": out})
 	return nil
 }
 
@@ -746,7 +734,7 @@ func (o *Operator) setEnv(w http.ResponseWriter, r *http.Request) error {
 	for k := range req.Vars {
 		names = append(names, k)
 	}
-	writeJSON(w, 200, map[string]any{"set": names, "note": "new values apply to the next deployment"})
+	httpjson.Write(w, 200, map[string]any{"set": names, "note": "new values apply to the next deployment"})
 	return nil
 }
 
@@ -779,7 +767,7 @@ func (o *Operator) idempotent(w http.ResponseWriter, r *http.Request, body []byt
 		if err != nil {
 			return err
 		}
-		writeJSON(w, code, v)
+		httpjson.Write(w, code, v)
 		return nil
 	}
 	if len(key) > 200 {
@@ -809,7 +797,7 @@ func (o *Operator) idempotent(w http.ResponseWriter, r *http.Request, body []byt
 	}
 	b, _ := json.Marshal(v)
 	_, _ = o.pool.Exec(r.Context(), Q("IdempotencyPut"), who(r).OrgID, key, h[:], code, b)
-	writeJSON(w, code, v)
+	httpjson.Write(w, code, v)
 	return nil
 }
 

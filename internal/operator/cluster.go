@@ -10,6 +10,7 @@ import (
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
 
+	"github.com/zeitwork/zeitwork/internal/httpjson"
 	"github.com/zeitwork/zeitwork/internal/operator/agents"
 	"github.com/zeitwork/zeitwork/internal/operator/names"
 )
@@ -94,7 +95,7 @@ func (o *Operator) nodeHeartbeat(w http.ResponseWriter, r *http.Request) error {
 	if changed {
 		o.nudge()
 	}
-	writeJSON(w, 200, map[string]any{"ok": true})
+	httpjson.Write(w, 200, map[string]any{"ok": true})
 	return nil
 }
 
@@ -125,7 +126,7 @@ func (o *Operator) edgeHeartbeat(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	writeJSON(w, 200, map[string]any{"ok": true})
+	httpjson.Write(w, 200, map[string]any{"ok": true})
 	return nil
 }
 
@@ -147,7 +148,7 @@ func (o *Operator) listEdges(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	writeJSON(w, 200, out)
+	httpjson.Write(w, 200, out)
 	return nil
 }
 
@@ -174,7 +175,7 @@ func (o *Operator) listNodes(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	writeJSON(w, 200, map[string]any{"nodes": out})
+	httpjson.Write(w, 200, map[string]any{"nodes": out})
 	return nil
 }
 
@@ -188,7 +189,7 @@ func (o *Operator) setNodeState(state string) func(http.ResponseWriter, *http.Re
 			return notFound("node " + r.PathValue("id"))
 		}
 		o.notify(r.Context(), "zeitwork_reconcile")
-		writeJSON(w, 200, map[string]any{"id": r.PathValue("id"), "state": state})
+		httpjson.Write(w, 200, map[string]any{"id": r.PathValue("id"), "state": state})
 		return nil
 	}
 }
@@ -210,7 +211,7 @@ func (o *Operator) listRegions(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	writeJSON(w, 200, map[string]any{"regions": out})
+	httpjson.Write(w, 200, map[string]any{"regions": out})
 	return nil
 }
 
@@ -233,7 +234,7 @@ func (o *Operator) routes(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	w.Header().Set("ETag", `"`+rt.Version+`"`)
-	writeJSON(w, 200, rt)
+	httpjson.Write(w, 200, rt)
 	return nil
 }
 

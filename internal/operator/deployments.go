@@ -16,6 +16,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 
+	"github.com/zeitwork/zeitwork/internal/httpjson"
 	"github.com/zeitwork/zeitwork/internal/operator/names"
 	"github.com/zeitwork/zeitwork/internal/operator/webhook"
 	"github.com/zeitwork/zeitwork/internal/store"
@@ -242,7 +243,7 @@ func (o *Operator) listDeployments(w http.ResponseWriter, r *http.Request) error
 		}
 		out = append(out, d)
 	}
-	writeJSON(w, 200, map[string]any{"deployments": out})
+	httpjson.Write(w, 200, map[string]any{"deployments": out})
 	return nil
 }
 
@@ -251,7 +252,7 @@ func (o *Operator) getDeployment(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	writeJSON(w, 200, d)
+	httpjson.Write(w, 200, d)
 	return nil
 }
 
@@ -281,7 +282,7 @@ func (o *Operator) stopDeployment(w http.ResponseWriter, r *http.Request) error 
 	if err != nil {
 		return err
 	}
-	writeJSON(w, 200, d)
+	httpjson.Write(w, 200, d)
 	return nil
 }
 
@@ -297,7 +298,7 @@ func (o *Operator) promoteDeployment(w http.ResponseWriter, r *http.Request) err
 	if err != nil {
 		return err
 	}
-	writeJSON(w, 200, d)
+	httpjson.Write(w, 200, d)
 	return nil
 }
 
@@ -340,7 +341,7 @@ func (o *Operator) rollback(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	writeJSON(w, 200, d)
+	httpjson.Write(w, 200, d)
 	return nil
 }
 
@@ -402,7 +403,7 @@ func (o *Operator) listInstances(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	writeJSON(w, 200, map[string]any{"instances": out})
+	httpjson.Write(w, 200, map[string]any{"instances": out})
 	return nil
 }
 

@@ -11,6 +11,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/zeitwork/zeitwork/internal/db"
+	"github.com/zeitwork/zeitwork/internal/httpjson"
 	"github.com/zeitwork/zeitwork/internal/operator/domains"
 	"github.com/zeitwork/zeitwork/internal/operator/names"
 )
@@ -60,7 +61,7 @@ func (o *Operator) addDomain(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	d.DNSRecords = o.records(d)
-	writeJSON(w, 201, d)
+	httpjson.Write(w, 201, d)
 	return nil
 }
 
@@ -87,7 +88,7 @@ func (o *Operator) listDomains(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	writeJSON(w, 200, map[string]any{"domains": out})
+	httpjson.Write(w, 200, map[string]any{"domains": out})
 	return nil
 }
 
@@ -111,7 +112,7 @@ func (o *Operator) getDomain(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	writeJSON(w, 200, d)
+	httpjson.Write(w, 200, d)
 	return nil
 }
 
@@ -131,7 +132,7 @@ func (o *Operator) verifyDomain(w http.ResponseWriter, r *http.Request) error {
 	if !d.Verified {
 		code = 422
 	}
-	writeJSON(w, code, d)
+	httpjson.Write(w, code, d)
 	return nil
 }
 

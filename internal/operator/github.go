@@ -10,6 +10,7 @@ import (
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
 
+	"github.com/zeitwork/zeitwork/internal/httpjson"
 	"github.com/zeitwork/zeitwork/internal/operator/webhook"
 )
 
@@ -33,11 +34,11 @@ func (o *Operator) webhook(w http.ResponseWriter, r *http.Request) {
 	delivery := r.Header.Get("X-GitHub-Delivery")
 	switch event {
 	case "ping":
-		writeJSON(w, 200, map[string]any{"ok": true, "message": "pong"})
+		httpjson.Write(w, 200, map[string]any{"ok": true, "message": "pong"})
 		return
 	case "push":
 	default:
-		writeJSON(w, 202, map[string]any{"ok": true, "ignored": "event " + event})
+		httpjson.Write(w, 202, map[string]any{"ok": true, "ignored": "event " + event})
 		return
 	}
 	if delivery == "" || len(delivery) > 100 {
@@ -110,15 +111,15 @@ func (o *Operator) webhook(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, err)
 	case duplicate:
 		o.m.webhooks.WithLabelValues("duplicate").Inc()
-		writeJSON(w, 200, map[string]any{"ok": true, "duplicate": true})
+		httpjson.Write(w, 200, map[string]any{"ok": true, "duplicate": true})
 	case !ev.Deploys():
 		o.m.webhooks.WithLabelValues("ignored").Inc()
-		writeJSON(w, 202, map[string]any{"ok": true, "ignored": "branch deletion or non-branch ref"})
+		httpjson.Write(w, 202, map[string]any{"ok": true, "ignored": "branch deletion or non-branch ref"})
 	default:
 		if created == nil {
 			created = []string{}
 		}
 		o.m.webhooks.WithLabelValues("deployed").Inc()
-		writeJSON(w, 202, map[string]any{"ok": true, "deployments": created})
+		httpjson.Write(w, 202, map[string]any{"ok": true, "deployments": created})
 	}
 }

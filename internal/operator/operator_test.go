@@ -22,6 +22,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/registry"
 	"github.com/google/uuid"
 
+	"github.com/zeitwork/zeitwork/internal/httpjson"
 	ib "github.com/zeitwork/zeitwork/internal/imagebuild"
 	"github.com/zeitwork/zeitwork/internal/operator/agents/agenttest"
 	"github.com/zeitwork/zeitwork/internal/operator/domains/dnstest"
@@ -239,7 +240,7 @@ func TestAPIAuthAndValidation(t *testing.T) {
 		t.Fatal(err)
 	}
 	b, _ := e.ops[0].Bootstrap(t.Context(), "other", "ops@other.test", "t")
-	var apiErr apiError
+	var apiErr httpjson.ErrorBody
 	if code := e.call("", "GET", "/api/v1/projects", nil, &apiErr); code != 401 || apiErr.Error.Code != "unauthorized" {
 		t.Fatalf("no token: %d %+v", code, apiErr)
 	}
@@ -257,7 +258,7 @@ func TestAPIAuthAndValidation(t *testing.T) {
 		{`{"name": `, "malformed JSON"},
 		{`{"name": "y", "port": 0, "health_path": "nope"}`, "port must be"},
 	} {
-		var ae apiError
+		var ae httpjson.ErrorBody
 		if code := e.call(a, "POST", "/api/v1/projects", tc.body, &ae); code != 400 || !strings.Contains(ae.Error.Message, tc.want) {
 			t.Errorf("%s: %d %+v", tc.body, code, ae)
 		}
@@ -298,7 +299,7 @@ func TestAPIAuthAndValidation(t *testing.T) {
 	}
 	// Nodes are shared: only admin organisations (or the cluster token)
 	// change them.
-	var ae2 apiError
+	var ae2 httpjson.ErrorBody
 	if code := e.call(b, "POST", "/api/v1/nodes/"+e.agents[0].ID+"/drain", nil, &ae2); code != 403 || ae2.Error.Code != "forbidden" {
 		t.Fatalf("drain by a non-admin org: %d %+v", code, ae2)
 	}

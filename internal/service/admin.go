@@ -2,7 +2,6 @@ package service
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -17,6 +16,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/zeitwork/zeitwork/internal/buildinfo"
+	"github.com/zeitwork/zeitwork/internal/httpjson"
 )
 
 // Check reports whether one dependency of the service is usable. A nil
@@ -116,13 +116,6 @@ func (h *Health) Status(ctx context.Context) (map[string]any, bool) {
 	return doc, healthy
 }
 
-func writeJSON(w http.ResponseWriter, code int, v any) {
-	w.Header().Set("Content-Type", "application/json")
-	w.Header().Set("Cache-Control", "no-store")
-	w.WriteHeader(code)
-	_ = json.NewEncoder(w).Encode(v)
-}
-
 // Register mounts /health, /health/live, /health/ready and /metrics on mux.
 func (h *Health) Register(mux *http.ServeMux, reg *prometheus.Registry) {
 	status := func(w http.ResponseWriter, r *http.Request) {
@@ -131,12 +124,12 @@ func (h *Health) Register(mux *http.ServeMux, reg *prometheus.Registry) {
 		if !ok {
 			code = http.StatusServiceUnavailable
 		}
-		writeJSON(w, code, doc)
+		httpjson.Write(w, code, doc)
 	}
 	mux.HandleFunc("GET /health", status)
 	mux.HandleFunc("GET /health/ready", status)
 	mux.HandleFunc("GET /health/live", func(w http.ResponseWriter, r *http.Request) {
-		writeJSON(w, http.StatusOK, map[string]any{"status": "alive", "service": h.service})
+		httpjson.Write(w, http.StatusOK, map[string]any{"status": "alive", "service": h.service})
 	})
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 }
