@@ -12,7 +12,9 @@ package vmm
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
+	"os"
 )
 
 // Spec describes one microVM.
@@ -20,9 +22,12 @@ type Spec struct {
 	ID        string
 	VCPUs     int
 	MemoryMiB int
-	Kernel    string // bzImage (QEMU) or ELF vmlinux (Firecracker)
-	Initrd    string
-	Cmdline   string // extra kernel arguments
+	// Kernel is a bzImage or its ELF vmlinux: QEMU boots either (the ELF
+	// through its PVH entry), Firecracker boots the ELF and extracts it
+	// from a bzImage.
+	Kernel  string
+	Initrd  string
+	Cmdline string // extra kernel arguments
 	// RootDisk is the base ext4 image; it is never written. Each VM boots a
 	// copy-on-write overlay of it in Dir.
 	RootDisk string
@@ -31,6 +36,38 @@ type Spec struct {
 	// Dir is the machine's state directory (overlay disk, sockets, pid,
 	// console log). It must exist.
 	Dir string
+}
+
+// Validate checks, before anything is spawned, that the files the spec
+// names exist: the kernel, the initrd (when set) and the root disk must be
+// regular files, Dir a directory. Errors name the field and the path and
+// wrap the fs error (errors.Is(err, fs.ErrNotExist) for a missing file).
+func (s Spec) Validate() error {
+	if s.ID == "" {
+		return errors.New("machine spec has no ID")
+	}
+	files := []struct{ what, path string }{{"kernel", s.Kernel}, {"initrd", s.Initrd}, {"root disk", s.RootDisk}}
+	for _, f := range files {
+		if f.path == "" {
+			if f.what == "initrd" {
+				continue
+			}
+			return fmt.Errorf("machine %s: no %s in the spec", s.ID, f.what)
+		}
+		st, err := os.Stat(f.path)
+		if err != nil {
+			return fmt.Errorf("machine %s: %s: %w", s.ID, f.what, err)
+		}
+		if !st.Mode().IsRegular() {
+			return fmt.Errorf("machine %s: %s %s is not a regular file", s.ID, f.what, f.path)
+		}
+	}
+	if st, err := os.Stat(s.Dir); err != nil {
+		return fmt.Errorf("machine %s: state directory: %w", s.ID, err)
+	} else if !st.IsDir() {
+		return fmt.Errorf("machine %s: state directory %s is not a directory", s.ID, s.Dir)
+	}
+	return nil
 }
 
 // Machine is a running microVM.

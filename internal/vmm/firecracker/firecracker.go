@@ -142,6 +142,9 @@ func (f *Firecracker) layout(id, dir string) (layout, error) {
 // Start copies the root disk, spawns firecracker, configures the VM over
 // the API and starts it.
 func (f *Firecracker) Start(ctx context.Context, spec vmm.Spec) (vmm.Machine, error) {
+	if err := spec.Validate(); err != nil {
+		return nil, err
+	}
 	if spec.VCPUs <= 0 {
 		spec.VCPUs = 1
 	}

@@ -21,6 +21,7 @@ import (
 	"github.com/zeitwork/zeitwork/internal/guest"
 	"github.com/zeitwork/zeitwork/internal/vmm"
 	"github.com/zeitwork/zeitwork/internal/vmm/firecracker/fctest"
+	"github.com/zeitwork/zeitwork/internal/vmm/vmmtest"
 )
 
 // fakeBin is cmd/fake-firecracker, built once for the package's tests.
@@ -136,6 +137,26 @@ func waitDone(t *testing.T, m vmm.Machine, within time.Duration) {
 	case <-time.After(within):
 		t.Fatalf("firecracker pid %d still running after %s", m.PID(), within)
 	}
+}
+
+// TestContract runs the vmm contract against the fake Firecracker, with
+// vmmtest.PlayInit as the guest's init on the port the fake relays the
+// guest vsock port to.
+func TestContract(t *testing.T) {
+	guestDir := t.TempDir()
+	t.Setenv("FAKE_FIRECRACKER_GUEST_VSOCK", guestDir)
+	vmmtest.Run(t, vmmtest.Harness{
+		New:  func(t *testing.T) vmm.VMM { return backend(t) },
+		Spec: testSpec,
+		Guest: func(t *testing.T, m vmm.Machine) {
+			l, err := net.Listen("unix", filepath.Join(guestDir, fmt.Sprintf("%d.sock", guest.VsockPort)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			vmmtest.PlayInit(t, l)
+		},
+		BootTimeout: 10 * time.Second,
+	})
 }
 
 // TestBoot: Start configures the VM in Firecracker's order with what the
@@ -284,9 +305,9 @@ func TestStopKillsAfterTimeout(t *testing.T) {
 	wantSequence(t, requests(t, spec.Dir), append(bootSequence, "PUT /actions SendCtrlAltDel")...)
 }
 
-// TestAdoptAfterAgentRestart: a new backend re-attaches by state
-// directory, drives the same process, and reports ErrGone once it is
-// gone.
+// TestAdoptAfterAgentRestart: beyond the contract (same pid, ErrGone; see
+// TestContract), the adopted machine checks the process with GET / and
+// drives it over the same API socket.
 func TestAdoptAfterAgentRestart(t *testing.T) {
 	spec := testSpec(t)
 	m, err := backend(t).Start(t.Context(), spec)
@@ -309,14 +330,7 @@ func TestAdoptAfterAgentRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitDone(t, m, 5*time.Second)
-	waitDone(t, a, 5*time.Second)
 	wantSequence(t, requests(t, spec.Dir), append(bootSequence, "GET /", "PATCH /vm Paused")...)
-	if _, err := backend(t).Adopt(t.Context(), spec.Dir); !errors.Is(err, vmm.ErrGone) {
-		t.Fatalf("Adopt of an exited VM = %v, want ErrGone", err)
-	}
-	if _, err := backend(t).Adopt(t.Context(), t.TempDir()); !errors.Is(err, vmm.ErrGone) {
-		t.Fatalf("Adopt of an empty directory = %v, want ErrGone", err)
-	}
 }
 
 // TestSnapshotAndRestore: pause → create → resume, then a fresh process
@@ -369,15 +383,17 @@ func TestSnapshotAndRestore(t *testing.T) {
 }
 
 // TestAPIErrorsAreClear: Firecracker's fault_message reaches the caller
-// as an APIError, and a failed start leaves no process behind.
+// as an APIError, and a start that Firecracker refuses leaves no process
+// behind. (Missing files are refused before anything is spawned; see the
+// contract's InvalidSpec.)
 func TestAPIErrorsAreClear(t *testing.T) {
 	spec := testSpec(t)
-	spec.Kernel = filepath.Join(t.TempDir(), "missing-vmlinux")
+	spec.VCPUs = 33 // the API allows 1 to 32
 	_, err := backend(t).Start(t.Context(), spec)
 	var apiErr *APIError
-	if !errors.As(err, &apiErr) || apiErr.Status != http.StatusBadRequest || apiErr.Path != "/boot-source" ||
-		!strings.Contains(err.Error(), "kernel file cannot be opened") {
-		t.Fatalf("Start with a missing kernel = %v", err)
+	if !errors.As(err, &apiErr) || apiErr.Status != http.StatusBadRequest || apiErr.Path != "/machine-config" ||
+		!strings.Contains(err.Error(), "vcpu_count") {
+		t.Fatalf("Start with 33 vCPUs = %v", err)
 	}
 	b, _ := os.ReadFile(filepath.Join(spec.Dir, "vmm.pid"))
 	var pid int
@@ -453,13 +469,11 @@ func TestNewChecksBinaries(t *testing.T) {
 	}
 }
 
-// TestAgentChannelOverVsock: the node agent's side of the guest protocol
-// through DialAgent and the fake's hybrid vsock, relayed to a guest.Channel
-// that stands in for zeitwork-init (a Unix listener for its vsock
-// listener on guest.VsockPort). Before init listens the dial is refused;
-// then ready → config → log; an agent restart (Adopt + DialAgent) opens a
-// new connection, which replaces the first: its stop frame reaches init,
-// and init's log and exit frames reach it.
+// TestAgentChannelOverVsock: what the contract (TestContract: ready →
+// config → log, and an agent restart through Adopt) leaves out of the
+// hybrid vsock: before init listens the CONNECT is refused and guest.Dial
+// keeps retrying until its context ends; a connection opened by the next
+// agent replaces the previous one, which init's channel closes.
 func TestAgentChannelOverVsock(t *testing.T) {
 	guestDir := t.TempDir()
 	t.Setenv("FAKE_FIRECRACKER_GUEST_VSOCK", guestDir)
@@ -470,8 +484,6 @@ func TestAgentChannelOverVsock(t *testing.T) {
 	}
 	defer m.Kill()
 
-	// Nothing listens in the guest yet: refused, and guest.Dial retries
-	// until its context ends.
 	ctx, cancel := context.WithTimeout(t.Context(), 200*time.Millisecond)
 	if c, err := guest.Dial(ctx, m.DialAgent); err == nil {
 		c.Close()
@@ -479,92 +491,34 @@ func TestAgentChannelOverVsock(t *testing.T) {
 	}
 	cancel()
 
-	// "init": a channel fed by the listener on the agent port.
 	l, err := net.Listen("unix", filepath.Join(guestDir, fmt.Sprintf("%d.sock", guest.VsockPort)))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer l.Close()
-	ch := guest.NewChannel()
-	defer ch.Close()
-	go func() { // ends when l is closed
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			ch.Accept(c)
-		}
-	}()
-	initErr := make(chan error, 1)
-	go func() {
-		initErr <- func() error {
-			ch.Greet(&guest.Frame{Type: guest.TypeReady})
-			f, err := ch.Next()
-			if err != nil || f.Type != guest.TypeConfig {
-				return fmt.Errorf("init: want config, got %+v %v", f, err)
-			}
-			ch.Greet(nil)
-			if err := ch.Send(&guest.Frame{Type: guest.TypeLog, Stream: "stdout", Line: "app " + f.Config.Argv()[0]}); err != nil {
-				return err
-			}
-			if f, err = ch.Next(); err != nil || f.Type != guest.TypeStop {
-				return fmt.Errorf("init: want stop, got %+v %v", f, err)
-			}
-			code := 143
-			if err := ch.Send(&guest.Frame{Type: guest.TypeLog, Stream: "stdout", Line: "stopping"}); err != nil {
-				return err
-			}
-			return ch.Send(&guest.Frame{Type: guest.TypeExit, Code: &code})
-		}()
-	}()
-
+	vmmtest.PlayInit(t, l)
 	ctx, cancel = context.WithTimeout(t.Context(), 10*time.Second)
 	defer cancel()
-	expect := func(r *guest.Reader, typ, line string) {
-		t.Helper()
-		f, err := r.Next()
-		if err != nil || f.Type != typ || f.Line != line {
-			t.Fatalf("agent: want %s %q, got %+v %v", typ, line, f, err)
-		}
-	}
 	c1, err := guest.Dial(ctx, m.DialAgent)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c1.Close()
 	c1.SetDeadline(time.Now().Add(10 * time.Second))
-	r1, w1 := guest.NewReader(c1), guest.NewWriter(c1)
-	expect(r1, guest.TypeReady, "")
-	if err := w1.Send(&guest.Frame{Type: guest.TypeConfig, Config: &guest.Config{Cmd: []string{"/hello"}}}); err != nil {
-		t.Fatal(err)
+	r1 := guest.NewReader(c1)
+	if f, err := r1.Next(); err != nil || f.Type != guest.TypeReady {
+		t.Fatalf("first connection: %+v %v, want ready", f, err)
 	}
-	expect(r1, guest.TypeLog, "app /hello")
-
-	// The agent restarts: it re-adopts the VM and dials again.
-	a, err := backend(t).Adopt(t.Context(), spec.Dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c2, err := guest.Dial(ctx, a.DialAgent)
+	c2, err := guest.Dial(ctx, m.DialAgent)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c2.Close()
 	c2.SetDeadline(time.Now().Add(10 * time.Second))
+	// Without a config yet, the new connection is greeted with ready too.
+	if f, err := guest.NewReader(c2).Next(); err != nil || f.Type != guest.TypeReady {
+		t.Fatalf("second connection: %+v %v, want ready", f, err)
+	}
 	if f, err := r1.Next(); !errors.Is(err, io.EOF) {
 		t.Fatalf("first connection after the second one: %+v %v, want EOF", f, err)
-	}
-	r2, w2 := guest.NewReader(c2), guest.NewWriter(c2)
-	if err := w2.Send(&guest.Frame{Type: guest.TypeStop}); err != nil {
-		t.Fatal(err)
-	}
-	expect(r2, guest.TypeLog, "stopping")
-	f, err := r2.Next()
-	if err != nil || f.Type != guest.TypeExit || *f.Code != 143 {
-		t.Fatalf("agent: want exit 143, got %+v %v", f, err)
-	}
-	if err := <-initErr; err != nil {
-		t.Fatal(err)
 	}
 }

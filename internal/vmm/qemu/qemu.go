@@ -113,8 +113,12 @@ func (q *QEMU) Cmdline(extra string) string {
 	return strings.Join(args, " ")
 }
 
-// Start boots spec.
+// Start boots spec. spec.Kernel may be a bzImage or an ELF vmlinux with a
+// PVH entry note (QEMU's -kernel loads either).
 func (q *QEMU) Start(ctx context.Context, spec vmm.Spec) (vmm.Machine, error) {
+	if err := spec.Validate(); err != nil {
+		return nil, err
+	}
 	if spec.VCPUs <= 0 {
 		spec.VCPUs = 1
 	}

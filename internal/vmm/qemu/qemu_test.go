@@ -1,142 +1,183 @@
 package qemu
 
 import (
+	"bytes"
 	"context"
-	"errors"
+	"debug/elf"
+	"encoding/binary"
+	"fmt"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/zeitwork/zeitwork/internal/guest"
 	"github.com/zeitwork/zeitwork/internal/guestkernel"
 	"github.com/zeitwork/zeitwork/internal/vmm"
+	"github.com/zeitwork/zeitwork/internal/vmm/vmmtest"
 )
 
-// bootKit builds zeitwork-init, fetches the guest kernel and builds a tiny
-// root disk holding a shell-free static program.
-func bootKit(t *testing.T) (*guestkernel.Kernel, string) {
-	t.Helper()
-	dir := t.TempDir()
-	initBin := filepath.Join(dir, "init")
-	build := exec.Command("go", "build", "-o", initBin, "github.com/zeitwork/zeitwork/cmd/zeitwork-init")
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("build init: %v\n%s", err, out)
+var (
+	kitDir  string
+	kitOnce sync.Once
+	kit     *vmmtest.Kit
+	kitErr  error
+)
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if kitDir != "" {
+		os.RemoveAll(kitDir)
 	}
-	k, err := guestkernel.Ensure(t.Context(), "/var/cache/zeitwork-test/kernel", initBin)
-	if err != nil {
-		t.Fatal(err)
-	}
-	root := filepath.Join(dir, "root")
-	for _, d := range []string{"bin", "etc", "app"} {
-		os.MkdirAll(filepath.Join(root, d), 0o755)
-	}
-	app := exec.Command("go", "build", "-o", filepath.Join(root, "bin", "hello"), "github.com/zeitwork/zeitwork/examples/hello")
-	app.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := app.CombinedOutput(); err != nil {
-		t.Fatalf("build app: %v\n%s", err, out)
-	}
-	img := filepath.Join(dir, "root.ext4")
-	if out, err := exec.Command("mkfs.ext4", "-q", "-F", "-d", root, img, "64M").CombinedOutput(); err != nil {
-		t.Fatalf("mkfs.ext4: %v\n%s", err, out)
-	}
-	return k, img
+	os.Exit(code)
 }
 
-// TestBootRunStop boots a real microVM, runs a program with the given
-// environment as a non-root user, reads its output over the agent channel,
-// stops it and gets its exit code; then re-adopts and kills a second one.
-func TestBootRunStop(t *testing.T) {
-	k, img := bootKit(t)
+// testKit builds zeitwork-init and the suite's app and fetches the guest
+// kernel, once for the package's tests.
+func testKit(t *testing.T) *vmmtest.Kit {
+	t.Helper()
+	kitOnce.Do(func() {
+		if kitDir, kitErr = os.MkdirTemp("", "qemu-test-kit-"); kitErr != nil {
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		defer cancel()
+		kit, kitErr = vmmtest.BuildKit(ctx, kitDir)
+	})
+	if kitErr != nil {
+		t.Fatal(kitErr)
+	}
+	return kit
+}
+
+func backend(t *testing.T) *QEMU {
+	t.Helper()
 	q, err := New()
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("accelerator: %s", q.Accel)
-	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
+	return q
+}
+
+// TestContract runs the vmm contract against real microVMs: one boot of
+// the Debian kernel with this tree's zeitwork-init (see package vmmtest).
+func TestContract(t *testing.T) {
+	k := testKit(t)
+	t.Logf("accelerator: %s", backend(t).Accel)
+	vmmtest.Run(t, vmmtest.Harness{
+		New: func(t *testing.T) vmm.VMM { return backend(t) },
+		Spec: func(t *testing.T) vmm.Spec {
+			return vmm.Spec{ID: "contract", Kernel: k.Kernel.BzImage, Initrd: k.Kernel.Initrd,
+				RootDisk: k.RootDisk, Dir: t.TempDir(), MemoryMiB: 128}
+		},
+	})
+}
+
+// xenElfnotePhys32Entry is XEN_ELFNOTE_PHYS32_ENTRY, the 32-bit PVH entry
+// point QEMU's -kernel looks for in an ELF (hw/i386/x86.c).
+const xenElfnotePhys32Entry = 18
+
+// pvhEntry returns the PVH entry point from an ELF kernel's Xen notes.
+func pvhEntry(path string) (uint64, error) {
+	f, err := elf.Open(path)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	for _, p := range f.Progs {
+		if p.Type != elf.PT_NOTE {
+			continue
+		}
+		b := make([]byte, p.Filesz)
+		if _, err := p.ReadAt(b, 0); err != nil {
+			return 0, err
+		}
+		for len(b) >= 12 {
+			namesz, descsz, typ := binary.LittleEndian.Uint32(b), binary.LittleEndian.Uint32(b[4:]), binary.LittleEndian.Uint32(b[8:])
+			align4 := func(n uint32) int { return int((n + 3) &^ 3) }
+			if 12+align4(namesz)+align4(descsz) > len(b) {
+				break
+			}
+			name := b[12 : 12+namesz]
+			desc := b[12+align4(namesz) : 12+align4(namesz)+int(descsz)]
+			if string(bytes.TrimRight(name, "\x00")) == "Xen" && typ == xenElfnotePhys32Entry && len(desc) >= 4 {
+				if len(desc) >= 8 {
+					return binary.LittleEndian.Uint64(desc), nil
+				}
+				return uint64(binary.LittleEndian.Uint32(desc)), nil
+			}
+			b = b[12+align4(namesz)+align4(descsz):]
+		}
+	}
+	return 0, fmt.Errorf("%s has no Xen PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)", path)
+}
+
+// TestBootsExtractedVmlinux: the ELF vmlinux that guestkernel extracts from
+// the bzImage (what Firecracker boots) is a working kernel: QEMU microvm
+// boots it through its PVH entry with the same initramfs, and zeitwork-init
+// reports ready on the agent channel. One boot, killed once ready.
+func TestBootsExtractedVmlinux(t *testing.T) {
+	k := testKit(t)
+	vmlinux, err := guestkernel.EnsureVmlinux(k.Kernel.BzImage)
+	if err != nil {
+		t.Fatal(err)
+	}
+	entry, err := pvhEntry(vmlinux)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%s: PVH entry %#x", vmlinux, entry)
+	q := backend(t)
+	ctx, cancel := context.WithTimeout(t.Context(), 90*time.Second)
 	defer cancel()
 	dir := t.TempDir()
-	m, err := q.Start(ctx, vmm.Spec{ID: "t1", Kernel: k.BzImage, Initrd: k.Initrd, RootDisk: img, Dir: dir, MemoryMiB: 128})
+	start := time.Now()
+	m, err := q.Start(ctx, vmm.Spec{ID: "vmlinux", Kernel: vmlinux, Initrd: k.Kernel.Initrd, RootDisk: k.RootDisk, Dir: dir, MemoryMiB: 128})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer m.Kill()
+	if cmd, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", m.PID())); !bytes.Contains(cmd, []byte("\x00-kernel\x00"+vmlinux+"\x00")) {
+		t.Fatalf("qemu was not started with -kernel %s: %q", vmlinux, cmd)
+	}
 	conn, err := guest.Dial(ctx, m.DialAgent)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer conn.Close()
-	w, r := guest.NewWriter(conn), guest.NewReader(conn)
-	err = w.Send(&guest.Frame{Type: guest.TypeConfig, Config: &guest.Config{
-		Entrypoint: []string{"/bin/hello"}, Env: []string{"PORT=8080", "APP_VERSION=vm-test"},
-		WorkDir: "/app", UID: 1000, GID: 1000, Hostname: "t1", StopGraceMS: 2000,
-	}})
-	if err != nil {
-		t.Fatal(err)
-	}
 	go func() { <-ctx.Done(); conn.Close() }()
-	sawListen := false
-	for !sawListen {
-		f, err := r.Next()
-		if err != nil {
-			console, _ := os.ReadFile(filepath.Join(dir, "console.log"))
-			t.Fatalf("agent channel: %v\nconsole:\n%s", err, console)
-		}
-		if f.Type == guest.TypeExit {
-			t.Fatalf("app exited early: %d %s", *f.Code, f.Error)
-		}
-		if f.Type == guest.TypeLog {
-			t.Logf("guest %s: %s", f.Stream, f.Line)
-			sawListen = strings.Contains(f.Line, "hello vm-test listening on :8080")
-		}
+	f, err := guest.NewReader(conn).Next()
+	if err != nil || f.Type != guest.TypeReady {
+		console, _ := os.ReadFile(dir + "/console.log")
+		qlog, _ := os.ReadFile(dir + "/qemu.log")
+		t.Fatalf("agent channel: %+v %v\nqemu.log:\n%s\nconsole:\n%s", f, err, qlog, console)
 	}
-	if err := w.Send(&guest.Frame{Type: guest.TypeStop}); err != nil {
+	t.Logf("%s: zeitwork-init ready %s after qemu started (%s)", vmlinux, time.Since(start).Round(time.Millisecond), q.Accel)
+	if err := m.Kill(); err != nil {
 		t.Fatal(err)
 	}
-	for {
-		f, err := r.Next()
-		if err != nil {
-			t.Fatalf("no exit frame: %v", err)
-		}
-		if f.Type == guest.TypeExit {
-			if *f.Code != 128+15 {
-				t.Fatalf("exit code %d, want 143 (SIGTERM)", *f.Code)
-			}
-			break
-		}
-	}
-	select {
-	case <-m.Done():
-	case <-time.After(time.Minute):
-		t.Fatal("VM did not power off after the app exited")
-	}
+}
 
-	// Adopt: a new backend instance re-attaches by state dir.
-	if _, err := q.Adopt(ctx, dir); !errors.Is(err, vmm.ErrGone) {
-		t.Fatalf("Adopt of a stopped VM = %v, want ErrGone", err)
+// TestDetectAccel: ZEITWORK_QEMU_ACCEL=tcg forces emulation, and only an
+// emulated guest gets the TSC frequency on its command line (it hangs at
+// calibration without it).
+func TestDetectAccel(t *testing.T) {
+	t.Setenv("ZEITWORK_QEMU_ACCEL", "tcg")
+	if a := DetectAccel(); a != TCG {
+		t.Fatalf("DetectAccel with ZEITWORK_QEMU_ACCEL=tcg = %s", a)
 	}
-	dir2 := t.TempDir()
-	m2, err := q.Start(ctx, vmm.Spec{ID: "t2", Kernel: k.BzImage, Initrd: k.Initrd, RootDisk: img, Dir: dir2, MemoryMiB: 128})
-	if err != nil {
-		t.Fatal(err)
+	if _, err := os.Stat("/sys/module/kvm_pvm"); err == nil {
+		t.Setenv("ZEITWORK_QEMU_ACCEL", "")
+		if a := DetectAccel(); a != TCG {
+			t.Fatalf("DetectAccel on a KVM-PVM host = %s, want tcg", a)
+		}
 	}
-	q2, _ := New()
-	a, err := q2.Adopt(ctx, dir2)
-	if err != nil {
-		t.Fatal(err)
+	tcg := (&QEMU{Accel: TCG, cpuKHz: 2100000}).Cmdline("zw.x=1")
+	if !strings.Contains(tcg, " tsc_early_khz=2100000 tsc=reliable") || !strings.HasSuffix(tcg, " zw.x=1") {
+		t.Fatalf("TCG cmdline %q", tcg)
 	}
-	if a.PID() != m2.PID() {
-		t.Fatalf("adopted pid %d, started %d", a.PID(), m2.PID())
-	}
-	if err := a.Kill(); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case <-m2.Done():
-	case <-time.After(30 * time.Second):
-		t.Fatal("kill through the adopted handle did not stop the VM")
+	if kvm := (&QEMU{Accel: KVM, cpuKHz: 2100000}).Cmdline(""); strings.Contains(kvm, "tsc_early_khz") {
+		t.Fatalf("KVM cmdline %q", kvm)
 	}
 }
