@@ -180,7 +180,11 @@ func (q *QEMU) Start(ctx context.Context, spec vmm.Spec) (vmm.Machine, error) {
 		_ = cmd.Process.Kill()
 		return nil, err
 	}
-	go func() { _ = cmd.Wait(); close(m.done) }() // reaps our child
+	go func() { // reaps our child
+		_ = cmd.Wait()
+		_ = os.Remove(sock) // QEMU leaves it behind when killed
+		close(m.done)
+	}()
 	// The agent socket exists once QEMU has set up its devices.
 	deadline := time.Now().Add(30 * time.Second)
 	for {
@@ -230,6 +234,7 @@ func (q *QEMU) Adopt(ctx context.Context, dir string) (vmm.Machine, error) {
 			if _, err := unix.Poll(fds, -1); err == unix.EINTR {
 				continue
 			}
+			_ = os.Remove(sock)
 			close(m.done)
 			return
 		}

@@ -65,13 +65,22 @@ func backend(t *testing.T) *QEMU {
 func TestContract(t *testing.T) {
 	k := testKit(t)
 	t.Logf("accelerator: %s", backend(t).Accel)
+	var dirs []string
 	vmmtest.Run(t, vmmtest.Harness{
 		New: func(t *testing.T) vmm.VMM { return backend(t) },
 		Spec: func(t *testing.T) vmm.Spec {
+			dirs = append(dirs, t.TempDir())
 			return vmm.Spec{ID: "contract", Kernel: k.Kernel.BzImage, Initrd: k.Kernel.Initrd,
-				RootDisk: k.RootDisk, Dir: t.TempDir(), MemoryMiB: 128}
+				RootDisk: k.RootDisk, Dir: dirs[len(dirs)-1], MemoryMiB: 128}
 		},
 	})
+	// A killed QEMU cannot remove its agent socket; the backend does.
+	for _, d := range dirs {
+		sock, _ := socketPath(d)
+		if _, err := os.Stat(sock); err == nil {
+			t.Errorf("agent socket %s left behind", sock)
+		}
+	}
 }
 
 // xenElfnotePhys32Entry is XEN_ELFNOTE_PHYS32_ENTRY, the 32-bit PVH entry
