@@ -30,8 +30,6 @@ import (
 	"syscall"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/zeitwork/zeitwork/internal/guest"
 	"github.com/zeitwork/zeitwork/internal/guestkernel"
 	"github.com/zeitwork/zeitwork/internal/vmm"
@@ -301,9 +299,10 @@ func (f *Firecracker) spawn(ctx context.Context, id, dir string, l layout) (*Mac
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("cannot start %s: %w", filepath.Base(bin), err)
 	}
-	m := &Machine{id: id, pid: cmd.Process.Pid, dir: dir, l: l, done: make(chan struct{}), api: newClient(l.host(l.APISock))}
-	go func() { _ = cmd.Wait(); close(m.done) }() // reaps our child
-	if err := os.WriteFile(filepath.Join(dir, "vmm.pid"), []byte(strconv.Itoa(m.pid)), 0o644); err != nil {
+	done := make(chan struct{})
+	m := &Machine{id: id, pid: cmd.Process.Pid, dir: dir, l: l, done: done, api: newClient(l.host(l.APISock))}
+	go func() { _ = cmd.Wait(); close(done) }() // reaps our child
+	if err := vmm.WritePID(dir, m.pid); err != nil {
 		_ = m.Kill()
 		return nil, err
 	}
@@ -357,39 +356,19 @@ func (f *Firecracker) Restore(ctx context.Context, id, dir string, snap Snapshot
 
 // Adopt re-attaches to a firecracker started earlier in dir.
 func (f *Firecracker) Adopt(ctx context.Context, dir string) (vmm.Machine, error) {
-	b, err := os.ReadFile(filepath.Join(dir, "vmm.pid"))
-	if err != nil {
-		return nil, vmm.ErrGone
-	}
-	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
-	if err != nil {
-		return nil, vmm.ErrGone
-	}
 	var l layout
 	if b, err := os.ReadFile(filepath.Join(dir, stateFile)); err != nil || json.Unmarshal(b, &l) != nil {
 		return nil, vmm.ErrGone
 	}
 	// The pid may have been reused: it must still be our firecracker.
-	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-	if err != nil || !strings.Contains(string(cmdline), "\x00--api-sock\x00"+l.APISock+"\x00") {
-		return nil, vmm.ErrGone
-	}
-	fd, err := unix.PidfdOpen(pid, 0)
+	pid, err := vmm.FindProcess(dir, "\x00--api-sock\x00"+l.APISock+"\x00")
 	if err != nil {
-		return nil, vmm.ErrGone
+		return nil, err
 	}
-	m := &Machine{id: filepath.Base(dir), pid: pid, dir: dir, l: l, done: make(chan struct{}), api: newClient(l.host(l.APISock))}
-	go func() { // ends when the process exits
-		defer unix.Close(fd)
-		for {
-			fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
-			if _, err := unix.Poll(fds, -1); err == unix.EINTR {
-				continue
-			}
-			close(m.done)
-			return
-		}
-	}()
+	m := &Machine{id: filepath.Base(dir), pid: pid, dir: dir, l: l, api: newClient(l.host(l.APISock))}
+	if m.done, err = vmm.Watch(pid, nil); err != nil {
+		return nil, err
+	}
 	actx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	var info instanceInfo
@@ -410,7 +389,7 @@ type Machine struct {
 	pid  int
 	dir  string
 	l    layout
-	done chan struct{}
+	done <-chan struct{}
 	api  *client
 }
 
@@ -563,20 +542,7 @@ func (l layout) inside(hostPath string) string {
 // Kill stops firecracker at once.
 func (m *Machine) Kill() error {
 	defer m.api.close()
-	select {
-	case <-m.done:
-		return nil
-	default:
-	}
-	if err := syscall.Kill(m.pid, syscall.SIGKILL); err != nil && err != syscall.ESRCH {
-		return err
-	}
-	select {
-	case <-m.done:
-	case <-time.After(10 * time.Second):
-		return errors.New("firecracker did not exit after SIGKILL")
-	}
-	return nil
+	return vmm.Kill(m.pid, m.done, "firecracker")
 }
 
 func tail(b []byte) string {

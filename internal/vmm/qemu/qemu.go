@@ -19,8 +19,6 @@ import (
 	"syscall"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/zeitwork/zeitwork/internal/vmm"
 )
 
@@ -175,15 +173,16 @@ func (q *QEMU) Start(ctx context.Context, spec vmm.Spec) (vmm.Machine, error) {
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("cannot start qemu: %w", err)
 	}
-	m := &machine{id: spec.ID, pid: cmd.Process.Pid, dir: spec.Dir, done: make(chan struct{})}
-	if err := os.WriteFile(filepath.Join(spec.Dir, "vmm.pid"), []byte(strconv.Itoa(m.pid)), 0o644); err != nil {
+	done := make(chan struct{})
+	m := &machine{id: spec.ID, pid: cmd.Process.Pid, dir: spec.Dir, done: done}
+	if err := vmm.WritePID(spec.Dir, m.pid); err != nil {
 		_ = cmd.Process.Kill()
 		return nil, err
 	}
 	go func() { // reaps our child
 		_ = cmd.Wait()
 		_ = os.Remove(sock) // QEMU leaves it behind when killed
-		close(m.done)
+		close(done)
 	}()
 	// The agent socket exists once QEMU has set up its devices.
 	deadline := time.Now().Add(30 * time.Second)
@@ -209,36 +208,18 @@ func (q *QEMU) Start(ctx context.Context, spec vmm.Spec) (vmm.Machine, error) {
 
 // Adopt re-attaches to a QEMU started earlier in dir.
 func (q *QEMU) Adopt(ctx context.Context, dir string) (vmm.Machine, error) {
-	b, err := os.ReadFile(filepath.Join(dir, "vmm.pid"))
+	sock, err := socketPath(dir)
 	if err != nil {
-		return nil, vmm.ErrGone
+		return nil, err
 	}
-	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	pid, err := vmm.FindProcess(dir, sock)
 	if err != nil {
-		return nil, vmm.ErrGone
+		return nil, err
 	}
-	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-	sock, _ := socketPath(dir)
-	if err != nil || !strings.Contains(string(cmdline), sock) {
-		return nil, vmm.ErrGone
+	m := &machine{id: filepath.Base(dir), pid: pid, dir: dir}
+	if m.done, err = vmm.Watch(pid, func() { _ = os.Remove(sock) }); err != nil {
+		return nil, err
 	}
-	fd, err := unix.PidfdOpen(pid, 0)
-	if err != nil {
-		return nil, vmm.ErrGone
-	}
-	m := &machine{id: filepath.Base(dir), pid: pid, dir: dir, done: make(chan struct{})}
-	go func() { // ends when the process exits
-		defer unix.Close(fd)
-		for {
-			fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
-			if _, err := unix.Poll(fds, -1); err == unix.EINTR {
-				continue
-			}
-			_ = os.Remove(sock)
-			close(m.done)
-			return
-		}
-	}()
 	return m, nil
 }
 
@@ -246,7 +227,7 @@ type machine struct {
 	id   string
 	pid  int
 	dir  string
-	done chan struct{}
+	done <-chan struct{}
 }
 
 func (m *machine) ID() string { return m.id }
@@ -279,19 +260,4 @@ func socketPath(stateDir string) (string, error) {
 }
 func (m *machine) Done() <-chan struct{} { return m.done }
 
-func (m *machine) Kill() error {
-	select {
-	case <-m.done:
-		return nil
-	default:
-	}
-	if err := syscall.Kill(m.pid, syscall.SIGKILL); err != nil && err != syscall.ESRCH {
-		return err
-	}
-	select {
-	case <-m.done:
-	case <-time.After(10 * time.Second):
-		return errors.New("qemu did not exit after SIGKILL")
-	}
-	return nil
-}
+func (m *machine) Kill() error { return vmm.Kill(m.pid, m.done, "qemu") }
