@@ -10,7 +10,6 @@ package edge
 
 import (
 	"context"
-	crand "crypto/rand"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -58,6 +57,53 @@ type Proxy struct {
 
 	mu    sync.Mutex
 	state map[string]*instState // by instance id
+	// classes holds each host class's pre-resolved metrics (copy on
+	// write, under mu).
+	classes atomic.Pointer[map[string]*classMetrics]
+}
+
+// classMetrics are one host class's series, resolved once instead of by
+// label values on every request.
+type classMetrics struct {
+	codes   [6]prometheus.Counter // by status code / 100, 1..5
+	latency prometheus.Observer
+}
+
+func (p *Proxy) classMetrics(class string) *classMetrics {
+	if m := p.classes.Load(); m != nil {
+		if cm := (*m)[class]; cm != nil {
+			return cm
+		}
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	old := p.classes.Load()
+	if old != nil {
+		if cm := (*old)[class]; cm != nil {
+			return cm
+		}
+	}
+	cm := &classMetrics{latency: p.m.latency.WithLabelValues(class)}
+	for i := 1; i < len(cm.codes); i++ {
+		cm.codes[i] = p.m.requests.WithLabelValues(strconv.Itoa(i)+"xx", class)
+	}
+	m := make(map[string]*classMetrics, 4)
+	if old != nil {
+		for k, v := range *old {
+			m[k] = v
+		}
+	}
+	m[class] = cm
+	p.classes.Store(&m)
+	return cm
+}
+
+func (cm *classMetrics) count(p *Proxy, code int, class string) {
+	if i := code / 100; i > 0 && i < len(cm.codes) {
+		cm.codes[i].Inc()
+		return
+	}
+	p.m.requests.WithLabelValues(strconv.Itoa(code/100)+"xx", class).Inc()
 }
 
 type instState struct {
@@ -104,7 +150,7 @@ func New(cfg Config, routes *routetable.Client, reg prometheus.Registerer, log *
 	}
 	p.rp = &httputil.ReverseProxy{
 		Rewrite:      p.rewrite,
-		Transport:    &retryTransport{p: p, base: newTransport()},
+		Transport:    &retryTransport{p: p, base: newUpstream(newTransport())},
 		ErrorHandler: p.upstreamError,
 		BufferPool:   bufferPool{},
 	}
@@ -171,19 +217,21 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	route := p.routes.Table().Lookup(host)
 	class := p.hostClass(route)
 	sw := &statusWriter{ResponseWriter: w}
+	client := clientIP(r)
 	defer func() {
 		code := sw.code
 		if code == 0 {
 			code = 200
 		}
-		p.m.requests.WithLabelValues(strconv.Itoa(code/100)+"xx", class).Inc()
-		p.m.latency.WithLabelValues(class).Observe(time.Since(start).Seconds())
+		cm := p.classMetrics(class)
+		cm.count(p, code, class)
+		took := time.Since(start)
+		cm.latency.Observe(took.Seconds())
 		if p.cfg.AccessLog {
-			p.log.Info("request", "host", host, "method", r.Method, "path", r.URL.Path, "status", code, "client", clientIP(r),
-				"duration_ms", time.Since(start).Milliseconds(), "request_id", sw.Header().Get("X-Request-Id"))
+			p.log.Info("request", "host", host, "method", r.Method, "path", r.URL.Path, "status", code, "client", client,
+				"duration_ms", took.Milliseconds(), "request_id", sw.Header().Get("X-Request-Id"))
 		}
 	}()
-	client := clientIP(r)
 	if p.limiter != nil {
 		if ok, wait := p.limiter.Allow(client, start); !ok {
 			p.m.limited.Inc()
@@ -213,9 +261,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	st := &reqState{route: route, client: client, reqID: r.Header.Get("X-Request-Id")}
 	if st.reqID == "" || len(st.reqID) > 200 {
-		var b [12]byte
-		_, _ = crand.Read(b[:])
-		st.reqID = hex.EncodeToString(b[:])
+		st.reqID = newRequestID()
 	}
 	sw.Header().Set("X-Request-Id", st.reqID)
 	st.instance = p.pick(route, nil)
@@ -227,6 +273,23 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	p.rp.ServeHTTP(sw, r.WithContext(context.WithValue(r.Context(), ctxKey{}, st)))
+}
+
+// newRequestID returns 96 random bits in hex. Request ids correlate logs;
+// they are not secrets, so the runtime's ChaCha8 generator (seeded from the
+// OS) serves, without a system call per request.
+func newRequestID() string {
+	var b [12]byte
+	x, y := rand.Uint64(), rand.Uint32()
+	for i := range 8 {
+		b[i] = byte(x >> (8 * i))
+	}
+	for i := range 4 {
+		b[8+i] = byte(y >> (8 * i))
+	}
+	var out [24]byte
+	hex.Encode(out[:], b[:])
+	return string(out[:])
 }
 
 // pick chooses a healthy, non-ejected instance by the power of two random
@@ -326,7 +389,7 @@ func (p *Proxy) upstreamError(w http.ResponseWriter, r *http.Request, err error)
 // connection fails.
 type retryTransport struct {
 	p    *Proxy
-	base *http.Transport
+	base http.RoundTripper
 }
 
 func idempotent(r *http.Request) bool {

@@ -1,0 +1,334 @@
+package edge
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptrace"
+	"net/textproto"
+	"runtime"
+	"sync"
+	"time"
+)
+
+// upstream is the HTTP/1.1 client for the data-plane hop (edge → node
+// agent). For the common case — a bodiless, replayable request that is not
+// an upgrade — it writes the request and reads the response on the
+// caller's goroutine over a pooled keep-alive connection, instead of
+// handing each request to http.Transport's per-connection read and write
+// goroutines: with one CPU and GOMAXPROCS=1 those hand-offs (and the
+// syscalls they add) dominate the proxy's cost. Everything else (request
+// bodies, Expect: 100-continue, protocol upgrades, non-replayable methods)
+// goes to the fallback http.Transport, unchanged.
+//
+// A connection goes back to the pool only when its response body was read
+// to the end and neither side asked to close; one that fails before any
+// byte of the response arrived (the node agent closed it while idle) is
+// retried once on a fresh connection, which is safe because only replayable
+// requests take this path.
+type upstream struct {
+	fallback *http.Transport
+	dialer   *net.Dialer
+	// idleTimeout closes connections idle longer than this; maxIdle and
+	// maxIdlePerHost bound the pool.
+	idleTimeout             time.Duration
+	maxIdle, maxIdlePerHost int
+
+	mu      sync.Mutex
+	idle    map[string][]*upConn // by host:port, most recently used last
+	nIdle   int
+	sweeper bool // a sweep is scheduled
+}
+
+func newUpstream(fallback *http.Transport) *upstream {
+	return &upstream{
+		fallback:       fallback,
+		dialer:         &net.Dialer{Timeout: 3 * time.Second, KeepAlive: 30 * time.Second},
+		idleTimeout:    fallback.IdleConnTimeout,
+		maxIdle:        fallback.MaxIdleConns,
+		maxIdlePerHost: fallback.MaxIdleConnsPerHost,
+		idle:           map[string][]*upConn{},
+	}
+}
+
+// upConn is one keep-alive connection to a node agent.
+type upConn struct {
+	key    string
+	conn   net.Conn
+	cr     countingReader
+	br     *bufio.Reader
+	bw     *bufio.Writer
+	reused bool
+	idleAt time.Time
+}
+
+// countingReader counts the bytes read from the connection, to tell a
+// connection that died before answering from one that died mid-response.
+type countingReader struct {
+	r net.Conn
+	n int64
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n += int64(n)
+	return n, err
+}
+
+// lean reports whether r can take the fast path: no body to stream (so it
+// can be replayed), a replayable method, no upgrade and no 100-continue.
+func lean(r *http.Request) bool {
+	if r.URL.Scheme != "http" || (r.Body != nil && r.Body != http.NoBody) {
+		return false
+	}
+	switch r.Method {
+	case http.MethodGet, http.MethodHead, http.MethodOptions, http.MethodTrace:
+	default:
+		return false
+	}
+	h := r.Header
+	return len(h["Upgrade"]) == 0 && len(h["Expect"]) == 0 && len(r.Trailer) == 0
+}
+
+func (u *upstream) RoundTrip(r *http.Request) (*http.Response, error) {
+	if !lean(r) {
+		return u.fallback.RoundTrip(r)
+	}
+	key := r.URL.Host
+	if r.URL.Port() == "" {
+		key = net.JoinHostPort(r.URL.Hostname(), "80")
+	}
+	ctx := r.Context()
+	for attempt := 0; ; attempt++ {
+		var uc *upConn
+		if attempt == 0 {
+			uc = u.get(key)
+		}
+		if uc == nil {
+			var err error
+			if uc, err = u.dial(ctx, key); err != nil {
+				return nil, err
+			}
+		}
+		resp, err := u.roundTrip(ctx, uc, r)
+		if err == nil {
+			return resp, nil
+		}
+		// A reused connection that failed before any byte of the
+		// response: the node agent closed it while it sat idle. Replay
+		// the request once on a fresh connection.
+		if attempt == 0 && uc.reused && uc.cr.n == 0 && ctx.Err() == nil {
+			continue
+		}
+		return nil, err
+	}
+}
+
+func (u *upstream) dial(ctx context.Context, key string) (*upConn, error) {
+	c, err := u.dialer.DialContext(ctx, "tcp", key)
+	if err != nil {
+		return nil, err
+	}
+	uc := &upConn{key: key, conn: c}
+	uc.cr.r = c
+	uc.br = bufio.NewReaderSize(&uc.cr, 4<<10)
+	uc.bw = bufio.NewWriterSize(c, 4<<10)
+	return uc, nil
+}
+
+// roundTrip sends r on uc and reads the response head. On error uc is
+// closed.
+func (u *upstream) roundTrip(ctx context.Context, uc *upConn, r *http.Request) (*http.Response, error) {
+	// Abort a blocked write or read when the client goes away.
+	stop := context.AfterFunc(ctx, func() { uc.conn.Close() })
+	fail := func(err error) (*http.Response, error) {
+		stop()
+		uc.conn.Close()
+		if cerr := ctx.Err(); cerr != nil {
+			return nil, cerr
+		}
+		return nil, err
+	}
+	uc.cr.n = 0
+	if err := r.Write(uc.bw); err != nil {
+		return fail(err)
+	}
+	if err := uc.bw.Flush(); err != nil {
+		return fail(err)
+	}
+	// The node agent needs a moment to answer. Let the other ready
+	// goroutines run first instead of reading now: under load the answer
+	// is then usually already there, which saves a read that would find
+	// nothing (a system call) and a park and wake-up through the network
+	// poller; when nothing else is ready this returns at once.
+	runtime.Gosched()
+	var resp *http.Response
+	for n1xx := 0; ; n1xx++ {
+		var err error
+		if resp, err = http.ReadResponse(uc.br, r); err != nil {
+			return fail(err)
+		}
+		// Informational answers (103 Early Hints) are passed on through
+		// the client trace, as http.Transport does; 101 ends the exchange.
+		if resp.StatusCode < 100 || resp.StatusCode >= 200 || resp.StatusCode == http.StatusSwitchingProtocols {
+			break
+		}
+		if n1xx >= 5 {
+			return fail(errors.New("edge: too many 1xx informational responses"))
+		}
+		if trace := httptrace.ContextClientTrace(ctx); trace != nil && trace.Got1xxResponse != nil {
+			if err := trace.Got1xxResponse(resp.StatusCode, textproto.MIMEHeader(resp.Header)); err != nil {
+				return fail(err)
+			}
+		}
+	}
+	reuse := !resp.Close && !r.Close && resp.StatusCode != http.StatusSwitchingProtocols
+	if resp.Body == http.NoBody {
+		u.release(uc, stop, reuse)
+		return resp, nil
+	}
+	resp.Body = &upBody{u: u, ctx: ctx, uc: uc, body: resp.Body, stop: stop, reuse: reuse}
+	return resp, nil
+}
+
+// release ends an exchange on uc: back to the pool when the exchange
+// completed cleanly, closed otherwise.
+func (u *upstream) release(uc *upConn, stop func() bool, reuse bool) {
+	if !stop() || !reuse || uc.br.Buffered() > 0 {
+		uc.conn.Close()
+		return
+	}
+	u.put(uc)
+}
+
+func (u *upstream) get(key string) *upConn {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	for {
+		list := u.idle[key]
+		if len(list) == 0 {
+			return nil
+		}
+		uc := list[len(list)-1]
+		list[len(list)-1] = nil
+		u.idle[key] = list[:len(list)-1]
+		u.nIdle--
+		if time.Since(uc.idleAt) > u.idleTimeout {
+			uc.conn.Close()
+			continue
+		}
+		uc.reused = true
+		return uc
+	}
+}
+
+func (u *upstream) put(uc *upConn) {
+	uc.idleAt = time.Now()
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	list := u.idle[uc.key]
+	if len(list) >= u.maxIdlePerHost || u.nIdle >= u.maxIdle {
+		uc.conn.Close()
+		return
+	}
+	u.idle[uc.key] = append(list, uc)
+	u.nIdle++
+	if !u.sweeper {
+		u.sweeper = true
+		time.AfterFunc(u.idleTimeout/2, u.sweep)
+	}
+}
+
+// sweep closes connections idle for longer than idleTimeout.
+func (u *upstream) sweep() {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	for key, list := range u.idle {
+		// Oldest first: the list is ordered by the time it was put back.
+		n := 0
+		for n < len(list) && time.Since(list[n].idleAt) > u.idleTimeout {
+			list[n].conn.Close()
+			n++
+		}
+		if n > 0 {
+			u.nIdle -= n
+			list = append(list[:0], list[n:]...)
+			clear(list[len(list):cap(list)])
+		}
+		if len(list) == 0 {
+			delete(u.idle, key)
+		} else {
+			u.idle[key] = list
+		}
+	}
+	u.sweeper = u.nIdle > 0
+	if u.sweeper {
+		time.AfterFunc(u.idleTimeout/2, u.sweep)
+	}
+}
+
+// CloseIdleConnections closes every pooled connection.
+func (u *upstream) CloseIdleConnections() {
+	u.mu.Lock()
+	for key, list := range u.idle {
+		for _, uc := range list {
+			uc.conn.Close()
+		}
+		delete(u.idle, key)
+	}
+	u.nIdle = 0
+	u.mu.Unlock()
+	u.fallback.CloseIdleConnections()
+}
+
+// upBody is a response body read from a pooled connection: its end
+// returns the connection to the pool; closing it early, or a read error,
+// closes the connection.
+type upBody struct {
+	u     *upstream
+	ctx   context.Context
+	uc    *upConn
+	body  io.ReadCloser
+	stop  func() bool
+	reuse bool
+	err   error // set once the exchange ended
+}
+
+func (b *upBody) Read(p []byte) (int, error) {
+	if b.err != nil {
+		return 0, b.err
+	}
+	n, err := b.body.Read(p)
+	if err != nil {
+		b.err = err
+		if err == io.EOF {
+			b.u.release(b.uc, b.stop, b.reuse)
+		} else {
+			b.stop()
+			b.uc.conn.Close()
+			if cerr := b.ctx.Err(); cerr != nil {
+				b.err = cerr
+			}
+		}
+		b.uc = nil
+		return n, b.err
+	}
+	return n, nil
+}
+
+func (b *upBody) Close() error {
+	if b.err == nil {
+		// Not read to the end: the rest may never come (a stream), so the
+		// connection cannot be reused.
+		b.err = errBodyClosed
+		b.stop()
+		b.uc.conn.Close()
+		b.uc = nil
+	}
+	return nil
+}
+
+var errBodyClosed = errors.New("edge: read on closed response body")
