@@ -153,8 +153,10 @@ func (u *upstream) roundTrip(ctx context.Context, uc *upConn, r *http.Request) (
 		return nil, err
 	}
 	uc.cr.n = 0
-	if err := r.Write(uc.bw); err != nil {
-		return fail(err)
+	if !writeRequest(uc.bw, r) {
+		if err := r.Write(uc.bw); err != nil {
+			return fail(err)
+		}
 	}
 	if err := uc.bw.Flush(); err != nil {
 		return fail(err)
@@ -192,6 +194,94 @@ func (u *upstream) roundTrip(ctx context.Context, uc *upConn, r *http.Request) (
 	}
 	resp.Body = &upBody{u: u, ctx: ctx, uc: uc, body: resp.Body, stop: stop, reuse: reuse}
 	return resp, nil
+}
+
+// writeRequest writes the head of a bodiless request as r.Write would, in
+// one pass over the header map (no sorting, no transfer writer), and
+// reports false, having written nothing, when r has anything unusual
+// (r.Write then handles it): a host or URI needing cleaning, a header name
+// or value with control characters, a length, Close.
+func writeRequest(w *bufio.Writer, r *http.Request) bool {
+	host := r.Host
+	if host == "" {
+		host = r.URL.Host
+	}
+	switch r.Method {
+	case "", http.MethodPost, http.MethodPut, http.MethodPatch:
+		return false
+	}
+	if !plainToken(host, true) || r.ContentLength != 0 || r.Close || r.URL.Opaque != "" {
+		return false
+	}
+	uri := r.URL.RequestURI()
+	for i := 0; i < len(uri); i++ {
+		if c := uri[i]; c <= ' ' || c == 0x7f {
+			return false
+		}
+	}
+	h := r.Header
+	for k, vv := range h {
+		if !plainToken(k, false) {
+			return false
+		}
+		for _, v := range vv {
+			for i := 0; i < len(v); i++ {
+				if c := v[i]; c < ' ' && c != '\t' || c == 0x7f {
+					return false
+				}
+			}
+		}
+	}
+	w.WriteString(r.Method)
+	w.WriteByte(' ')
+	w.WriteString(uri)
+	w.WriteString(" HTTP/1.1\r\nHost: ")
+	w.WriteString(host)
+	w.WriteString("\r\n")
+	ua, ok := h["User-Agent"]
+	switch {
+	case !ok:
+		w.WriteString("User-Agent: Go-http-client/1.1\r\n")
+	case len(ua) > 0 && ua[0] != "":
+		w.WriteString("User-Agent: ")
+		w.WriteString(textproto.TrimString(ua[0]))
+		w.WriteString("\r\n")
+	}
+	// No Content-Length: r.Write sends "0" only for POST, PUT and PATCH,
+	// which never come here.
+	for k, vv := range h {
+		switch k {
+		case "Host", "User-Agent", "Content-Length", "Transfer-Encoding", "Trailer":
+			continue
+		}
+		for _, v := range vv {
+			w.WriteString(k)
+			w.WriteString(": ")
+			w.WriteString(textproto.TrimString(v))
+			w.WriteString("\r\n")
+		}
+	}
+	w.WriteString("\r\n")
+	return true
+}
+
+// plainToken reports whether s is non-empty (unless host) and made only
+// of bytes that need no escaping or cleaning in a request head: letters,
+// digits and "-._~" (plus ":[]" in a host, for ports and IPv6).
+func plainToken(s string, host bool) bool {
+	if s == "" {
+		return host
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9', c == '-', c == '.', c == '_', c == '~':
+		case host && (c == ':' || c == '[' || c == ']'):
+		default:
+			return false
+		}
+	}
+	return true
 }
 
 // release ends an exchange on uc: back to the pool when the exchange

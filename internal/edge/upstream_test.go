@@ -299,3 +299,49 @@ func TestProxyUpgradeAndStreamedBody(t *testing.T) {
 		t.Fatalf("streamed body: %d %q", resp.StatusCode, b)
 	}
 }
+
+// TestWriteRequestMatchesRequestWrite: the hand-rolled request head says
+// what r.Write says, and anything unusual is left to r.Write.
+func TestWriteRequestMatchesRequestWrite(t *testing.T) {
+	parse := func(b []byte) *http.Request {
+		t.Helper()
+		r, err := http.ReadRequest(bufio.NewReader(strings.NewReader(string(b))))
+		if err != nil {
+			t.Fatalf("%q: %v", b, err)
+		}
+		return r
+	}
+	for _, tc := range []struct {
+		method, url, host string
+		hdr               http.Header
+		lean              bool
+	}{
+		{"GET", "http://10.0.0.1:8081/a/b?c=d&e=%20f", "web-abc.zeitwork.test", http.Header{"User-Agent": {""}, "X-A": {"1", "2"}, "Accept": {"*/*"}}, true},
+		{"HEAD", "http://10.0.0.1:8081/", "Example.COM:8443", http.Header{"User-Agent": {"curl/8"}, "Cookie": {"a=b; c=d"}}, true},
+		{"OPTIONS", "http://10.0.0.1:8081/x", "[::1]:80", http.Header{}, true},
+		{"TRACE", "http://10.0.0.1:8081/x", "", http.Header{"Te": {"trailers"}}, true},
+		{"GET", "http://10.0.0.1:8081/", "bücher.example", http.Header{}, false},
+		{"GET", "http://10.0.0.1:8081/", "a b", http.Header{}, false},
+		{"GET", "http://10.0.0.1:8081/", "h", http.Header{"X-Bad": {"a\r\nb"}}, false},
+		{"GET", "http://10.0.0.1:8081/", "h", http.Header{"X!Odd": {"1"}}, false},
+	} {
+		req, _ := http.NewRequest(tc.method, tc.url, nil)
+		req.Host, req.Header = tc.host, tc.hdr
+		var lean, std strings.Builder
+		bw := bufio.NewWriter(&lean)
+		ok := writeRequest(bw, req)
+		bw.Flush()
+		if ok != tc.lean || !ok && lean.Len() > 0 {
+			t.Fatalf("%s %s host %q: lean=%v wrote %q", tc.method, tc.url, tc.host, ok, lean.String())
+		}
+		if !ok {
+			continue
+		}
+		_ = req.Write(&std)
+		a, b := parse([]byte(lean.String())), parse([]byte(std.String()))
+		if a.Method != b.Method || a.RequestURI != b.RequestURI || a.Host != b.Host || a.ContentLength != b.ContentLength ||
+			fmt.Sprint(a.Header) != fmt.Sprint(b.Header) {
+			t.Fatalf("lean:\n%s\nr.Write:\n%s", lean.String(), std.String())
+		}
+	}
+}
