@@ -66,13 +66,23 @@ type upConn struct {
 }
 
 // countingReader counts the bytes read from the connection, to tell a
-// connection that died before answering from one that died mid-response.
+// connection that died before answering from one that died mid-response,
+// and bounds the response head (max, when not 0) as http.Transport does.
 type countingReader struct {
-	r net.Conn
-	n int64
+	r   net.Conn
+	n   int64
+	max int64
 }
 
+// maxResponseHead is http.Transport's default MaxResponseHeaderBytes.
+const maxResponseHead = 10 << 20
+
+var errHeadTooLarge = errors.New("edge: the node agent's response head is too large")
+
 func (c *countingReader) Read(p []byte) (int, error) {
+	if c.max > 0 && c.n >= c.max {
+		return 0, errHeadTooLarge
+	}
 	n, err := c.r.Read(p)
 	c.n += int64(n)
 	return n, err
@@ -167,6 +177,7 @@ func (u *upstream) roundTrip(ctx context.Context, uc *upConn, r *http.Request) (
 	// nothing (a system call) and a park and wake-up through the network
 	// poller; when nothing else is ready this returns at once.
 	runtime.Gosched()
+	uc.cr.max = maxResponseHead
 	var resp *http.Response
 	for n1xx := 0; ; n1xx++ {
 		var err error
@@ -187,6 +198,7 @@ func (u *upstream) roundTrip(ctx context.Context, uc *upConn, r *http.Request) (
 			}
 		}
 	}
+	uc.cr.max = 0
 	reuse := !resp.Close && !r.Close && resp.StatusCode != http.StatusSwitchingProtocols
 	if resp.Body == http.NoBody {
 		u.release(uc, stop, reuse)

@@ -345,3 +345,26 @@ func TestWriteRequestMatchesRequestWrite(t *testing.T) {
 		}
 	}
 }
+
+// TestUpstreamHeadLimit: an endless response head fails the request
+// instead of growing without bound.
+func TestUpstreamHeadLimit(t *testing.T) {
+	url := rawServer(t, func(c net.Conn, br *bufio.Reader) {
+		if _, err := http.ReadRequest(br); err != nil {
+			return
+		}
+		_, _ = io.WriteString(c, "HTTP/1.1 200 OK\r\n")
+		line := "X-Filler: " + strings.Repeat("a", 1000) + "\r\n"
+		for range (maxResponseHead / len(line)) + 100 {
+			if _, err := io.WriteString(c, line); err != nil {
+				return
+			}
+		}
+	})
+	u := newUpstream(newTransport())
+	req, _ := http.NewRequest("GET", url+"/", nil)
+	if resp, err := u.RoundTrip(req); err == nil {
+		resp.Body.Close()
+		t.Fatal("an oversized head was accepted")
+	}
+}
