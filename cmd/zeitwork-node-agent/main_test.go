@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"net/http"
 	"net/netip"
 	"os"
@@ -55,11 +56,45 @@ func TestBinary(t *testing.T) {
 			t.Fatalf("token %q: %d, want %d", tc.token, resp.StatusCode, tc.want)
 		}
 	}
+	stopDataPlane := func() error {
+		cmd := exec.Command(bin, "dataplane", "stop")
+		cmd.Env = append(os.Environ(), "VM_WORK_DIR="+work)
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("%v: %s", err, out)
+		}
+		return nil
+	}
+	t.Cleanup(func() { _ = stopDataPlane() })
 	p.StopOK(t, 30*time.Second)
+	// The data plane outlives the agent (like its VMs) and says the agent
+	// is away; `dataplane stop` ends it.
+	if code := status(t, servicetest.URL(addr)+"/dataplane/health"); code != 200 {
+		t.Fatalf("data plane after the agent stopped: %d", code)
+	}
+	if code := status(t, servicetest.URL(addr)+"/health"); code != 503 {
+		t.Fatalf("agent health through the data plane with the agent gone: %d", code)
+	}
+	if err := stopDataPlane(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := http.Get(servicetest.URL(addr) + "/dataplane/health"); err == nil {
+		t.Fatal("the data plane still answers after dataplane stop")
+	}
 	if !strings.Contains(p.Output(), "node_id") {
 		t.Fatalf("no node id logged:\n%s", p.Output())
 	}
 	if id, err := os.ReadFile(filepath.Join(work, "node-id")); err != nil || len(strings.TrimSpace(string(id))) != 36 {
 		t.Fatalf("node id not persisted: %q %v", id, err)
 	}
+}
+
+func status(t *testing.T, url string) int {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	return resp.StatusCode
 }
