@@ -38,6 +38,23 @@ type Spec struct {
 	Dir string
 }
 
+// Defaults of a Spec that leaves them unset.
+const (
+	DefaultVCPUs     = 1
+	DefaultMemoryMiB = 128
+)
+
+// WithDefaults returns s with unset vCPUs and memory set to the defaults.
+func (s Spec) WithDefaults() Spec {
+	if s.VCPUs <= 0 {
+		s.VCPUs = DefaultVCPUs
+	}
+	if s.MemoryMiB <= 0 {
+		s.MemoryMiB = DefaultMemoryMiB
+	}
+	return s
+}
+
 // Validate checks, before anything is spawned, that the files the spec
 // names exist: the kernel, the initrd (when set) and the root disk must be
 // regular files, Dir a directory. Errors name the field and the path and

@@ -143,12 +143,7 @@ func (f *Firecracker) Start(ctx context.Context, spec vmm.Spec) (vmm.Machine, er
 	if err := spec.Validate(); err != nil {
 		return nil, err
 	}
-	if spec.VCPUs <= 0 {
-		spec.VCPUs = 1
-	}
-	if spec.MemoryMiB <= 0 {
-		spec.MemoryMiB = 128
-	}
+	spec = spec.WithDefaults()
 	l, err := f.layout(spec.ID, spec.Dir)
 	if err != nil {
 		return nil, err

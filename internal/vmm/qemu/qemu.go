@@ -117,12 +117,7 @@ func (q *QEMU) Start(ctx context.Context, spec vmm.Spec) (vmm.Machine, error) {
 	if err := spec.Validate(); err != nil {
 		return nil, err
 	}
-	if spec.VCPUs <= 0 {
-		spec.VCPUs = 1
-	}
-	if spec.MemoryMiB <= 0 {
-		spec.MemoryMiB = 128
-	}
+	spec = spec.WithDefaults()
 	overlay := filepath.Join(spec.Dir, "disk.qcow2")
 	_ = os.Remove(overlay)
 	if out, err := exec.CommandContext(ctx, q.ImgBin, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", spec.RootDisk, overlay).CombinedOutput(); err != nil {
