@@ -85,39 +85,19 @@ func spliceCopy(dst, src *net.TCPConn, first func()) (int64, error) {
 	inPipe := 0
 	defer func() { putPipe(p, inPipe == 0) }()
 	for {
-		var n int
-		var errno syscall.Errno
-		err := rsrc.Read(func(fd uintptr) bool {
-			for {
-				n, errno = rawSplice(int(fd), p.w, p.size)
-				if errno != unix.EINTR {
-					return errno != unix.EAGAIN
-				}
-			}
-		})
+		n, err := pollIO(rsrc, false, func(fd uintptr) (int, syscall.Errno) { return rawSplice(int(fd), p.w, p.size) })
 		switch {
 		case err != nil:
 			return total, err
-		case errno != 0:
-			return total, errno
 		case n == 0:
 			return total, nil
 		}
 		inPipe = n
 		for inPipe > 0 {
-			err := rdst.Write(func(fd uintptr) bool {
-				for {
-					n, errno = rawSplice(p.r, int(fd), inPipe)
-					if errno != unix.EINTR {
-						return errno != unix.EAGAIN
-					}
-				}
-			})
+			n, err := pollIO(rdst, true, func(fd uintptr) (int, syscall.Errno) { return rawSplice(p.r, int(fd), inPipe) })
 			switch {
 			case err != nil:
 				return total, err
-			case errno != 0:
-				return total, errno
 			case n == 0:
 				return total, errors.New("splice to socket wrote nothing")
 			}
@@ -141,26 +121,45 @@ func rawWrite(c *net.TCPConn, b []byte) error {
 		return err
 	}
 	for len(b) > 0 {
-		var n int
-		var errno syscall.Errno
-		err := rc.Write(func(fd uintptr) bool {
-			for {
-				r, _, e := unix.RawSyscall(unix.SYS_WRITE, fd, uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)))
-				n, errno = int(r), e
-				if errno != unix.EINTR {
-					return errno != unix.EAGAIN
-				}
-			}
+		n, err := pollIO(rc, true, func(fd uintptr) (int, syscall.Errno) {
+			r, _, e := unix.RawSyscall(unix.SYS_WRITE, fd, uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)))
+			return int(r), e
 		})
-		switch {
-		case err != nil:
+		if err != nil {
 			return err
-		case errno != 0:
-			return errno
 		}
 		b = b[n:]
 	}
 	return nil
+}
+
+// pollIO runs a raw non-blocking system call on rc's descriptor through
+// the poller: retried on EINTR, and on EAGAIN run again once the
+// descriptor is readable (or writable, with write).
+func pollIO(rc syscall.RawConn, write bool, call func(fd uintptr) (int, syscall.Errno)) (int, error) {
+	var n int
+	var errno syscall.Errno
+	f := func(fd uintptr) bool {
+		for {
+			n, errno = call(fd)
+			if errno != unix.EINTR {
+				return errno != unix.EAGAIN
+			}
+		}
+	}
+	var err error
+	if write {
+		err = rc.Write(f)
+	} else {
+		err = rc.Read(f)
+	}
+	if err != nil {
+		return n, err
+	}
+	if errno != 0 {
+		return n, errno
+	}
+	return n, nil
 }
 
 // rawCloseWrite shuts down c's sending side (shutdown(2) SHUT_WR) with a
