@@ -30,8 +30,7 @@ import (
 // retried once on a fresh connection, which is safe because only replayable
 // requests take this path.
 type upstream struct {
-	fallback *http.Transport
-	dialer   *net.Dialer
+	fallback *http.Transport // also dials the pooled connections
 	// idleTimeout closes connections idle longer than this; maxIdle and
 	// maxIdlePerHost bound the pool.
 	idleTimeout             time.Duration
@@ -46,7 +45,6 @@ type upstream struct {
 func newUpstream(fallback *http.Transport) *upstream {
 	return &upstream{
 		fallback:       fallback,
-		dialer:         &net.Dialer{Timeout: 3 * time.Second, KeepAlive: 30 * time.Second},
 		idleTimeout:    fallback.IdleConnTimeout,
 		maxIdle:        fallback.MaxIdleConns,
 		maxIdlePerHost: fallback.MaxIdleConnsPerHost,
@@ -138,7 +136,7 @@ func (u *upstream) RoundTrip(r *http.Request) (*http.Response, error) {
 }
 
 func (u *upstream) dial(ctx context.Context, key string) (*upConn, error) {
-	c, err := u.dialer.DialContext(ctx, "tcp", key)
+	c, err := u.fallback.DialContext(ctx, "tcp", key)
 	if err != nil {
 		return nil, err
 	}
