@@ -1,6 +1,7 @@
 package dataplane
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -9,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -145,6 +147,9 @@ func TestProcessLifecycle(t *testing.T) {
 
 	// Hung: left alone by Keep's check, killed and replaced at agent start.
 	_ = syscall.Kill(next, syscall.SIGSTOP)
+	// kill returns before every thread has stopped: under load another
+	// thread could still answer a ping. Wait for the group stop.
+	waitStopped(t, next, 5*time.Second)
 	if got, started, _ := Ensure(ctx, sp, false); started || got != next {
 		t.Fatalf("a hung data plane was replaced by a periodic check: %d %v", got, started)
 	}
@@ -165,5 +170,31 @@ func TestProcessLifecycle(t *testing.T) {
 	if c, err := net.Dial("tcp", addr); err == nil {
 		c.Close()
 		t.Fatal("something still listens on the node's port after Stop")
+	}
+}
+
+// waitStopped waits until every thread of pid is stopped (state T).
+func waitStopped(t *testing.T, pid int, d time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for {
+		tasks, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/stat", pid))
+		if err != nil || len(tasks) == 0 {
+			t.Fatalf("process %d: no threads (%v)", pid, err)
+		}
+		stopped := 0
+		for _, task := range tasks {
+			st, _ := os.ReadFile(task)
+			if i := bytes.LastIndexByte(st, ')'); i >= 0 && len(st) > i+2 && st[i+2] == 'T' {
+				stopped++
+			}
+		}
+		if stopped == len(tasks) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("process %d: %d of %d threads stopped after %v", pid, stopped, len(tasks), d)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
