@@ -59,7 +59,7 @@ bench-lb: deps build
 	taskset -c 0 $(GO) run ./bench/lb
 
 bench-edge: deps build
-	$(GO) run ./bench/edge
+	taskset -c 0 $(GO) run ./bench/edge
 
 bench-vm: deps build
 	$(GO) run ./bench/vm
