@@ -54,6 +54,7 @@ type Proxy struct {
 	log     *slog.Logger
 	m       *metrics
 	rp      *httputil.ReverseProxy
+	up      *upstream // the node-agent connection pool (both paths)
 
 	mu    sync.Mutex
 	state map[string]*instState // by instance id
@@ -116,6 +117,9 @@ type metrics struct {
 	requests    *prometheus.CounterVec
 	latency     *prometheus.HistogramVec
 	upstreamErr *prometheus.CounterVec
+	connectErr  prometheus.Counter // upstreamErr{kind="connect"}
+	proxyErr    prometheus.Counter // upstreamErr{kind="proxy"}
+	fast        prometheus.Counter
 	limited     prometheus.Counter
 	certExpiry  *prometheus.GaugeVec
 	staleness   prometheus.GaugeFunc
@@ -145,12 +149,16 @@ func New(cfg Config, routes *routetable.Client, reg prometheus.Registerer, log *
 		staleness: prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "zeitwork_edge_proxy_route_table_staleness_seconds", Help: "Seconds since the route table was last synced (-1: never)."},
 			func() float64 { return routes.Staleness().Seconds() }),
 	}
+	p.m.fast = prometheus.NewCounter(prometheus.CounterOpts{Name: "zeitwork_edge_proxy_fast_path_requests_total", Help: "HTTP/1.1 requests served by the fast path (the rest by net/http)."})
+	p.m.connectErr = p.m.upstreamErr.WithLabelValues("connect")
+	p.m.proxyErr = p.m.upstreamErr.WithLabelValues("proxy")
 	if reg != nil {
-		reg.MustRegister(p.m.requests, p.m.latency, p.m.upstreamErr, p.m.limited, p.m.certExpiry, p.m.staleness)
+		reg.MustRegister(p.m.requests, p.m.fast, p.m.latency, p.m.upstreamErr, p.m.limited, p.m.certExpiry, p.m.staleness)
 	}
+	p.up = newUpstream(newTransport())
 	p.rp = &httputil.ReverseProxy{
 		Rewrite:      p.rewrite,
-		Transport:    &retryTransport{p: p, base: newUpstream(newTransport())},
+		Transport:    &retryTransport{p: p, base: p.up},
 		ErrorHandler: p.upstreamError,
 		BufferPool:   bufferPool{},
 	}
@@ -379,7 +387,7 @@ func (p *Proxy) upstreamError(w http.ResponseWriter, r *http.Request, err error)
 		w.WriteHeader(499)
 		return
 	}
-	p.m.upstreamErr.WithLabelValues("proxy").Inc()
+	p.m.proxyErr.Inc()
 	w.Header().Set("Retry-After", "1")
 	http.Error(w, "502 Bad Gateway: the app did not answer", http.StatusBadGateway)
 }
@@ -436,7 +444,7 @@ func (t *retryTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 			return resp, nil
 		}
 		// Connection failure, or the node agent says the VM is gone.
-		t.p.m.upstreamErr.WithLabelValues("connect").Inc()
+		t.p.m.connectErr.Inc()
 		if n := s.failures.Add(1); n >= int64(t.p.cfg.EjectAfter) {
 			s.ejectedUntil.Store(time.Now().Add(t.p.cfg.EjectFor).UnixNano())
 		}

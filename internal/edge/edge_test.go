@@ -15,6 +15,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -56,6 +57,7 @@ func fakeNode(t *testing.T, name string) *httptest.Server {
 			time.Sleep(300 * time.Millisecond)
 		}
 	})
+	addFramingHandlers(mux, name)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintf(w, "%s instance=%s xff=%s proto=%s fhost=%s real=%s rid=%t", name, r.Header.Get("X-Zeitwork-Instance"),
 			r.Header.Get("X-Forwarded-For"), r.Header.Get("X-Forwarded-Proto"), r.Header.Get("X-Forwarded-Host"),
@@ -110,6 +112,10 @@ type edgeEnv struct {
 	ca          *x509.CertPool
 	op          *fakeOperator
 	nodeA       *httptest.Server
+	reg         *prometheus.Registry
+	// stop ends Run (drain included) and returns its error; it runs at
+	// cleanup too.
+	stop func() error
 }
 
 func startEdge(t *testing.T, rps float64, burst int) *edgeEnv {
@@ -143,12 +149,15 @@ func startEdge(t *testing.T, rps float64, burst int) *edgeEnv {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- srv.Run(ctx, nil) }()
-	t.Cleanup(func() { cancel(); <-done })
+	var once sync.Once
+	var runErr error
+	stop := func() error { once.Do(func() { cancel(); runErr = <-done }); return runErr }
+	t.Cleanup(func() { _ = stop() })
 	h, p := srv.Addrs()
 	pem, _ := os.ReadFile(ca.CertFile)
 	pool := x509.NewCertPool()
 	pool.AppendCertsFromPEM(pem)
-	e := &edgeEnv{srv: srv, https: h.String(), http: p.String(), ca: pool, op: op, nodeA: a}
+	e := &edgeEnv{srv: srv, https: h.String(), http: p.String(), ca: pool, op: op, nodeA: a, reg: reg, stop: stop}
 	deadline := time.Now().Add(10 * time.Second)
 	for srv.Routes.Table().Lookup("web-abc1234-acme.zeitwork.test") == nil {
 		if time.Now().After(deadline) {
@@ -159,15 +168,32 @@ func startEdge(t *testing.T, rps float64, burst int) *edgeEnv {
 	return e
 }
 
-func (e *edgeEnv) client(from string) *http.Client {
+// clientProto speaks HTTP/2 or, with h2 false, HTTP/1.1 (the fast path's
+// side) to the edge's HTTPS port, from the local address from.
+func (e *edgeEnv) clientProto(from string, h2 bool) *http.Client {
 	d := &net.Dialer{Timeout: 5 * time.Second}
 	if from != "" {
 		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(from)}
 	}
-	return &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
+	tr := &http.Transport{
 		DialContext:     func(ctx context.Context, _, _ string) (net.Conn, error) { return d.DialContext(ctx, "tcp", e.https) },
-		TLSClientConfig: &tls.Config{RootCAs: e.ca}, ForceAttemptHTTP2: true,
-	}}
+		TLSClientConfig: &tls.Config{RootCAs: e.ca}, ForceAttemptHTTP2: h2,
+	}
+	if !h2 {
+		tr.TLSClientConfig.NextProtos = []string{"http/1.1"}
+	}
+	return &http.Client{Timeout: 10 * time.Second, Transport: tr}
+}
+
+// protos runs f once over HTTP/2 and once over HTTP/1.1.
+func protos(t *testing.T, f func(t *testing.T, h2 bool)) {
+	for _, h2 := range []bool{true, false} {
+		name := "http1"
+		if h2 {
+			name = "h2"
+		}
+		t.Run(name, func(t *testing.T) { f(t, h2) })
+	}
 }
 
 func get(t *testing.T, c *http.Client, url string) (int, string, http.Header) {
@@ -183,7 +209,33 @@ func get(t *testing.T, c *http.Client, url string) (int, string, http.Header) {
 
 func TestRoutingTLSAndHeaders(t *testing.T) {
 	e := startEdge(t, 1000, 1000)
-	c := e.client("")
+	protos(t, func(t *testing.T, h2 bool) { routingTLSAndHeaders(t, e, e.clientProto("", h2), h2) })
+
+	// A failing instance: idempotent requests are retried on the other.
+	e.nodeA.Close()
+	protos(t, func(t *testing.T, h2 bool) {
+		c := e.clientProto("", h2)
+		for range 20 {
+			if code, body, _ := get(t, c, "https://web-abc1234-acme.zeitwork.test/"); code != 200 || !strings.HasPrefix(body, "node-b") {
+				t.Fatalf("with node-a down: %d %s", code, body)
+			}
+		}
+	})
+
+	// Operator down: the last known table keeps serving.
+	e.op.up.Store(false)
+	time.Sleep(1500 * time.Millisecond)
+	protos(t, func(t *testing.T, h2 bool) {
+		if code, _, _ := get(t, e.clientProto("", h2), "https://web-abc1234-acme.zeitwork.test/"); code != 200 {
+			t.Fatalf("with the operator down: %d", code)
+		}
+	})
+	if _, body := httpGet(t, "http://"+e.http+"/health"); !strings.Contains(body, "route_table_staleness_seconds") {
+		t.Fatal("staleness not reported")
+	}
+}
+
+func routingTLSAndHeaders(t *testing.T, e *edgeEnv, c *http.Client, h2 bool) {
 	code, body, hdr := get(t, c, "https://web-abc1234-acme.zeitwork.test/")
 	if code != 200 || !strings.Contains(body, "instance=i") || !strings.Contains(body, "proto=https") ||
 		!strings.Contains(body, "fhost=web-abc1234-acme.zeitwork.test") || !strings.Contains(body, "real=127.0.0.1") || !strings.Contains(body, "rid=true") {
@@ -193,7 +245,7 @@ func TestRoutingTLSAndHeaders(t *testing.T) {
 		t.Fatal("no X-Request-Id in the response")
 	}
 	resp, _ := c.Get("https://web-abc1234-acme.zeitwork.test/")
-	if resp.TLS.Version < tls.VersionTLS12 || resp.ProtoMajor != 2 {
+	if wantMajor := map[bool]int{true: 2, false: 1}[h2]; resp.TLS.Version < tls.VersionTLS12 || resp.ProtoMajor != wantMajor {
 		t.Fatalf("TLS %x, proto %s", resp.TLS.Version, resp.Proto)
 	}
 	resp.Body.Close()
@@ -286,24 +338,6 @@ func TestRoutingTLSAndHeaders(t *testing.T) {
 	if !strings.Contains(string(rest), "data: 2") {
 		t.Fatalf("SSE: %q", rest)
 	}
-
-	// A failing instance: idempotent requests are retried on the other.
-	e.nodeA.Close()
-	for range 20 {
-		if code, body, _ := get(t, c, "https://web-abc1234-acme.zeitwork.test/"); code != 200 || !strings.HasPrefix(body, "node-b") {
-			t.Fatalf("with node-a down: %d %s", code, body)
-		}
-	}
-
-	// Operator down: the last known table keeps serving.
-	e.op.up.Store(false)
-	time.Sleep(1500 * time.Millisecond)
-	if code, _, _ := get(t, c, "https://web-abc1234-acme.zeitwork.test/"); code != 200 {
-		t.Fatalf("with the operator down: %d", code)
-	}
-	if _, body := httpGet(t, "http://"+e.http+"/health"); !strings.Contains(body, "route_table_staleness_seconds") {
-		t.Fatal("staleness not reported")
-	}
 }
 
 func (e *edgeEnv) h1client() *http.Client {
@@ -327,8 +361,12 @@ func httpGet(t *testing.T, url string) (int, string) {
 }
 
 func TestRateLimitPerClient(t *testing.T) {
+	protos(t, rateLimitPerClient)
+}
+
+func rateLimitPerClient(t *testing.T, h2 bool) {
 	e := startEdge(t, 2, 3)
-	a, b := e.client("127.0.0.1"), e.client("127.0.0.3")
+	a, b := e.clientProto("127.0.0.1", h2), e.clientProto("127.0.0.3", h2)
 	limited := false
 	for range 10 {
 		code, _, hdr := get(t, a, "https://web-abc1234-acme.zeitwork.test/")

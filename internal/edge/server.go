@@ -204,16 +204,25 @@ func (s *Server) Run(ctx context.Context, reload <-chan struct{}) error {
 	if s.acme != nil {
 		tlsCfg.NextProtos = append(tlsCfg.NextProtos, "acme-tls/1") // TLS-ALPN-01
 	}
-	httpsSrv := &http.Server{Handler: s.Proxy, TLSConfig: tlsCfg, ReadHeaderTimeout: 10 * time.Second,
+	// Both ports run through a front: plain HTTP/1.1 requests take the
+	// fast path, everything else these net/http servers.
+	httpsSrv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		tlsState(r)
+		s.Proxy.ServeHTTP(w, r)
+	}), TLSConfig: tlsCfg, ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout: 120 * time.Second, MaxHeaderBytes: 64 << 10, ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)}
 	httpSrv := &http.Server{Handler: s.httpHandler(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 120 * time.Second,
 		MaxHeaderBytes: 64 << 10, ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)}
+	httpsFront := newFront(s.Proxy, tlsCfg, httpsSrv, func(*routetable.Route, []byte) bool { return true }, s.log)
+	// On :8083 ACME challenges and the HTTPS redirects of customer
+	// domains stay with net/http (httpHandler).
+	httpFront := newFront(s.Proxy, nil, httpSrv, func(r *routetable.Route, target []byte) bool {
+		return r.Kind != "custom" && !bytes.HasPrefix(target, []byte("/.well-known/acme-challenge/"))
+	}, s.log)
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return s.Routes.Run(gctx) })
-	g.Go(func() error {
-		return service.Serve(gctx, httpsSrv, tls.NewListener(wrap(s.httpsLn), httpsSrv.TLSConfig), s.cfg.Drain)
-	})
-	g.Go(func() error { return service.Serve(gctx, httpSrv, wrap(s.httpLn), s.cfg.Drain) })
+	g.Go(func() error { return httpsFront.serve(gctx, wrap(s.httpsLn), s.cfg.Drain) })
+	g.Go(func() error { return httpFront.serve(gctx, wrap(s.httpLn), s.cfg.Drain) })
 	g.Go(func() error { s.maintain(gctx, reload); return nil })
 	return g.Wait()
 }

@@ -12,6 +12,8 @@ import (
 	"runtime"
 	"sync"
 	"time"
+
+	"github.com/zeitwork/zeitwork/internal/edge/h1"
 )
 
 // upstream is the HTTP/1.1 client for the data-plane hop (edge → node
@@ -61,6 +63,9 @@ type upConn struct {
 	bw     *bufio.Writer
 	reused bool
 	idleAt time.Time
+	// resp and headLen are the fast path's response head (see fast.go).
+	resp    h1.Response
+	headLen int
 }
 
 // countingReader counts the bytes read from the connection, to tell a

@@ -1,0 +1,415 @@
+package edge
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"runtime"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/zeitwork/zeitwork/internal/edge/h1"
+	"github.com/zeitwork/zeitwork/internal/edge/routetable"
+)
+
+// exchange is one request on the fast path and the connection it came on.
+type exchange struct {
+	req      h1.Request
+	host     string // lower case, without port
+	route    *routetable.Route
+	instance *routetable.Instance // the first choice
+	client   string
+	tls      *tls.ConnectionState
+	bw       *bufio.Writer // to the client
+	start    time.Time
+	draining func() bool
+	id       string // the request id, once known
+}
+
+// serveFast proxies x's request and writes the answer, as ServeHTTP and
+// the reverse proxy would for the same request: the same rate limit, the
+// same forwarding headers, one retry on another instance when the first
+// one cannot be reached or its node agent answers 502/503, the same
+// ejection, error pages, metrics and access log. It reports whether the
+// connection can carry another request.
+func (p *Proxy) serveFast(x *exchange) bool {
+	class := p.hostClass(x.route)
+	cm := p.classMetrics(class)
+	p.m.fast.Inc()
+	code, keep := p.fastExchange(x)
+	cm.count(p, code, class)
+	took := time.Since(x.start)
+	cm.latency.Observe(took.Seconds())
+	if p.cfg.AccessLog {
+		path := x.req.Target
+		if i := bytes.IndexByte(path, '?'); i >= 0 {
+			path = path[:i]
+		}
+		p.log.Info("request", "host", x.host, "method", string(x.req.Method), "path", string(path), "status", code,
+			"client", x.client, "duration_ms", took.Milliseconds(), "request_id", x.id)
+	}
+	return keep
+}
+
+// clientReqID is the client's X-Request-Id when it is usable (the first
+// one, as Header.Get), else "".
+func (x *exchange) clientReqID() string {
+	for _, h := range x.req.Headers {
+		if h.Kind == h1.XRequestID {
+			if len(h.Value) > 0 && len(h.Value) <= 200 {
+				return string(h.Value)
+			}
+			break
+		}
+	}
+	return ""
+}
+
+func (p *Proxy) fastExchange(x *exchange) (code int, keep bool) {
+	x.id = ""
+	if p.limiter != nil {
+		if ok, wait := p.limiter.Allow(x.client, x.start); !ok {
+			p.m.limited.Inc()
+			return 429, x.answer(429, "429 Too Many Requests: slow down\n", "Retry-After", strconv.Itoa(int(wait/time.Second)+1), "")
+		}
+	}
+	reqID := x.clientReqID()
+	if reqID == "" {
+		reqID = newRequestID()
+	}
+	x.id = reqID
+	in := x.instance
+	var tried []string
+	var uc *upConn
+	for attempt := 0; ; attempt++ {
+		s := p.stateOf(in.ID)
+		s.outstanding.Add(1)
+		var err error
+		uc, err = p.fastRoundTrip(x, in, reqID)
+		s.outstanding.Add(-1)
+		if err == nil && uc.resp.Status != http.StatusBadGateway && uc.resp.Status != http.StatusServiceUnavailable {
+			s.failures.Store(0)
+			break
+		}
+		p.m.connectErr.Inc()
+		if n := s.failures.Add(1); n >= int64(p.cfg.EjectAfter) {
+			s.ejectedUntil.Store(time.Now().Add(p.cfg.EjectFor).UnixNano())
+		}
+		tried = append(tried, in.ID)
+		var next *routetable.Instance
+		if attempt == 0 {
+			next = p.pick(x.route, tried)
+		}
+		if next == nil {
+			if err != nil {
+				p.m.proxyErr.Inc()
+				return 502, x.answer(502, "502 Bad Gateway: the app did not answer\n", "Retry-After", "1", reqID)
+			}
+			break // pass the node agent's 502/503 on
+		}
+		if uc != nil {
+			_ = uc.conn.Close()
+		}
+		in = next
+	}
+	keep, ok := p.forward(x, uc, reqID)
+	if !ok {
+		return uc.resp.Status, false
+	}
+	return uc.resp.Status, keep
+}
+
+// fastRoundTrip sends x's request to instance in over a pooled connection
+// and reads the response head into uc.resp. A pooled connection that
+// fails before any byte of the answer (closed by the node agent while
+// idle) is replaced by a fresh one once.
+func (p *Proxy) fastRoundTrip(x *exchange, in *routetable.Instance, reqID string) (*upConn, error) {
+	key, err := nodeKey(in.NodeAddress)
+	if err != nil {
+		return nil, err
+	}
+	for attempt := 0; ; attempt++ {
+		var uc *upConn
+		if attempt == 0 {
+			uc = p.up.get(key)
+		}
+		if uc == nil {
+			if uc, err = p.up.dial(context.Background(), key); err != nil {
+				return nil, err
+			}
+		}
+		err := p.send(x, uc, in, reqID)
+		if err == nil {
+			return uc, nil
+		}
+		_ = uc.conn.Close()
+		if attempt == 0 && uc.reused && uc.cr.n == 0 {
+			continue
+		}
+		return nil, err
+	}
+}
+
+// send writes the request on uc and reads the final response head;
+// informational answers (103 Early Hints) go to the client as they come.
+func (p *Proxy) send(x *exchange, uc *upConn, in *routetable.Instance, reqID string) error {
+	uc.cr.n = 0
+	w := uc.bw
+	r := &x.req
+	w.Write(r.Method)
+	w.WriteByte(' ')
+	w.Write(r.Target)
+	w.WriteString(" HTTP/1.1\r\nHost: ")
+	w.Write(r.Host)
+	w.WriteString("\r\n")
+	var xff [][]byte
+	for _, h := range r.Headers {
+		switch h.Kind {
+		case h1.XForwardedFor:
+			xff = append(xff, h.Value)
+			continue
+		case h1.Host, h1.Connection, h1.HopByHop, h1.Forwarded, h1.XForwardedHost, h1.XForwardedProto, h1.XRealIP, h1.XRequestID, h1.Internal:
+			continue
+		}
+		w.Write(h.Name)
+		w.WriteString(": ")
+		w.Write(h.Value)
+		w.WriteString("\r\n")
+	}
+	// As httputil.ProxyRequest.SetXForwarded: the client appended to the
+	// X-Forwarded-For it sent; host and protocol as the client used them.
+	w.WriteString("X-Forwarded-For: ")
+	for _, v := range xff {
+		w.Write(v)
+		w.WriteString(", ")
+	}
+	w.WriteString(x.client)
+	w.WriteString("\r\nX-Forwarded-Host: ")
+	w.Write(r.Host)
+	if x.tls != nil {
+		w.WriteString("\r\nX-Forwarded-Proto: https\r\nX-Real-Ip: ")
+	} else {
+		w.WriteString("\r\nX-Forwarded-Proto: http\r\nX-Real-Ip: ")
+	}
+	w.WriteString(x.client)
+	w.WriteString("\r\nX-Request-Id: ")
+	w.WriteString(reqID)
+	w.WriteString("\r\nX-Zeitwork-Instance: ")
+	w.WriteString(in.ID)
+	w.WriteString("\r\nX-Zeitwork-Token: ")
+	w.WriteString(p.cfg.ClusterToken)
+	w.WriteString("\r\n\r\n")
+	if err := w.Flush(); err != nil {
+		return err
+	}
+	// See upstream.roundTrip: let other ready goroutines run while the
+	// node agent answers.
+	runtime.Gosched()
+	for n1xx := 0; ; n1xx++ {
+		n, err := readResponseHead(uc)
+		if err != nil {
+			return err
+		}
+		st := uc.resp.Status
+		if st >= 200 {
+			uc.headLen = n
+			return nil
+		}
+		if st == http.StatusSwitchingProtocols || n1xx >= 5 {
+			return h1.ErrMalformed // no upgrade was asked for
+		}
+		head, _ := uc.br.Peek(n)
+		if _, err := x.bw.Write(head); err != nil {
+			return err
+		}
+		if err := x.bw.Flush(); err != nil {
+			return err
+		}
+		_, _ = uc.br.Discard(n)
+	}
+}
+
+// maxFastResponseHead bounds a response head on the fast path.
+const maxFastResponseHead = 1 << 20
+
+// readResponseHead reads until uc.br holds a whole response head, growing
+// the buffer for large heads, and parses it into uc.resp.
+func readResponseHead(uc *upConn) (int, error) {
+	for {
+		b, _ := uc.br.Peek(uc.br.Buffered())
+		n, err := h1.ParseResponse(b, &uc.resp)
+		if !errors.Is(err, h1.ErrIncomplete) {
+			return n, err
+		}
+		if len(b) == uc.br.Size() {
+			if len(b) >= maxFastResponseHead {
+				return 0, errHeadTooLarge
+			}
+			pending := bytes.Clone(b)
+			uc.br = bufio.NewReaderSize(io.MultiReader(bytes.NewReader(pending), &uc.cr), 2*len(b))
+			continue
+		}
+		if _, err := uc.br.Peek(len(b) + 1); err != nil {
+			if err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			return 0, err
+		}
+	}
+}
+
+// forward writes the response head and body read on uc to the client and
+// returns uc to the pool when the exchange ended cleanly. keep: the client
+// connection can carry another request; ok: nothing failed.
+func (p *Proxy) forward(x *exchange, uc *upConn, reqID string) (keep, ok bool) {
+	r := &uc.resp
+	bodyless := r.BodyLess(string(x.req.Method) == http.MethodHead)
+	closeDelimited := !bodyless && !r.Chunked && r.Length < 0
+	closeClient := x.req.Close || closeDelimited || x.draining()
+	w := x.bw
+	var num [20]byte
+	w.WriteString("HTTP/1.1 ")
+	w.Write(strconv.AppendInt(num[:0], int64(r.Status), 10))
+	w.WriteByte(' ')
+	switch {
+	case len(r.Reason) > 0:
+		w.Write(r.Reason)
+	case http.StatusText(r.Status) != "":
+		w.WriteString(http.StatusText(r.Status))
+	default:
+		w.WriteString("status code ")
+		w.Write(strconv.AppendInt(num[:0], int64(r.Status), 10))
+	}
+	w.WriteString("\r\nX-Request-Id: ")
+	w.WriteString(reqID)
+	w.WriteString("\r\n")
+	if x.tls != nil && x.route.Kind == "custom" {
+		w.WriteString("Strict-Transport-Security: max-age=31536000\r\n")
+	}
+	dated := false
+	for _, h := range r.Headers {
+		switch h.Kind {
+		case h1.HopByHop:
+			continue
+		case h1.Date:
+			dated = true
+		}
+		w.Write(h.Name)
+		w.WriteString(": ")
+		w.Write(h.Value)
+		w.WriteString("\r\n")
+	}
+	if !dated {
+		w.WriteString("Date: ")
+		w.Write(httpDate(time.Now()))
+		w.WriteString("\r\n")
+	}
+	if r.Length >= 0 {
+		w.WriteString("Content-Length: ")
+		w.Write(strconv.AppendInt(num[:0], r.Length, 10))
+		w.WriteString("\r\n")
+	} else if r.Chunked && !bodyless {
+		w.WriteString("Transfer-Encoding: chunked\r\n")
+	}
+	if closeClient {
+		w.WriteString("Connection: close\r\n")
+	}
+	w.WriteString("\r\n")
+	_, _ = uc.br.Discard(uc.headLen)
+	var err error
+	if !bodyless {
+		buf := bufs.Get().(*[]byte)
+		_, err = h1.ForwardBody(w, uc.br, r.Length, r.Chunked, w.Flush, *buf)
+		bufs.Put(buf)
+	}
+	if err == nil {
+		err = w.Flush()
+	}
+	if err != nil || r.Close || closeDelimited || uc.br.Buffered() > 0 {
+		_ = uc.conn.Close()
+	} else {
+		p.up.put(uc)
+	}
+	return !closeClient, err == nil
+}
+
+// answer writes a short plain-text answer of the edge's own (as
+// http.Error does), with one extra header and the request id when given.
+func (x *exchange) answer(code int, body, hk, hv, reqID string) bool {
+	keep := !x.req.Close && !x.draining()
+	w := x.bw
+	var num [20]byte
+	w.WriteString("HTTP/1.1 ")
+	w.Write(strconv.AppendInt(num[:0], int64(code), 10))
+	w.WriteByte(' ')
+	w.WriteString(http.StatusText(code))
+	w.WriteString("\r\nContent-Type: text/plain; charset=utf-8\r\nX-Content-Type-Options: nosniff\r\n")
+	w.WriteString(hk)
+	w.WriteString(": ")
+	w.WriteString(hv)
+	w.WriteString("\r\n")
+	if reqID != "" {
+		w.WriteString("X-Request-Id: ")
+		w.WriteString(reqID)
+		w.WriteString("\r\n")
+	}
+	w.WriteString("Date: ")
+	w.Write(httpDate(time.Now()))
+	w.WriteString("\r\nContent-Length: ")
+	w.Write(strconv.AppendInt(num[:0], int64(len(body)), 10))
+	if !keep {
+		w.WriteString("\r\nConnection: close")
+	}
+	w.WriteString("\r\n\r\n")
+	if string(x.req.Method) != http.MethodHead {
+		w.WriteString(body)
+	}
+	return w.Flush() == nil && keep
+}
+
+// httpDate is now in the HTTP date format, formatted once per second.
+func httpDate(now time.Time) []byte {
+	sec := now.Unix()
+	if d := cachedDate.Load(); d != nil && d.sec == sec {
+		return d.text
+	}
+	d := &dateText{sec: sec, text: now.UTC().AppendFormat(nil, http.TimeFormat)}
+	cachedDate.Store(d)
+	return d.text
+}
+
+type dateText struct {
+	sec  int64
+	text []byte
+}
+
+var cachedDate atomic.Pointer[dateText]
+
+var nodeKeys sync.Map // node address → host:port
+
+// nodeKey is the host:port of a node agent address (http://host[:port]).
+func nodeKey(addr string) (string, error) {
+	if k, ok := nodeKeys.Load(addr); ok {
+		return k.(string), nil
+	}
+	u, err := nodeURL(addr)
+	if err != nil {
+		return "", err
+	}
+	if u.Scheme != "http" || u.Host == "" {
+		return "", errors.New("edge: node address " + strconv.Quote(addr) + " is not http://host[:port]")
+	}
+	key := u.Host
+	if u.Port() == "" {
+		key = net.JoinHostPort(u.Hostname(), "80")
+	}
+	nodeKeys.Store(addr, key)
+	return key, nil
+}
