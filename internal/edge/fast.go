@@ -27,10 +27,123 @@ type exchange struct {
 	instance *routetable.Instance // the first choice
 	client   string
 	tls      *tls.ConnectionState
-	bw       *bufio.Writer // to the client
+	conn     net.Conn
+	br       *bufio.Reader // reads src
+	src      clientSrc
+	bw       *bufio.Writer // to the client, during the exchange
 	start    time.Time
 	draining func() bool
 	id       string // the request id, once known
+
+	// The client watch (see watchClient).
+	wmu     sync.Mutex
+	wtimer  *time.Timer
+	wactive bool          // an exchange is in progress
+	wdone   chan struct{} // the watcher is running
+	gone    bool          // the client went away during the exchange
+	up      net.Conn      // the exchange's current upstream connection
+}
+
+// watchAfter is how long an exchange runs before the fast path starts
+// watching its client: a client that goes away while its request waits
+// for the app (a long poll) or while a stream is silent then frees the
+// upstream connection at once, as net/http's background read does — but
+// only exchanges that last pay for it.
+const watchAfter = time.Second
+
+// clientSrc is what a connection's read buffer reads: the connection,
+// after the byte the client watch may have taken from it.
+type clientSrc struct {
+	conn    net.Conn
+	pending [1]byte
+	has     bool
+}
+
+func (s *clientSrc) Read(p []byte) (int, error) {
+	if s.has && len(p) > 0 {
+		p[0], s.has = s.pending[0], false
+		return 1, nil
+	}
+	return s.conn.Read(p)
+}
+
+// beginWatch arms the client watch for a new exchange.
+func (x *exchange) beginWatch() {
+	x.wmu.Lock()
+	x.wactive, x.gone, x.up = true, false, nil
+	x.wmu.Unlock()
+	if x.wtimer == nil {
+		x.wtimer = time.AfterFunc(watchAfter, x.watchClient)
+	} else {
+		x.wtimer.Reset(watchAfter)
+	}
+}
+
+// endWatch disarms the watch and, when it ran, stops it and waits for it.
+func (x *exchange) endWatch() {
+	x.wtimer.Stop()
+	x.wmu.Lock()
+	x.wactive = false
+	done := x.wdone
+	x.wdone = nil
+	x.wmu.Unlock()
+	if done != nil {
+		_ = x.conn.SetReadDeadline(time.Unix(1, 0))
+		<-done
+		_ = x.conn.SetReadDeadline(time.Time{})
+	}
+}
+
+// watchClient runs once an exchange has lasted watchAfter: it waits for
+// the client. Bytes (a pipelined request) mean the client is there, and
+// are kept for the next read; the end of the connection means it is gone,
+// and the exchange's upstream connection is closed, which ends the
+// exchange. Reading the connection here is safe: during an exchange
+// nothing else reads it, and the read buffer is not touched (the parsed
+// request lives in it).
+func (x *exchange) watchClient() {
+	x.wmu.Lock()
+	if !x.wactive || x.wdone != nil {
+		x.wmu.Unlock()
+		return
+	}
+	done := make(chan struct{})
+	x.wdone = done
+	x.wmu.Unlock()
+	defer close(done)
+	n, err := x.conn.Read(x.src.pending[:])
+	if n == 1 {
+		x.src.has = true
+		return
+	}
+	if ne, ok := err.(net.Error); ok && ne.Timeout() {
+		return // endWatch
+	}
+	x.wmu.Lock()
+	if x.wactive {
+		x.gone = true
+		if x.up != nil {
+			_ = x.up.Close()
+		}
+	}
+	x.wmu.Unlock()
+}
+
+// setUpstream records the exchange's current upstream connection, closing
+// it at once when the client is already gone.
+func (x *exchange) setUpstream(c net.Conn) {
+	x.wmu.Lock()
+	x.up = c
+	if x.gone {
+		_ = c.Close()
+	}
+	x.wmu.Unlock()
+}
+
+func (x *exchange) clientGone() bool {
+	x.wmu.Lock()
+	defer x.wmu.Unlock()
+	return x.gone
 }
 
 // serveFast proxies x's request and writes the answer, as ServeHTTP and
@@ -43,7 +156,9 @@ func (p *Proxy) serveFast(x *exchange) bool {
 	class := p.hostClass(x.route)
 	cm := p.classMetrics(class)
 	p.m.fast.Inc()
+	x.beginWatch()
 	code, keep := p.fastExchange(x)
+	x.endWatch()
 	cm.count(p, code, class)
 	took := time.Since(x.start)
 	cm.latency.Observe(took.Seconds())
@@ -94,6 +209,12 @@ func (p *Proxy) fastExchange(x *exchange) (code int, keep bool) {
 		var err error
 		uc, err = p.fastRoundTrip(x, in, reqID)
 		s.outstanding.Add(-1)
+		if x.clientGone() {
+			if uc != nil {
+				_ = uc.conn.Close()
+			}
+			return 499, false // the client's doing, not the instance's
+		}
 		if err == nil && uc.resp.Status != http.StatusBadGateway && uc.resp.Status != http.StatusServiceUnavailable {
 			s.failures.Store(0)
 			break
@@ -120,7 +241,10 @@ func (p *Proxy) fastExchange(x *exchange) (code int, keep bool) {
 		in = next
 	}
 	keep, ok := p.forward(x, uc, reqID)
-	if !ok {
+	switch {
+	case x.clientGone():
+		return 499, false
+	case !ok:
 		return uc.resp.Status, false
 	}
 	return uc.resp.Status, keep
@@ -145,6 +269,7 @@ func (p *Proxy) fastRoundTrip(x *exchange, in *routetable.Instance, reqID string
 				return nil, err
 			}
 		}
+		x.setUpstream(uc.conn)
 		err := p.send(x, uc, in, reqID)
 		if err == nil {
 			return uc, nil

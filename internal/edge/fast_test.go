@@ -62,8 +62,22 @@ func addFramingHandlers(mux *http.ServeMux, name string) {
 	})
 	mux.HandleFunc("/204", func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusNoContent) })
 	mux.HandleFunc("/slow", func(w http.ResponseWriter, r *http.Request) {
-		time.Sleep(700 * time.Millisecond)
+		d := 700 * time.Millisecond
+		if ms, err := strconv.Atoi(r.URL.Query().Get("ms")); err == nil {
+			d = time.Duration(ms) * time.Millisecond
+		}
+		time.Sleep(d)
 		_, _ = io.WriteString(w, "slow done")
+	})
+	mux.HandleFunc("/hang", func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-r.Context().Done():
+			select {
+			case hangEnded <- name:
+			default:
+			}
+		case <-time.After(30 * time.Second):
+		}
 	})
 	mux.HandleFunc("/flaky", func(w http.ResponseWriter, r *http.Request) {
 		if name == "node-a" {
@@ -81,6 +95,9 @@ func addFramingHandlers(mux *http.ServeMux, name string) {
 		_, _ = io.WriteString(w, strings.Join(lines, "\n")+"\n")
 	})
 }
+
+// hangEnded reports /hang requests whose edge connection went away.
+var hangEnded = make(chan string, 16)
 
 // rawConn is an HTTP/1.1 connection to the edge's HTTPS port.
 type rawConn struct {
@@ -289,4 +306,30 @@ func TestFastPathDrain(t *testing.T) {
 	}
 }
 
-
+// TestFastPathClientGone: a client that goes away while its request
+// waits for the app frees the upstream connection (the app's request is
+// canceled) instead of leaving it waiting for the app's answer.
+func TestFastPathClientGone(t *testing.T) {
+	e := startEdge(t, 1000, 1000)
+	r := e.raw(t)
+	r.send("GET /hang HTTP/1.1\r\nHost: %s\r\n\r\n", appHost)
+	time.Sleep(watchAfter + 300*time.Millisecond)
+	r.c.Close()
+	select {
+	case <-hangEnded:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the app's request was still waiting 5 s after its client went away")
+	}
+	// A pipelined request during a long exchange: the client is there;
+	// both are answered.
+	r2 := e.raw(t)
+	r2.send("GET /slow?ms=1800 HTTP/1.1\r\nHost: %s\r\n\r\n", appHost)
+	time.Sleep(watchAfter + 300*time.Millisecond) // the watch runs
+	r2.send("GET /204 HTTP/1.1\r\nHost: %s\r\n\r\n", appHost)
+	if resp, body := r2.read("GET"); string(body) != "slow done" {
+		t.Fatalf("slow: %d %q", resp.StatusCode, body)
+	}
+	if resp, _ := r2.read("GET"); resp.StatusCode != 204 {
+		t.Fatalf("pipelined after slow: %d", resp.StatusCode)
+	}
+}

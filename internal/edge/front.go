@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/zeitwork/zeitwork/internal/edge/h1"
@@ -41,7 +42,7 @@ type front struct {
 
 	mu      sync.Mutex
 	conns   map[*frontConn]struct{}
-	closing bool
+	closing atomic.Bool    // set under mu
 	wg      sync.WaitGroup // connection goroutines
 }
 
@@ -151,7 +152,7 @@ func (f *front) accept(ln net.Listener) error {
 func (f *front) track(fc *frontConn) bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if f.closing {
+	if f.closing.Load() {
 		return false
 	}
 	f.conns[fc] = struct{}{}
@@ -169,24 +170,18 @@ func (f *front) untrack(fc *frontConn) {
 func (f *front) setIdle(fc *frontConn, idle bool) bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if f.closing {
+	if f.closing.Load() {
 		return false
 	}
 	fc.idle = idle
 	return true
 }
 
-func (f *front) draining() bool {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return f.closing
-}
-
 // drain closes idle connections now and waits for the busy ones until ctx
 // ends, then closes those too.
 func (f *front) drain(ctx context.Context) {
 	f.mu.Lock()
-	f.closing = true
+	f.closing.Store(true)
 	for fc := range f.conns {
 		if fc.idle {
 			_ = fc.raw.Close()
@@ -239,21 +234,19 @@ func (f *front) handle(fc *frontConn) {
 		}
 		conn, cs = tc, &st
 	}
+	x := &exchange{client: clientHost(conn.RemoteAddr()), tls: cs, conn: conn, draining: f.closing.Load}
+	x.src.conn = conn
 	br := readers.Get().(*bufio.Reader)
-	br.Reset(conn)
-	bw := writers.Get().(*bufio.Writer)
-	bw.Reset(conn)
+	br.Reset(&x.src)
+	x.br = br
 	handedOff := false
 	defer func() {
-		bw.Reset(nil)
-		writers.Put(bw)
 		if !handedOff {
 			br.Reset(nil)
 			readers.Put(br)
 			_ = conn.Close()
 		}
 	}()
-	x := exchange{client: clientHost(conn.RemoteAddr()), tls: cs, bw: bw, draining: f.draining}
 	for {
 		if br.Buffered() == 0 {
 			if !f.setIdle(fc, true) {
@@ -284,7 +277,13 @@ func (f *front) handle(fc *frontConn) {
 			return
 		}
 		x.start = time.Now()
-		keep := f.p.serveFast(&x)
+		// The writer is the exchange's only: an idle connection holds
+		// just its read buffer.
+		x.bw = writers.Get().(*bufio.Writer)
+		x.bw.Reset(conn)
+		keep := f.p.serveFast(x)
+		x.bw.Reset(nil)
+		writers.Put(x.bw)
 		_, _ = br.Discard(n)
 		x.route, x.instance = nil, nil
 		if !keep {
