@@ -280,10 +280,10 @@ func TestKeepaliveInherited(t *testing.T) {
 }
 
 // TestBackendKeepalive: the balancer's connection to a backend gets TCP
-// keepalive once the backend's first bytes have been relayed.
+// keepalive once it has been open for KeepaliveAfter.
 func TestBackendKeepalive(t *testing.T) {
 	b := startBackend(t, "edge-a", "127.0.0.1:0")
-	l := startLB(t, Config{}, b.addr)
+	l := startLB(t, Config{KeepaliveAfter: 200 * time.Millisecond}, b.addr)
 	c, err := net.Dial("tcp", l.Addrs()[0].String())
 	if err != nil {
 		t.Fatal(err)

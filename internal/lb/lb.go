@@ -31,6 +31,9 @@ type Config struct {
 	DrainTimeout   time.Duration
 	MaxConns       int
 	Health         HealthConfig
+	// KeepaliveAfter: a backend connection open this long gets TCP
+	// keepalive (default 10s). Client sockets have it from the listener.
+	KeepaliveAfter time.Duration
 }
 
 // LB is a running balancer: its listeners, pools and health checker.
@@ -44,9 +47,12 @@ type LB struct {
 	dialer  *net.Dialer
 	workers *workers
 
-	mu    sync.Mutex
-	conns map[*net.TCPConn]struct{} // open sockets, closed when the drain times out
-	wg    sync.WaitGroup            // connection handlers
+	mu sync.Mutex
+	// conns are the open sockets, closed when the drain times out; a
+	// backend socket still without keepalive maps to when it was opened
+	// (unix nanos), everything else to 0.
+	conns map[*net.TCPConn]int64
+	wg    sync.WaitGroup // connection handlers
 
 	gaugeMu sync.Mutex
 	gauged  map[[2]string]bool // listener, backend pairs with published gauges
@@ -60,6 +66,9 @@ func New(cfg Config, reg prometheus.Registerer, log *slog.Logger) (*LB, error) {
 	if cfg.MaxConns == 0 {
 		cfg.MaxConns = 20000
 	}
+	if cfg.KeepaliveAfter <= 0 {
+		cfg.KeepaliveAfter = 10 * time.Second
+	}
 	if cfg.ProxyProtocol == "" {
 		cfg.ProxyProtocol = "v2"
 	}
@@ -69,7 +78,7 @@ func New(cfg Config, reg prometheus.Registerer, log *slog.Logger) (*LB, error) {
 	cfg.Health.defaults()
 	l := &LB{
 		cfg: cfg, log: log, dialer: newDialer(cfg.ConnectTimeout), metrics: newMetrics(reg),
-		slots: make(chan struct{}, cfg.MaxConns), conns: map[*net.TCPConn]struct{}{},
+		slots: make(chan struct{}, cfg.MaxConns), conns: map[*net.TCPConn]int64{},
 		workers: newWorkers(1024),
 	}
 	for _, ls := range cfg.Listeners {
@@ -129,6 +138,7 @@ func (l *LB) Run(ctx context.Context) error {
 	var wg sync.WaitGroup
 	hctx, cancelHealth := context.WithCancel(context.Background())
 	wg.Go(func() { l.runHealth(hctx) })
+	wg.Go(func() { l.runKeepalive(hctx) })
 	stop := make(chan struct{})
 	errc := make(chan error, len(l.lns))
 	for i, ln := range l.lns {
@@ -175,10 +185,39 @@ func (l *LB) openSockets() int {
 	return len(l.conns)
 }
 
-func (l *LB) track(c *net.TCPConn) {
+func (l *LB) track(c *net.TCPConn, backend bool) {
+	var opened int64
+	if backend {
+		opened = time.Now().UnixNano()
+	}
 	l.mu.Lock()
-	l.conns[c] = struct{}{}
+	l.conns[c] = opened
 	l.mu.Unlock()
+}
+
+// runKeepalive gives backend connections that have been open for
+// KeepaliveAfter TCP keepalive, until ctx ends. Short connections — most
+// of them — never pay the four system calls; a long-lived one (a
+// WebSocket, an idle HTTP/2 connection) is covered after KeepaliveAfter.
+func (l *LB) runKeepalive(ctx context.Context) {
+	t := time.NewTicker(l.cfg.KeepaliveAfter / 2)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		due := time.Now().Add(-l.cfg.KeepaliveAfter).UnixNano()
+		l.mu.Lock()
+		for c, opened := range l.conns {
+			if opened != 0 && opened <= due {
+				_ = keepalive(c)
+				l.conns[c] = 0
+			}
+		}
+		l.mu.Unlock()
+	}
 }
 
 func (l *LB) untrack(c *net.TCPConn) {
@@ -229,7 +268,7 @@ func (l *LB) accept(ln *net.TCPListener, pool *Pool, stop <-chan struct{}) error
 
 // handle relays one client connection.
 func (l *LB) handle(client *net.TCPConn, pool *Pool) {
-	l.track(client)
+	l.track(client, false)
 	defer func() {
 		l.untrack(client)
 		_ = client.Close()
@@ -243,7 +282,7 @@ func (l *LB) handle(client *net.TCPConn, pool *Pool) {
 		l.metrics.errNoBackend.Inc()
 		return
 	}
-	l.track(upstream)
+	l.track(upstream, true)
 	defer func() {
 		l.untrack(upstream)
 		_ = upstream.Close()
@@ -309,8 +348,8 @@ func (l *LB) connect(pool *Pool, client net.IP) (*net.TCPConn, *Backend) {
 // which ends the other one at once.
 func relay(client, upstream *net.TCPConn, w *workers) (up, down int64) {
 	var ended atomic.Int32
-	pipe := func(dst, src *net.TCPConn, first func()) int64 {
-		n, err := spliceCopy(dst, src, first)
+	pipe := func(dst, src *net.TCPConn) int64 {
+		n, err := spliceCopy(dst, src)
 		if err != nil {
 			_ = client.Close()
 			_ = upstream.Close()
@@ -320,10 +359,8 @@ func relay(client, upstream *net.TCPConn, w *workers) (up, down int64) {
 		return n
 	}
 	done := make(chan int64, 1)
-	w.Go(func() { done <- pipe(upstream, client, nil) })
-	// The backend connection gets its keepalive once its first answer
-	// has been delivered (the client socket inherits it from the listener).
-	down = pipe(client, upstream, func() { _ = keepalive(upstream) })
+	w.Go(func() { done <- pipe(upstream, client) })
+	down = pipe(client, upstream)
 	return <-done, down
 }
 

@@ -3,6 +3,7 @@ package lb
 import (
 	"context"
 	"net"
+	"net/netip"
 	"os"
 	"syscall"
 	"time"
@@ -69,9 +70,43 @@ func listen(ctx context.Context, addr string) (*net.TCPListener, error) {
 }
 
 // newDialer returns the dialer for backend connections. Keepalive is set
-// on them by relay once the first bytes have come back from the backend,
-// off the path of the first request (four system calls that would add to
-// every new connection's latency).
+// on them by LB.runKeepalive once they have been open for a while, never
+// on a connection's path (four system calls that would add to every new
+// connection's cost).
 func newDialer(timeout time.Duration) *net.Dialer {
-	return &net.Dialer{Timeout: timeout, KeepAlive: -1}
+	return &net.Dialer{Timeout: timeout, KeepAlive: -1, ControlContext: rawConnect}
+}
+
+// rawConnect starts the connect(2) itself, as a raw system call. On
+// loopback or a LAN the handshake runs inside the call (tens of µs here);
+// through the runtime's blocking-syscall path that is long enough for
+// sysmon to take the P away and wake another thread, and for the caller
+// to queue for it again (context switches on the connection's path). The
+// dialer's own connect then finds it in progress (EALREADY) or done
+// (EISCONN) and waits for writability as usual.
+func rawConnect(_ context.Context, network, address string, c syscall.RawConn) error {
+	ap, err := netip.ParseAddrPort(address)
+	if err != nil {
+		return nil // leave it to the dialer
+	}
+	var serr error
+	port := ap.Port()
+	port = port>>8 | port<<8 // network byte order
+	err = c.Control(func(fd uintptr) {
+		var errno syscall.Errno
+		if a := ap.Addr().Unmap(); a.Is4() {
+			sa := unix.RawSockaddrInet4{Family: unix.AF_INET, Port: port, Addr: a.As4()}
+			_, _, errno = unix.RawSyscall(unix.SYS_CONNECT, fd, uintptr(unsafe.Pointer(&sa)), unsafe.Sizeof(sa))
+		} else {
+			sa := unix.RawSockaddrInet6{Family: unix.AF_INET6, Port: port, Addr: a.As16(), Scope_id: 0}
+			_, _, errno = unix.RawSyscall(unix.SYS_CONNECT, fd, uintptr(unsafe.Pointer(&sa)), unsafe.Sizeof(sa))
+		}
+		if errno != 0 && errno != unix.EINPROGRESS {
+			serr = os.NewSyscallError("connect", errno)
+		}
+	})
+	if err != nil {
+		return err
+	}
+	return serr
 }

@@ -67,8 +67,7 @@ func rawSplice(in, out, n int) (int, syscall.Errno) {
 }
 
 // spliceCopy copies src to dst until src's EOF (nil error) or a failure.
-// first, when not nil, runs once after the first bytes reached dst.
-func spliceCopy(dst, src *net.TCPConn, first func()) (int64, error) {
+func spliceCopy(dst, src *net.TCPConn) (int64, error) {
 	rsrc, err := src.SyscallConn()
 	if err != nil {
 		return 0, err
@@ -103,10 +102,6 @@ func spliceCopy(dst, src *net.TCPConn, first func()) (int64, error) {
 			}
 			inPipe -= n
 			total += int64(n)
-		}
-		if first != nil {
-			first()
-			first = nil
 		}
 	}
 }
