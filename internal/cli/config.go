@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+
+	"github.com/zeitwork/zeitwork/internal/fsutil"
 )
 
 // fileConfig is what `zeitwork login` and `zeitwork link` remember, stored
@@ -55,9 +57,5 @@ func (c *fileConfig) save() error {
 		return err
 	}
 	b, _ := json.MarshalIndent(c, "", "  ")
-	tmp := p + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
-		return err
-	}
-	return os.Rename(tmp, p)
+	return fsutil.WriteFile(p, b, 0o600)
 }

@@ -21,6 +21,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/zeitwork/zeitwork/internal/buildinfo"
+	"github.com/zeitwork/zeitwork/internal/fsutil"
 	"github.com/zeitwork/zeitwork/internal/service"
 )
 
@@ -122,7 +123,7 @@ func Serve(ctx context.Context, cfg ProcessConfig, log *slog.Logger) error {
 	}
 	ctl.(*net.UnixListener).SetUnlinkOnClose(false)
 	defer ctl.Close()
-	if err := writeAtomic(p.PID, []byte(strconv.Itoa(os.Getpid())+"\n")); err != nil {
+	if err := fsutil.WriteFile(p.PID, []byte(strconv.Itoa(os.Getpid())+"\n"), 0o644); err != nil {
 		return fmt.Errorf("cannot write the pid file: %w", err)
 	}
 	addr := ln.Addr().String()
@@ -354,14 +355,6 @@ func waitGone(pid int, d time.Duration) bool {
 func zombie(stat []byte) bool {
 	i := bytes.LastIndexByte(stat, ')')
 	return i >= 0 && len(stat) > i+2 && stat[i+2] == 'Z'
-}
-
-func writeAtomic(path string, b []byte) error {
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o644); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
 }
 
 func tail(path string, n int) string {

@@ -21,6 +21,8 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/zeitwork/zeitwork/internal/fsutil"
 )
 
 // Modules copied into the initramfs, in load order (see zeitwork-init).
@@ -94,7 +96,7 @@ func Ensure(ctx context.Context, dir, initBinary string) (*Kernel, error) {
 	if err := writeCpio(&buf, files); err != nil {
 		return nil, err
 	}
-	if err := atomicWrite(k.Initrd, buf.Bytes()); err != nil {
+	if err := fsutil.WriteFile(k.Initrd, buf.Bytes(), 0o644); err != nil {
 		return nil, err
 	}
 	return k, nil
@@ -162,7 +164,7 @@ func ensurePackage(ctx context.Context, dir string) (string, error) {
 	if err := os.Rename(stage, final); err != nil {
 		return "", err
 	}
-	if err := atomicWrite(filepath.Join(dir, "current"), []byte(version+"\n")); err != nil {
+	if err := fsutil.WriteFile(filepath.Join(dir, "current"), []byte(version+"\n"), 0o644); err != nil {
 		return "", err
 	}
 	return final, nil
@@ -195,14 +197,6 @@ func kernelPackageName(ctx context.Context) (string, error) {
 		}
 	}
 	return "", fmt.Errorf("cannot resolve %s with apt-cache: %v", Package, err)
-}
-
-func atomicWrite(path string, data []byte) error {
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, data, 0o644); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
 }
 
 func tailOf(b []byte) string {

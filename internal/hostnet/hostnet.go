@@ -27,6 +27,8 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+
+	"github.com/zeitwork/zeitwork/internal/fsutil"
 )
 
 // Lease is one VM's network.
@@ -255,7 +257,7 @@ func (m *Manager) Allocate(id string, port int) (*Lease, error) {
 		m.nft(fmt.Sprintf("delete element inet %s apps { %s . %d }", m.Table(), l.GuestIP, l.Port))
 		l.Port = port
 		b, _ := json.Marshal(l)
-		if err := writeFileAtomic(m.leasePath(id), b); err != nil {
+		if err := fsutil.WriteFile(m.leasePath(id), b, 0o644); err != nil {
 			return nil, fmt.Errorf("cannot persist lease: %w", err)
 		}
 	}
@@ -275,13 +277,13 @@ func (m *Manager) Allocate(id string, port int) (*Lease, error) {
 		l = m.lease(id, slot)
 		l.Port = port
 		b, _ := json.Marshal(l)
-		if err := writeFileAtomic(m.leasePath(id), b); err != nil {
+		if err := fsutil.WriteFile(m.leasePath(id), b, 0o644); err != nil {
 			return nil, fmt.Errorf("cannot persist lease: %w", err)
 		}
 		m.leases[id], m.slots[slot] = l, id
 		m.next = (slot + 1) % n
 		b, _ = json.Marshal(struct{ Next int }{m.next})
-		_ = writeFileAtomic(filepath.Join(m.cfg.StateDir, stateFile), b)
+		_ = fsutil.WriteFile(filepath.Join(m.cfg.StateDir, stateFile), b, 0o644)
 	}
 	if err := m.ensureTap(l); err != nil {
 		return nil, err
@@ -413,12 +415,4 @@ func run(args ...string) error {
 		return fmt.Errorf("%s: %v: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
 	}
 	return nil
-}
-
-func writeFileAtomic(path string, b []byte) error {
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o644); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
 }

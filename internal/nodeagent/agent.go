@@ -34,6 +34,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/zeitwork/zeitwork/internal/envconfig"
+	"github.com/zeitwork/zeitwork/internal/fsutil"
 	"github.com/zeitwork/zeitwork/internal/guestkernel"
 	"github.com/zeitwork/zeitwork/internal/hostnet"
 	"github.com/zeitwork/zeitwork/internal/httpjson"
@@ -279,14 +280,6 @@ func accelerator(v vmm.VMM) string {
 	return "kvm"
 }
 
-func writeFileAtomic(path string, b []byte) error {
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
-}
-
 func persistentID(path string) (string, error) {
 	if b, err := os.ReadFile(path); err == nil && len(bytes.TrimSpace(b)) > 0 {
 		return string(bytes.TrimSpace(b)), nil
@@ -297,7 +290,7 @@ func persistentID(path string) (string, error) {
 	b[8] = (b[8] & 0x3f) | 0x80
 	h := hex.EncodeToString(b[:])
 	id := h[0:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:]
-	if err := writeFileAtomic(path, []byte(id+"\n")); err != nil {
+	if err := fsutil.WriteFile(path, []byte(id+"\n"), 0o600); err != nil {
 		return "", fmt.Errorf("cannot persist node id: %w", err)
 	}
 	return id, nil

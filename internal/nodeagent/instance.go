@@ -17,6 +17,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/zeitwork/zeitwork/internal/fsutil"
 	"github.com/zeitwork/zeitwork/internal/guest"
 	"github.com/zeitwork/zeitwork/internal/hostnet"
 	"github.com/zeitwork/zeitwork/internal/rootfs"
@@ -130,7 +131,7 @@ func (in *instance) update(f func(*Status)) {
 	if err != nil || bytes.Equal(b, in.saved) {
 		return
 	}
-	if err := writeFileAtomic(filepath.Join(in.dir, "status.json"), b); err != nil {
+	if err := fsutil.WriteFile(filepath.Join(in.dir, "status.json"), b, 0o600); err != nil {
 		in.log.Error("cannot persist instance state", "err", err)
 		return
 	}
@@ -534,7 +535,7 @@ func (in *instance) acquireImage(ctx context.Context) (*rootfs.Image, error) {
 		return nil, err
 	}
 	b, _ := json.Marshal(img)
-	if err := writeFileAtomic(filepath.Join(in.dir, "image.json"), b); err != nil {
+	if err := fsutil.WriteFile(filepath.Join(in.dir, "image.json"), b, 0o600); err != nil {
 		release()
 		return nil, err
 	}

@@ -34,6 +34,8 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"golang.org/x/sync/singleflight"
+
+	"github.com/zeitwork/zeitwork/internal/fsutil"
 )
 
 // Image is a converted image.
@@ -219,9 +221,9 @@ func (s *Store) Get(ctx context.Context, ref string) (*Image, func(), error) {
 // remember records that a digest reference names key, so the next Get of
 // it needs no registry. Tags move and are always resolved.
 func (s *Store) remember(r name.Reference, refKey, pinned, key string) {
-	_ = writeFileAtomic(filepath.Join(s.cfg.Dir, "refs", refFile(pinned)), []byte(key))
+	_ = fsutil.WriteFile(filepath.Join(s.cfg.Dir, "refs", refFile(pinned)), []byte(key), 0o644)
 	if _, ok := r.(name.Digest); ok {
-		_ = writeFileAtomic(filepath.Join(s.cfg.Dir, "refs", refKey), []byte(key))
+		_ = fsutil.WriteFile(filepath.Join(s.cfg.Dir, "refs", refKey), []byte(key), 0o644)
 	}
 }
 
@@ -463,12 +465,4 @@ func (s *Store) evictLocked() {
 			s.cfg.Log.Info("image evicted", "digest", "sha256:"+it.key, "bytes", it.size)
 		}
 	}
-}
-
-func writeFileAtomic(path string, b []byte) error {
-	tmp := path + ".tmp-" + strconv.Itoa(os.Getpid())
-	if err := os.WriteFile(tmp, b, 0o644); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
 }

@@ -17,6 +17,8 @@ import (
 	"strings"
 	"sync/atomic"
 	"time"
+
+	"github.com/zeitwork/zeitwork/internal/fsutil"
 )
 
 // Instance is one backend of a route.
@@ -195,10 +197,7 @@ func (c *Client) persist(t *Table) {
 		return
 	}
 	b, _ := json.Marshal(t)
-	tmp := c.StateFile + ".tmp"
 	if err := os.MkdirAll(filepath.Dir(c.StateFile), 0o755); err == nil {
-		if os.WriteFile(tmp, b, 0o644) == nil {
-			_ = os.Rename(tmp, c.StateFile)
-		}
+		_ = fsutil.WriteFile(c.StateFile, b, 0o644)
 	}
 }
