@@ -73,7 +73,7 @@ func (r result) better(o result) result {
 	return r
 }
 
-var rounds = flag.Int("rounds", 3, "alternating measurement rounds per proxy (each metric keeps the best)")
+var rounds = flag.Int("rounds", 5, "alternating measurement rounds per proxy (each metric keeps the best)")
 
 func run() error {
 	root, _ := os.Getwd()

@@ -38,7 +38,7 @@ import (
 
 var (
 	bulkSize    = flag.Int64("bulk", 1<<30, "bytes per throughput transfer")
-	rounds      = flag.Int("rounds", 3, "alternating measurement rounds per balancer")
+	rounds      = flag.Int("rounds", 5, "alternating measurement rounds per balancer")
 	phase       = flag.Duration("phase", 3*time.Second, "duration of one connection-rate or latency round")
 	concurrency = flag.Int("c", 32, "concurrent clients for the connection rate")
 	latClients  = flag.Int("lat-clients", 2, "concurrent clients for the latency rounds")

@@ -194,8 +194,10 @@ func (p *Proxy) CertExpiry(name string, notAfter time.Time) {
 
 // hostOf returns the lower-case host without port.
 func hostOf(h string) string {
-	if host, _, err := net.SplitHostPort(h); err == nil {
-		h = host
+	if strings.IndexByte(h, ':') >= 0 { // (no error to allocate when there is no port)
+		if host, _, err := net.SplitHostPort(h); err == nil {
+			h = host
+		}
 	}
 	return strings.TrimSuffix(strings.ToLower(h), ".")
 }

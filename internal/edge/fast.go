@@ -451,7 +451,7 @@ func (p *Proxy) forward(x *exchange, uc *upConn, reqID string) (keep, ok bool) {
 	var err error
 	if !bodyless {
 		buf := bufs.Get().(*[]byte)
-		_, err = h1.ForwardBody(w, uc.br, r.Length, r.Chunked, w.Flush, *buf)
+		_, err = h1.ForwardBody(w, uc.br, r.Length, r.Chunked, w, *buf)
 		bufs.Put(buf)
 	}
 	if err == nil {

@@ -10,17 +10,17 @@ import (
 // the bytes written: length bytes when length ≥ 0; with chunked, the
 // chunked framing through the last chunk and the trailers (validated as
 // it passes, so the end is found and a connection can be reused);
-// otherwise everything until src ends. flush runs before every read that
-// would wait for the network (src has nothing buffered), so a stream
+// otherwise everything until src ends. flush.Flush runs before every read
+// that would wait for the network (src has nothing buffered), so a stream
 // reaches dst as it comes. buf is scratch space.
-func ForwardBody(dst io.Writer, src *bufio.Reader, length int64, chunked bool, flush func() error, buf []byte) (int64, error) {
+func ForwardBody(dst io.Writer, src *bufio.Reader, length int64, chunked bool, flush Flusher, buf []byte) (int64, error) {
 	if chunked {
 		return forwardChunked(dst, src, flush, buf)
 	}
 	var written int64
 	for length < 0 || written < length {
 		if src.Buffered() == 0 {
-			if err := flush(); err != nil {
+			if err := flush.Flush(); err != nil {
 				return written, err
 			}
 		}
@@ -51,11 +51,14 @@ func ForwardBody(dst io.Writer, src *bufio.Reader, length int64, chunked bool, f
 // maxChunkLine bounds a chunk-size line or a trailer line.
 const maxChunkLine = 4 << 10
 
-func forwardChunked(dst io.Writer, src *bufio.Reader, flush func() error, buf []byte) (int64, error) {
+// Flusher pushes out what was written so far (a *bufio.Writer).
+type Flusher interface{ Flush() error }
+
+func forwardChunked(dst io.Writer, src *bufio.Reader, flush Flusher, buf []byte) (int64, error) {
 	var written int64
 	line := func() ([]byte, error) {
 		if src.Buffered() == 0 {
-			if err := flush(); err != nil {
+			if err := flush.Flush(); err != nil {
 				return nil, err
 			}
 		}
