@@ -1,6 +1,8 @@
 // Command edge benchmarks zeitwork-edge-proxy against nginx and Caddy as
-// equivalent reverse proxies (upstream keep-alive) in front of the same
-// backend, with the same load generators and CPU budget: every proxy is
+// equivalent reverse proxies (upstream keep-alive; the same request headers
+// to the backend — X-Forwarded-For/Proto/Host, X-Real-IP, X-Request-Id and
+// the two instance headers a node agent needs — and X-Request-Id on the
+// response) in front of the same backend, with the same load generators and CPU budget: every proxy is
 // pinned to CPU 1 with one worker (nginx worker_processes 1, Caddy and
 // Zeitwork GOMAXPROCS=1); backend and load generators run on CPU 0. The
 // proxies are measured in alternating rounds (-rounds), so that load from
@@ -125,7 +127,9 @@ http {
     ssl_certificate %[3]s; ssl_certificate_key %[4]s;
     ssl_protocols TLSv1.2 TLSv1.3;
     location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header Host $host;
-      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; proxy_set_header X-Forwarded-Proto $scheme; }
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; proxy_set_header X-Forwarded-Proto $scheme;
+      proxy_set_header X-Forwarded-Host $http_host; proxy_set_header X-Real-IP $remote_addr; proxy_set_header X-Request-Id $request_id;
+      proxy_set_header X-Zeitwork-Instance i; proxy_set_header X-Zeitwork-Token bench; add_header X-Request-Id $request_id; }
   }
 }
 `, dir, backend, ca.WildcardCert, ca.WildcardKey)
@@ -135,12 +139,21 @@ http {
 	auto_https off
 	default_sni %[1]s
 }
+(zw) {
+	header X-Request-Id {http.request.uuid}
+	reverse_proxy %[4]s {
+		header_up X-Real-IP {remote_host}
+		header_up X-Request-Id {http.request.uuid}
+		header_up X-Zeitwork-Instance i
+		header_up X-Zeitwork-Token bench
+	}
+}
 https://%[1]s:19231 {
 	tls %[2]s %[3]s
-	reverse_proxy %[4]s
+	import zw
 }
 http://%[1]s:19232 {
-	reverse_proxy %[4]s
+	import zw
 }
 `, host, ca.WildcardCert, ca.WildcardKey, backend)
 	_ = os.WriteFile(filepath.Join(dir, "Caddyfile"), []byte(cconf), 0o644)
@@ -181,7 +194,7 @@ http://%[1]s:19232 {
 	}
 	zw, ng, cd := results[0], results[1], results[2]
 	var tb strings.Builder
-	fmt.Fprintf(&tb, "## Edge proxy (make bench-edge)\n\nRun %s, %d alternating rounds, best round of each proxy kept for each figure. Each proxy pinned to CPU 1 with one worker (nginx `worker_processes 1`, Caddy and Zeitwork `GOMAXPROCS=1`); backend (128-byte responses) and load generators on CPU 0. wrk: 1 thread, %d keep-alive connections, %s per figure. Handshakes: 16 Go clients opening a new TLS connection (no resumption) per request.\n\n", time.Now().UTC().Format("2006-01-02"), *rounds, conns, duration)
+	fmt.Fprintf(&tb, "## Edge proxy (make bench-edge)\n\nRun %s, %d alternating rounds, best round of each proxy kept for each figure. Each proxy pinned to CPU 1 with one worker (nginx `worker_processes 1`, Caddy and Zeitwork `GOMAXPROCS=1`); backend (128-byte responses) and load generators on CPU 0. nginx and Caddy send the backend the same headers as Zeitwork (X-Forwarded-For/Proto/Host, X-Real-IP, X-Request-Id, two instance headers) and return X-Request-Id. wrk: 1 thread, %d keep-alive connections, %s per figure. Handshakes: 16 Go clients opening a new TLS connection (no resumption) per request.\n\n", time.Now().UTC().Format("2006-01-02"), *rounds, conns, duration)
 	fmt.Fprintf(&tb, "| proxy | HTTP/1.1 keep-alive rps | HTTPS rps | HTTPS p50 (ms) | HTTPS p99 (ms) | new TLS handshakes/s |\n|---|---|---|---|---|---|\n")
 	for _, r := range results {
 		fmt.Fprintf(&tb, "| %s | %.0f | %.0f | %.2f | %.2f | %.0f |\n", r.name, r.rps, r.httpsRPS, r.p50, r.p99, r.handshakes)
