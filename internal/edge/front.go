@@ -42,14 +42,14 @@ type front struct {
 
 	mu      sync.Mutex
 	conns   map[*frontConn]struct{}
-	closing atomic.Bool    // set under mu
+	closing atomic.Bool    // set under mu (track reads it under mu too)
 	wg      sync.WaitGroup // connection goroutines
 }
 
 // frontConn is one connection while the front owns it.
 type frontConn struct {
 	raw  net.Conn
-	idle bool // waiting for a request (under front.mu)
+	idle atomic.Bool // waiting for a request (or in its TLS handshake)
 }
 
 func newFront(p *Proxy, tlsCfg *tls.Config, srv *http.Server, fast func(*routetable.Route, []byte) bool, log *slog.Logger) *front {
@@ -137,7 +137,8 @@ func (f *front) accept(ln net.Listener) error {
 			continue
 		}
 		backoff = 0
-		fc := &frontConn{raw: c, idle: true}
+		fc := &frontConn{raw: c}
+		fc.idle.Store(true)
 		if !f.track(fc) {
 			_ = c.Close()
 			continue
@@ -165,16 +166,14 @@ func (f *front) untrack(fc *frontConn) {
 	f.mu.Unlock()
 }
 
-// setIdle marks fc as waiting for a request; false when draining (the
-// connection is to be closed instead).
+// setIdle marks fc as waiting for a request (or not); false when draining
+// (the connection is to be closed instead). No lock on this per-request
+// path: drain stores closing before it reads the idle flags, a connection
+// stores its flag before it reads closing, so with sequentially consistent
+// atomics an idle connection is either closed by drain or sees closing.
 func (f *front) setIdle(fc *frontConn, idle bool) bool {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if f.closing.Load() {
-		return false
-	}
-	fc.idle = idle
-	return true
+	fc.idle.Store(idle)
+	return !f.closing.Load()
 }
 
 // drain closes idle connections now and waits for the busy ones until ctx
@@ -183,7 +182,7 @@ func (f *front) drain(ctx context.Context) {
 	f.mu.Lock()
 	f.closing.Store(true)
 	for fc := range f.conns {
-		if fc.idle {
+		if fc.idle.Load() {
 			_ = fc.raw.Close()
 		}
 	}
