@@ -56,8 +56,8 @@ type Proxy struct {
 	rp      *httputil.ReverseProxy
 	up      *upstream // the node-agent connection pool (both paths)
 
-	mu    sync.Mutex
-	state map[string]*instState // by instance id
+	mu    sync.Mutex // classes' copy on write
+	state sync.Map   // instance id → *instState; read on every request, added to rarely
 	// classes holds each host class's pre-resolved metrics (copy on
 	// write, under mu).
 	classes atomic.Pointer[map[string]*classMetrics]
@@ -136,7 +136,7 @@ func New(cfg Config, routes *routetable.Client, reg prometheus.Registerer, log *
 	if cfg.RateMaxKeys == 0 {
 		cfg.RateMaxKeys = 100_000
 	}
-	p := &Proxy{cfg: cfg, routes: routes, log: log, state: map[string]*instState{}}
+	p := &Proxy{cfg: cfg, routes: routes, log: log}
 	if cfg.RateRPS > 0 {
 		p.limiter = ratelimit.New(cfg.RateRPS, cfg.RateBurst, cfg.RateMaxKeys)
 	}
@@ -350,14 +350,11 @@ func contains(list []string, s string) bool {
 }
 
 func (p *Proxy) stateOf(id string) *instState {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	s, ok := p.state[id]
-	if !ok {
-		s = &instState{}
-		p.state[id] = s
+	if s, ok := p.state.Load(id); ok {
+		return s.(*instState)
 	}
-	return s
+	s, _ := p.state.LoadOrStore(id, &instState{})
+	return s.(*instState)
 }
 
 func (p *Proxy) rewrite(pr *httputil.ProxyRequest) {
