@@ -62,6 +62,10 @@ func addFramingHandlers(mux *http.ServeMux, name string) {
 	})
 	mux.HandleFunc("/204", func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusNoContent) })
 	mux.HandleFunc("/slow", func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case slowStarted <- struct{}{}:
+		default:
+		}
 		d := 700 * time.Millisecond
 		if ms, err := strconv.Atoi(r.URL.Query().Get("ms")); err == nil {
 			d = time.Duration(ms) * time.Millisecond
@@ -96,8 +100,12 @@ func addFramingHandlers(mux *http.ServeMux, name string) {
 	})
 }
 
-// hangEnded reports /hang requests whose edge connection went away.
-var hangEnded = make(chan string, 16)
+// hangEnded reports /hang requests whose edge connection went away;
+// slowStarted, /slow requests that reached the node.
+var (
+	hangEnded   = make(chan string, 16)
+	slowStarted = make(chan struct{}, 16)
+)
 
 // rawConn is an HTTP/1.1 connection to the edge's HTTPS port.
 type rawConn struct {
@@ -281,8 +289,15 @@ func TestFastPathDrain(t *testing.T) {
 		t.Fatal(resp.Status)
 	}
 	busy := e.raw(t)
+	for len(slowStarted) > 0 {
+		<-slowStarted
+	}
 	busy.send("GET /slow HTTP/1.1\r\nHost: %s\r\n\r\n", appHost)
-	time.Sleep(200 * time.Millisecond)
+	select { // the request is in progress
+	case <-slowStarted:
+	case <-time.After(10 * time.Second):
+		t.Fatal("/slow never reached the node")
+	}
 	stopped := make(chan error, 1)
 	go func() { stopped <- e.stop() }()
 	if _, err := idle.br.ReadByte(); err != io.EOF {
