@@ -357,6 +357,28 @@ func (p *Proxy) stateOf(id string) *instState {
 	return s.(*instState)
 }
 
+// PruneState forgets the per-instance state (outstanding requests,
+// failures, ejection) of instances no longer in the route table, so a
+// long-running edge does not keep one entry for every instance it ever
+// routed to.
+func (p *Proxy) PruneState() int {
+	live := map[string]bool{}
+	for _, r := range p.routes.Table().Routes {
+		for _, in := range r.Instances {
+			live[in.ID] = true
+		}
+	}
+	n := 0
+	p.state.Range(func(k, _ any) bool {
+		if !live[k.(string)] {
+			p.state.Delete(k)
+			n++
+		}
+		return true
+	})
+	return n
+}
+
 func (p *Proxy) rewrite(pr *httputil.ProxyRequest) {
 	st := pr.In.Context().Value(ctxKey{}).(*reqState)
 	pr.Out.Header["X-Forwarded-For"] = pr.In.Header["X-Forwarded-For"]

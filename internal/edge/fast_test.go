@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"slices"
@@ -15,6 +16,8 @@ import (
 	"time"
 
 	dto "github.com/prometheus/client_model/go"
+
+	"github.com/zeitwork/zeitwork/internal/edge/routetable"
 )
 
 // bigBody is /big's answer: 1 MiB that is not all the same byte.
@@ -346,5 +349,27 @@ func TestFastPathClientGone(t *testing.T) {
 	}
 	if resp, _ := r2.read("GET"); resp.StatusCode != 204 {
 		t.Fatalf("pipelined after slow: %d", resp.StatusCode)
+	}
+}
+
+// TestPruneState: per-instance state is kept for instances in the route
+// table and forgotten for the rest.
+func TestPruneState(t *testing.T) {
+	routes := routetable.New(routetable.Options{})
+	routes.Set(&routetable.Table{Version: "1", Routes: []routetable.Route{{Host: appHost, Kind: "versioned", DeploymentID: "d1",
+		Instances: []routetable.Instance{{ID: "i1", NodeAddress: "http://127.0.0.1:1", Healthy: true}}}}})
+	p := New(Config{ClusterToken: token}, routes, nil, slog.New(slog.DiscardHandler))
+	kept := p.stateOf("i1")
+	kept.failures.Store(2)
+	p.stateOf("gone-1")
+	p.stateOf("gone-2")
+	if n := p.PruneState(); n != 2 {
+		t.Fatalf("pruned %d, want 2", n)
+	}
+	if p.stateOf("i1") != kept || kept.failures.Load() != 2 {
+		t.Fatal("a live instance's state was dropped")
+	}
+	if _, ok := p.state.Load("gone-1"); ok {
+		t.Fatal("a removed instance's state is still there")
 	}
 }

@@ -245,6 +245,7 @@ func (s *Server) maintain(ctx context.Context, reload <-chan struct{}) {
 				s.log.Info("certificate reloaded")
 			}
 		case <-t.C:
+			s.Proxy.PruneState()
 			if s.certs.ChangedOnDisk() {
 				if err := s.certs.Reload(); err == nil {
 					s.log.Info("certificate changed on disk; reloaded")
