@@ -300,7 +300,7 @@ func (p *Proxy) send(x *exchange, uc *upConn, in *routetable.Instance, reqID str
 		case h1.XForwardedFor:
 			xff = append(xff, h.Value)
 			continue
-		case h1.Host, h1.Connection, h1.HopByHop, h1.Forwarded, h1.XForwardedHost, h1.XForwardedProto, h1.XRealIP, h1.XRequestID, h1.Internal:
+		case h1.Host, h1.Connection, h1.HopByHop, h1.Trailer, h1.Forwarded, h1.XForwardedHost, h1.XForwardedProto, h1.XRealIP, h1.XRequestID, h1.Internal:
 			continue
 		}
 		w.Write(h.Name)
@@ -423,6 +423,10 @@ func (p *Proxy) forward(x *exchange, uc *upConn, reqID string) (keep, ok bool) {
 		switch h.Kind {
 		case h1.HopByHop:
 			continue
+		case h1.Trailer: // the chunked body, trailers included, passes as is
+			if !r.Chunked || bodyless {
+				continue
+			}
 		case h1.Date:
 			dated = true
 		}

@@ -149,6 +149,20 @@ func (r *rawConn) read(method string) (*http.Response, []byte) {
 	return resp, b
 }
 
+// head returns the next response's head as sent, without consuming it.
+func (r *rawConn) head() string {
+	r.t.Helper()
+	for n := 1; ; n++ {
+		b, err := r.br.Peek(n)
+		if err != nil {
+			r.t.Fatalf("reading a response head: %v", err)
+		}
+		if strings.HasSuffix(string(b), "\r\n\r\n") {
+			return string(b)
+		}
+	}
+}
+
 func (r *rawConn) get(path string) (*http.Response, []byte) {
 	r.t.Helper()
 	r.send("GET %s HTTP/1.1\r\nHost: %s\r\n\r\n", path, appHost)
@@ -173,7 +187,11 @@ func TestFastPath(t *testing.T) {
 	if resp.StatusCode != 200 || resp.ContentLength != 1<<20 || sha256.Sum256(body) != sha256.Sum256(bigBody) {
 		t.Fatalf("/big: %d, length %d, %d bytes", resp.StatusCode, resp.ContentLength, len(body))
 	}
-	resp, body = r.get("/chunked")
+	r.send("GET /chunked HTTP/1.1\r\nHost: %s\r\n\r\n", appHost)
+	if head := r.head(); !strings.Contains(head, "\r\nTrailer: X-Sum\r\n") {
+		t.Fatalf("/chunked: the Trailer announcement was not passed on:\n%s", head)
+	}
+	resp, body = r.read("GET")
 	if string(body) != "part0part1part2" || !slices.Equal(resp.TransferEncoding, []string{"chunked"}) || resp.Trailer.Get("X-Sum") != "3" {
 		t.Fatalf("/chunked: %q %v trailer %v", body, resp.TransferEncoding, resp.Trailer)
 	}
@@ -199,6 +217,7 @@ func TestFastPath(t *testing.T) {
 	// forwarding headers set, the client's request id kept.
 	r.send("GET /echo-headers HTTP/1.1\r\nHost: %s\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n"+
 		"X-Zeitwork-Token: forged\r\nX-Zeitwork-Instance: i9\r\nX-Real-IP: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\nX-Forwarded-Proto: gopher\r\n"+
+		"Proxy-Authorization: Basic c2VjcmV0\r\n"+
 		"X-Forwarded-For: 203.0.113.9\r\nx-custom: 1\r\nX-Custom: 2\r\nX-Request-Id: my-id\r\n\r\n", appHost)
 	resp, body = r.read("GET")
 	want := []string{"X-Custom: 1 | 2", "X-Forwarded-For: 203.0.113.9, 127.0.0.1", "X-Forwarded-Host: " + appHost,
@@ -208,7 +227,7 @@ func TestFastPath(t *testing.T) {
 			t.Errorf("the node agent did not see %q:\n%s", w, body)
 		}
 	}
-	for _, bad := range []string{"Keep-Alive", "Te:", "6.6.6.6", "Forwarded: for", "gopher", "i9", "forged"} {
+	for _, bad := range []string{"Keep-Alive", "Te:", "6.6.6.6", "Forwarded: for", "gopher", "i9", "forged", "Proxy-Authorization"} {
 		if strings.Contains(string(body), bad) {
 			t.Errorf("the node agent saw %q:\n%s", bad, body)
 		}

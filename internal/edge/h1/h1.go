@@ -45,7 +45,7 @@ const (
 	Connection
 	ContentLength
 	TransferEncoding
-	HopByHop // Keep-Alive, Proxy-Connection, TE, Trailer, Upgrade
+	HopByHop // Keep-Alive, Proxy-Connection, Proxy-Authenticate, Proxy-Authorization, TE, Upgrade
 	Forwarded
 	XForwardedFor
 	XForwardedHost
@@ -55,6 +55,7 @@ const (
 	Date
 	Internal // X-Zeitwork-*: set by the edge only
 	Expect
+	Trailer // announces the trailers of a chunked body
 )
 
 // MaxHeaders bounds the header lines of one head.
@@ -279,7 +280,8 @@ func parseHeader(line []byte) (Header, bool) {
 
 var kinds = map[string]Kind{
 	"host": Host, "connection": Connection, "content-length": ContentLength, "transfer-encoding": TransferEncoding,
-	"keep-alive": HopByHop, "proxy-connection": HopByHop, "te": HopByHop, "trailer": HopByHop, "upgrade": HopByHop,
+	"keep-alive": HopByHop, "proxy-connection": HopByHop, "te": HopByHop, "upgrade": HopByHop, "trailer": Trailer,
+	"proxy-authenticate": HopByHop, "proxy-authorization": HopByHop,
 	"forwarded": Forwarded, "x-forwarded-for": XForwardedFor, "x-forwarded-host": XForwardedHost,
 	"x-forwarded-proto": XForwardedProto, "x-real-ip": XRealIP, "x-request-id": XRequestID, "date": Date, "expect": Expect,
 }
@@ -289,10 +291,10 @@ func kindOf(name []byte) Kind {
 	if len(name) > 11 && equalFold(name[:11], "x-zeitwork-") {
 		return Internal
 	}
-	if len(name) > len("transfer-encoding") {
+	var low [len("proxy-authorization")]byte // the longest name in kinds
+	if len(name) > len(low) {
 		return Other
 	}
-	var low [len("transfer-encoding")]byte
 	for i, c := range name {
 		if 'A' <= c && c <= 'Z' {
 			c += 'a' - 'A'
