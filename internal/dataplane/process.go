@@ -352,9 +352,16 @@ func waitGone(pid int, d time.Duration) bool {
 }
 
 // zombie reports whether a /proc/<pid>/stat line is a zombie's.
-func zombie(stat []byte) bool {
+func zombie(stat []byte) bool { return procState(stat) == 'Z' }
+
+// procState is the state letter of a /proc/<pid>[/task/<tid>]/stat line
+// (after the parenthesised command, which may hold anything), or 0.
+func procState(stat []byte) byte {
 	i := bytes.LastIndexByte(stat, ')')
-	return i >= 0 && len(stat) > i+2 && stat[i+2] == 'Z'
+	if i < 0 || len(stat) <= i+2 {
+		return 0
+	}
+	return stat[i+2]
 }
 
 func tail(path string, n int) string {

@@ -1,7 +1,6 @@
 package dataplane
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -184,8 +183,7 @@ func waitStopped(t *testing.T, pid int, d time.Duration) {
 		}
 		stopped := 0
 		for _, task := range tasks {
-			st, _ := os.ReadFile(task)
-			if i := bytes.LastIndexByte(st, ')'); i >= 0 && len(st) > i+2 && st[i+2] == 'T' {
+			if st, _ := os.ReadFile(task); procState(st) == 'T' {
 				stopped++
 			}
 		}

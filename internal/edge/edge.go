@@ -460,15 +460,10 @@ func (t *retryTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 		s.outstanding.Add(1)
 		resp, err := t.base.RoundTrip(r)
 		s.outstanding.Add(-1)
-		if err == nil && resp.StatusCode != http.StatusBadGateway && resp.StatusCode != http.StatusServiceUnavailable {
-			s.failures.Store(0)
+		if err == nil && t.p.attemptDone(s, resp.StatusCode) {
 			return resp, nil
 		}
-		// Connection failure, or the node agent says the VM is gone.
-		t.p.m.connectErr.Inc()
-		if n := s.failures.Add(1); n >= int64(t.p.cfg.EjectAfter) {
-			s.ejectedUntil.Store(time.Now().Add(t.p.cfg.EjectFor).UnixNano())
-		}
+		t.p.attemptFailed(s)
 		st.tried = append(st.tried, in.ID)
 		if attempt > 0 || !idempotent(r) || r.Context().Err() != nil {
 			if err != nil {
@@ -487,6 +482,26 @@ func (t *retryTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 			resp.Body.Close()
 		}
 		in = next
+	}
+}
+
+// attemptDone reports whether an instance answered an attempt (anything
+// but the node agent's 502/503, which say the VM is gone), and then clears
+// its failure count.
+func (p *Proxy) attemptDone(s *instState, status int) bool {
+	if status == http.StatusBadGateway || status == http.StatusServiceUnavailable {
+		return false
+	}
+	s.failures.Store(0)
+	return true
+}
+
+// attemptFailed counts a failed attempt on an instance (no connection, or
+// its node agent's 502/503) and ejects it after EjectAfter in a row.
+func (p *Proxy) attemptFailed(s *instState) {
+	p.m.connectErr.Inc()
+	if n := s.failures.Add(1); n >= int64(p.cfg.EjectAfter) {
+		s.ejectedUntil.Store(time.Now().Add(p.cfg.EjectFor).UnixNano())
 	}
 }
 

@@ -215,14 +215,10 @@ func (p *Proxy) fastExchange(x *exchange) (code int, keep bool) {
 			}
 			return 499, false // the client's doing, not the instance's
 		}
-		if err == nil && uc.resp.Status != http.StatusBadGateway && uc.resp.Status != http.StatusServiceUnavailable {
-			s.failures.Store(0)
+		if err == nil && p.attemptDone(s, uc.resp.Status) {
 			break
 		}
-		p.m.connectErr.Inc()
-		if n := s.failures.Add(1); n >= int64(p.cfg.EjectAfter) {
-			s.ejectedUntil.Store(time.Now().Add(p.cfg.EjectFor).UnixNano())
-		}
+		p.attemptFailed(s)
 		tried = append(tried, in.ID)
 		var next *routetable.Instance
 		if attempt == 0 {
@@ -400,19 +396,8 @@ func (p *Proxy) forward(x *exchange, uc *upConn, reqID string) (keep, ok bool) {
 	closeClient := x.req.Close || closeDelimited || x.draining()
 	w := x.bw
 	var num [20]byte
-	w.WriteString("HTTP/1.1 ")
-	w.Write(strconv.AppendInt(num[:0], int64(r.Status), 10))
-	w.WriteByte(' ')
-	switch {
-	case len(r.Reason) > 0:
-		w.Write(r.Reason)
-	case http.StatusText(r.Status) != "":
-		w.WriteString(http.StatusText(r.Status))
-	default:
-		w.WriteString("status code ")
-		w.Write(strconv.AppendInt(num[:0], int64(r.Status), 10))
-	}
-	w.WriteString("\r\nX-Request-Id: ")
+	writeStatusLine(w, r.Status, r.Reason)
+	w.WriteString("X-Request-Id: ")
 	w.WriteString(reqID)
 	w.WriteString("\r\n")
 	if x.tls != nil && x.route.Kind == "custom" {
@@ -475,11 +460,8 @@ func (x *exchange) answer(code int, body, hk, hv, reqID string) bool {
 	keep := !x.req.Close && !x.draining()
 	w := x.bw
 	var num [20]byte
-	w.WriteString("HTTP/1.1 ")
-	w.Write(strconv.AppendInt(num[:0], int64(code), 10))
-	w.WriteByte(' ')
-	w.WriteString(http.StatusText(code))
-	w.WriteString("\r\nContent-Type: text/plain; charset=utf-8\r\nX-Content-Type-Options: nosniff\r\n")
+	writeStatusLine(w, code, nil)
+	w.WriteString("Content-Type: text/plain; charset=utf-8\r\nX-Content-Type-Options: nosniff\r\n")
 	w.WriteString(hk)
 	w.WriteString(": ")
 	w.WriteString(hv)
@@ -501,6 +483,25 @@ func (x *exchange) answer(code int, body, hk, hv, reqID string) bool {
 		w.WriteString(body)
 	}
 	return w.Flush() == nil && keep
+}
+
+// writeStatusLine writes "HTTP/1.1 <code> <reason>\r\n": the node
+// agent's reason when it gave one, else the standard text.
+func writeStatusLine(w *bufio.Writer, code int, reason []byte) {
+	var num [20]byte
+	w.WriteString("HTTP/1.1 ")
+	w.Write(strconv.AppendInt(num[:0], int64(code), 10))
+	w.WriteByte(' ')
+	switch {
+	case len(reason) > 0:
+		w.Write(reason)
+	case http.StatusText(code) != "":
+		w.WriteString(http.StatusText(code))
+	default:
+		w.WriteString("status code ")
+		w.Write(strconv.AppendInt(num[:0], int64(code), 10))
+	}
+	w.WriteString("\r\n")
 }
 
 // httpDate is now in the HTTP date format, formatted once per second.
@@ -535,10 +536,7 @@ func nodeKey(addr string) (string, error) {
 	if u.Scheme != "http" || u.Host == "" {
 		return "", errors.New("edge: node address " + strconv.Quote(addr) + " is not http://host[:port]")
 	}
-	key := u.Host
-	if u.Port() == "" {
-		key = net.JoinHostPort(u.Hostname(), "80")
-	}
+	key := hostPort(u)
 	nodeKeys.Store(addr, key)
 	return key, nil
 }

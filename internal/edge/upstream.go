@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/http/httptrace"
 	"net/textproto"
+	"net/url"
 	"runtime"
 	"sync"
 	"time"
@@ -110,10 +111,7 @@ func (u *upstream) RoundTrip(r *http.Request) (*http.Response, error) {
 	if !lean(r) {
 		return u.fallback.RoundTrip(r)
 	}
-	key := r.URL.Host
-	if r.URL.Port() == "" {
-		key = net.JoinHostPort(r.URL.Hostname(), "80")
-	}
+	key := hostPort(r.URL)
 	ctx := r.Context()
 	for attempt := 0; ; attempt++ {
 		var uc *upConn
@@ -138,6 +136,14 @@ func (u *upstream) RoundTrip(r *http.Request) (*http.Response, error) {
 		}
 		return nil, err
 	}
+}
+
+// hostPort is the address to dial for an http:// URL (port 80 when none).
+func hostPort(u *url.URL) string {
+	if u.Port() == "" {
+		return net.JoinHostPort(u.Hostname(), "80")
+	}
+	return u.Host
 }
 
 func (u *upstream) dial(ctx context.Context, key string) (*upConn, error) {

@@ -97,16 +97,13 @@ func ParseRequest(b []byte, r *Request) (int, error) {
 	}
 	r.Target = line[:sp]
 	for {
-		line, rest, err = nextLine(rest)
-		if err != nil {
+		var h Header
+		var end bool
+		if h, rest, end, err = nextHeader(rest, len(r.Headers)); err != nil {
 			return 0, err
 		}
-		if len(line) == 0 {
+		if end {
 			break
-		}
-		h, ok := parseHeader(line)
-		if !ok || len(r.Headers) == MaxHeaders {
-			return 0, ErrNotPlain
 		}
 		switch h.Kind {
 		case Host:
@@ -181,18 +178,16 @@ func ParseResponse(b []byte, r *Response) (int, error) {
 		}
 	}
 	for {
-		line, rest, err = nextLine(rest)
+		var h Header
+		var end bool
+		h, rest, end, err = nextHeader(rest, len(r.Headers))
 		if errors.Is(err, ErrNotPlain) {
 			return 0, ErrMalformed
 		} else if err != nil {
 			return 0, err
 		}
-		if len(line) == 0 {
+		if end {
 			break
-		}
-		h, ok := parseHeader(line)
-		if !ok || len(r.Headers) == MaxHeaders {
-			return 0, ErrMalformed
 		}
 		switch h.Kind {
 		case ContentLength:
@@ -248,6 +243,24 @@ func nextLine(b []byte) (line, rest []byte, err error) {
 		return nil, nil, ErrNotPlain
 	}
 	return line, b[i+1:], nil
+}
+
+// nextHeader reads the header line at the start of b, the head's n+1th:
+// end at the empty line that closes the head, ErrNotPlain for a line that
+// is not a valid header or one past MaxHeaders, ErrIncomplete as nextLine.
+func nextHeader(b []byte, n int) (h Header, rest []byte, end bool, err error) {
+	line, rest, err := nextLine(b)
+	if err != nil {
+		return Header{}, nil, false, err
+	}
+	if len(line) == 0 {
+		return Header{}, rest, true, nil
+	}
+	h, ok := parseHeader(line)
+	if !ok || n == MaxHeaders {
+		return Header{}, nil, false, ErrNotPlain
+	}
+	return h, rest, false, nil
 }
 
 // parseHeader splits "Name: value" with a token name, the colon right
