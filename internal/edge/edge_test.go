@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -402,7 +403,7 @@ func TestProxyProtocolTrust(t *testing.T) {
 		}
 		defer c.Close()
 		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
-		hdr := proxyproto.AppendV2(nil, &net.TCPAddr{IP: net.ParseIP("198.51.100.7"), Port: 5555}, &net.TCPAddr{IP: net.ParseIP("127.0.0.1"), Port: 8083})
+		hdr := proxyproto.AppendProxy(nil, 2, netip.MustParseAddrPort("198.51.100.7:5555"), netip.MustParseAddrPort("127.0.0.1:8083"))
 		c.Write(hdr)
 		fmt.Fprintf(c, "GET / HTTP/1.1\r\nHost: web-abc1234-acme.zeitwork.test\r\nConnection: close\r\n\r\n")
 		b, err := io.ReadAll(c)

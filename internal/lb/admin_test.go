@@ -8,7 +8,9 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"net/url"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -239,10 +241,11 @@ func TestHTTPHealthCheck(t *testing.T) {
 	waitHealthy(2)
 }
 
-// TestKeepaliveInherited checks what listen relies on: accepted sockets
-// inherit keepalive (and its timing) from the listening socket.
+// TestKeepaliveInherited checks what listen relies on: a socket accepted
+// by a raw accept4, as the relay loops do, inherits keepalive (and its
+// timing) and TCP_NODELAY from the listening socket.
 func TestKeepaliveInherited(t *testing.T) {
-	ln, err := listen(t.Context(), "127.0.0.1:0")
+	ln, err := listen(t.Context(), "127.0.0.1:0", false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -252,35 +255,36 @@ func TestKeepaliveInherited(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	sc, err := ln.AcceptTCP()
+	raw, err := ln.SyscallConn()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer sc.Close()
-	raw, err := sc.SyscallConn()
-	if err != nil {
+	fd := -1
+	var aerr error
+	if err := raw.Control(func(lfd uintptr) { fd, _, aerr = unix.Accept4(int(lfd), unix.SOCK_CLOEXEC) }); err != nil || aerr != nil {
+		t.Fatal(err, aerr)
+	}
+	defer unix.Close(fd)
+	var opts [5]int
+	var errs [5]error
+	for i, o := range [][2]int{
+		{unix.SOL_SOCKET, unix.SO_KEEPALIVE}, {unix.IPPROTO_TCP, unix.TCP_KEEPIDLE}, {unix.IPPROTO_TCP, unix.TCP_KEEPINTVL},
+		{unix.IPPROTO_TCP, unix.TCP_KEEPCNT}, {unix.IPPROTO_TCP, unix.TCP_NODELAY},
+	} {
+		opts[i], errs[i] = unix.GetsockoptInt(fd, o[0], o[1])
+	}
+	if err := errors.Join(errs[:]...); err != nil {
 		t.Fatal(err)
 	}
-	var on, idle, intvl, cnt int
-	var gerr error
-	_ = raw.Control(func(fd uintptr) {
-		var e1, e2, e3, e4 error
-		on, e1 = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_KEEPALIVE)
-		idle, e2 = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_KEEPIDLE)
-		intvl, e3 = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_KEEPINTVL)
-		cnt, e4 = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_KEEPCNT)
-		gerr = errors.Join(e1, e2, e3, e4)
-	})
-	if gerr != nil {
-		t.Fatal(gerr)
-	}
-	if on != 1 || idle != int(keepaliveIdle/time.Second) || intvl != int(keepaliveInterval/time.Second) || cnt != keepaliveCount {
-		t.Fatalf("accepted socket keepalive=%d idle=%d interval=%d count=%d", on, idle, intvl, cnt)
+	if want := [5]int{1, int(keepaliveIdle / time.Second), int(keepaliveInterval / time.Second), keepaliveCount, 1}; opts != want {
+		t.Fatalf("accepted socket keepalive, idle, interval, count, nodelay = %v, want %v", opts, want)
 	}
 }
 
 // TestBackendKeepalive: the balancer's connection to a backend gets TCP
-// keepalive once it has been open for KeepaliveAfter.
+// keepalive once it has been open for KeepaliveAfter. The balancer runs in
+// this process, so its socket is found among the process's descriptors by
+// its peer address.
 func TestBackendKeepalive(t *testing.T) {
 	b := startBackend(t, "edge-a", "127.0.0.1:0")
 	l := startLB(t, Config{KeepaliveAfter: 200 * time.Millisecond}, b.addr)
@@ -292,29 +296,30 @@ func TestBackendKeepalive(t *testing.T) {
 	if _, err := bufio.NewReader(c).ReadString('\n'); err != nil {
 		t.Fatal(err)
 	}
+	want := netip.MustParseAddrPort(b.addr)
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		var on, idle int
-		l.mu.Lock()
-		for s := range l.conns {
-			if s.RemoteAddr().String() != b.addr {
-				continue
-			}
-			raw, err := s.SyscallConn()
-			if err != nil {
-				continue
-			}
-			_ = raw.Control(func(fd uintptr) {
-				on, _ = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_KEEPALIVE)
-				idle, _ = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_KEEPIDLE)
-			})
+		found, ok := 0, false
+		ents, err := os.ReadDir("/proc/self/fd")
+		if err != nil {
+			t.Fatal(err)
 		}
-		l.mu.Unlock()
-		if on == 1 && idle == int(keepaliveIdle/time.Second) {
+		for _, e := range ents {
+			fd, _ := strconv.Atoi(e.Name())
+			sa, err := unix.Getpeername(fd)
+			if sa4, ok := sa.(*unix.SockaddrInet4); err != nil || !ok || netip.AddrPortFrom(netip.AddrFrom4(sa4.Addr), uint16(sa4.Port)) != want {
+				continue
+			}
+			found++
+			on, _ := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_KEEPALIVE)
+			idle, _ := unix.GetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_KEEPIDLE)
+			ok = ok || on == 1 && idle == int(keepaliveIdle/time.Second)
+		}
+		if ok {
 			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("backend connection keepalive=%d idle=%d", on, idle)
+			t.Fatalf("no socket connected to the backend (of %d) has the balancer's keepalive", found)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"hash/fnv"
 	"net"
+	"net/netip"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -36,6 +37,9 @@ type Backend struct {
 	failures     atomic.Uint64 // failed connects, ever
 	connectFails atomic.Int32  // failed connects in a row
 	hashKey      uint64
+	// dst is the address connected to: Addr itself when it is an IP
+	// address, else what the health checker last resolved it to.
+	dst atomic.Pointer[netip.AddrPort]
 
 	mu      sync.Mutex // guards the health-check state below
 	rise    int
@@ -47,6 +51,13 @@ type Backend struct {
 func (b *Backend) connected() {
 	if b.connectFails.Load() != 0 {
 		b.connectFails.Store(0)
+	}
+}
+
+// resolved records the address a host name resolved to.
+func (b *Backend) resolved(ap netip.AddrPort) {
+	if cur := b.dst.Load(); cur == nil || *cur != ap {
+		b.dst.Store(&ap)
 	}
 }
 
@@ -100,6 +111,9 @@ func (p *Pool) Set(addrs []string) {
 		}
 		b := &Backend{Addr: a}
 		b.healthy.Store(true)
+		if ap, err := netip.ParseAddrPort(a); err == nil {
+			b.dst.Store(&ap)
+		}
 		next = append(next, b)
 	}
 	// IP-hash keys: the host alone, so that a client maps to the same

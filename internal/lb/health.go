@@ -85,6 +85,7 @@ func (l *LB) check(ctx context.Context, client *http.Client, b *Backend) error {
 	if err != nil {
 		return err
 	}
+	b.resolved(c.RemoteAddr().(*net.TCPAddr).AddrPort())
 	if l.cfg.ProxyProtocol != "off" {
 		h := proxyproto.Header{Version: 2, Command: proxyproto.Local}
 		if l.cfg.ProxyProtocol == "v1" {

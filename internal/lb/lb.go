@@ -6,14 +6,14 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"runtime"
 	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-
-	"github.com/zeitwork/zeitwork/internal/proxyproto"
+	"golang.org/x/sys/unix"
 )
 
 // Listener forwards one public address to one port of every backend host.
@@ -36,23 +36,15 @@ type Config struct {
 	KeepaliveAfter time.Duration
 }
 
-// LB is a running balancer: its listeners, pools and health checker.
+// LB is a running balancer: its listeners, pools, relay loops and health
+// checker.
 type LB struct {
 	cfg     Config
 	log     *slog.Logger
 	pools   []*Pool // one per listener
-	lns     []*net.TCPListener
+	loops   []*loop // one per P, each with its own socket of every listener
 	metrics *metrics
-	slots   chan struct{} // one per open client connection (MaxConns)
-	dialer  *net.Dialer
-	workers *workers
-
-	mu sync.Mutex
-	// conns are the open sockets, closed when the drain times out; a
-	// backend socket still without keepalive maps to when it was opened
-	// (unix nanos), everything else to 0.
-	conns map[*net.TCPConn]int64
-	wg    sync.WaitGroup // connection handlers
+	open    atomic.Int64 // client connections open, all loops
 
 	gaugeMu sync.Mutex
 	gauged  map[[2]string]bool // listener, backend pairs with published gauges
@@ -76,33 +68,59 @@ func New(cfg Config, reg prometheus.Registerer, log *slog.Logger) (*LB, error) {
 		return nil, fmt.Errorf("unknown PROXY protocol version %q", cfg.ProxyProtocol)
 	}
 	cfg.Health.defaults()
-	l := &LB{
-		cfg: cfg, log: log, dialer: newDialer(cfg.ConnectTimeout), metrics: newMetrics(reg),
-		slots: make(chan struct{}, cfg.MaxConns), conns: map[*net.TCPConn]int64{},
-		workers: newWorkers(1024),
-	}
-	for _, ls := range cfg.Listeners {
+	l := &LB{cfg: cfg, log: log, metrics: newMetrics(reg)}
+	for range cfg.Listeners {
 		p, err := NewPool(cfg.Algorithm)
 		if err != nil {
-			l.closeListeners()
 			return nil, err
 		}
-		ln, err := listen(context.Background(), ls.Addr)
-		if err != nil {
-			l.closeListeners()
-			return nil, fmt.Errorf("cannot listen on %s: %w", ls.Addr, err)
-		}
 		l.pools = append(l.pools, p)
-		l.lns = append(l.lns, ln)
+	}
+	// One loop per P. With several, each binds its own socket of every
+	// listener (SO_REUSEPORT) and the kernel spreads clients over them.
+	n := runtime.GOMAXPROCS(0)
+	sockets := make([][]*net.TCPListener, n)
+	closeAll := func() {
+		for _, lns := range sockets {
+			for _, ln := range lns {
+				_ = ln.Close()
+			}
+		}
+	}
+	for _, ls := range cfg.Listeners {
+		addr := ls.Addr
+		for i := range n {
+			ln, err := listen(context.Background(), addr, n > 1)
+			if err != nil {
+				closeAll()
+				return nil, fmt.Errorf("cannot listen on %s: %w", ls.Addr, err)
+			}
+			if host, _, err := net.SplitHostPort(ls.Addr); err == nil {
+				// The others bind the port the first got (for port 0).
+				addr = net.JoinHostPort(host, strconv.Itoa(ln.Addr().(*net.TCPAddr).Port))
+			}
+			sockets[i] = append(sockets[i], ln)
+		}
+	}
+	for i := range n {
+		lp, err := newLoop(l, sockets[i], (cfg.MaxConns+n-1)/n)
+		if err != nil {
+			for _, lp := range l.loops {
+				lp.closeAll()
+			}
+			closeAll()
+			return nil, err
+		}
+		l.loops = append(l.loops, lp)
 	}
 	return l, nil
 }
 
 // Addrs returns the bound public addresses (useful with port 0).
 func (l *LB) Addrs() []net.Addr {
-	out := make([]net.Addr, len(l.lns))
-	for i, ln := range l.lns {
-		out[i] = ln.Addr()
+	out := make([]net.Addr, len(l.loops[0].lns))
+	for i, ln := range l.loops[0].lns {
+		out[i] = ln.ln.Addr()
 	}
 	return out
 }
@@ -131,237 +149,46 @@ func (l *LB) SetBackends(hosts []string) {
 // Pools returns the listeners' pools, in Config.Listeners order.
 func (l *LB) Pools() []*Pool { return l.pools }
 
-// Run accepts and relays connections and health-checks backends until ctx
-// ends, then stops accepting and drains open connections for up to
-// DrainTimeout before closing them.
+// Run relays connections and health-checks backends until ctx ends, then
+// stops accepting and drains open connections for up to DrainTimeout
+// before closing them.
 func (l *LB) Run(ctx context.Context) error {
 	var wg sync.WaitGroup
 	hctx, cancelHealth := context.WithCancel(context.Background())
 	wg.Go(func() { l.runHealth(hctx) })
-	wg.Go(func() { l.runKeepalive(hctx) })
-	stop := make(chan struct{})
-	errc := make(chan error, len(l.lns))
-	for i, ln := range l.lns {
-		wg.Go(func() { errc <- l.accept(ln, l.pools[i], stop) })
+	var loops sync.WaitGroup
+	for _, lp := range l.loops {
+		loops.Go(lp.run)
 	}
-	var err error
+	ended := make(chan struct{})
+	wg.Go(func() { loops.Wait(); close(ended) })
 	select {
 	case <-ctx.Done():
-	case err = <-errc:
+	case <-ended: // a loop failed; the others are told to stop below
 	}
-	close(stop)
-	l.closeListeners()
-	l.log.Info("draining", "open_sockets", l.openSockets(), "timeout", l.cfg.DrainTimeout.String())
-	drained := make(chan struct{})
-	go func() { l.wg.Wait(); close(drained) }()
+	for _, lp := range l.loops {
+		lp.command(cmdStopAccepting)
+	}
+	l.log.Info("draining", "open_connections", l.open.Load(), "timeout", l.cfg.DrainTimeout.String())
 	timer := time.NewTimer(l.cfg.DrainTimeout)
 	select {
-	case <-drained:
+	case <-ended:
 		timer.Stop()
 	case <-timer.C:
-		l.log.Warn("drain timeout reached; closing connections", "open_sockets", l.openSockets())
-		l.mu.Lock()
-		for c := range l.conns {
-			_ = c.Close()
+		l.log.Warn("drain timeout reached; closing connections", "open_connections", l.open.Load())
+		for _, lp := range l.loops {
+			lp.command(cmdCloseAll)
 		}
-		l.mu.Unlock()
-		<-drained
+		<-ended
 	}
 	cancelHealth()
 	wg.Wait()
-	l.workers.Close()
-	return err
-}
-
-func (l *LB) closeListeners() {
-	for _, ln := range l.lns {
-		_ = ln.Close()
+	var errs []error
+	for _, lp := range l.loops {
+		_ = unix.Close(lp.wake.fd)
+		errs = append(errs, lp.err)
 	}
-}
-
-func (l *LB) openSockets() int {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return len(l.conns)
-}
-
-func (l *LB) track(c *net.TCPConn, backend bool) {
-	var opened int64
-	if backend {
-		opened = time.Now().UnixNano()
-	}
-	l.mu.Lock()
-	l.conns[c] = opened
-	l.mu.Unlock()
-}
-
-// runKeepalive gives backend connections that have been open for
-// KeepaliveAfter TCP keepalive, until ctx ends. Short connections — most
-// of them — never pay the four system calls; a long-lived one (a
-// WebSocket, an idle HTTP/2 connection) is covered after KeepaliveAfter.
-func (l *LB) runKeepalive(ctx context.Context) {
-	t := time.NewTicker(l.cfg.KeepaliveAfter / 2)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		due := time.Now().Add(-l.cfg.KeepaliveAfter).UnixNano()
-		l.mu.Lock()
-		for c, opened := range l.conns {
-			if opened != 0 && opened <= due {
-				_ = keepalive(c)
-				l.conns[c] = 0
-			}
-		}
-		l.mu.Unlock()
-	}
-}
-
-func (l *LB) untrack(c *net.TCPConn) {
-	l.mu.Lock()
-	delete(l.conns, c)
-	l.mu.Unlock()
-}
-
-// accept takes a connection slot before each Accept, so that at MaxConns
-// new clients wait in the kernel's backlog (as with HAProxy's maxconn)
-// instead of being accepted and dropped.
-func (l *LB) accept(ln *net.TCPListener, pool *Pool, stop <-chan struct{}) error {
-	var backoff time.Duration
-	for {
-		select {
-		case l.slots <- struct{}{}:
-		case <-stop:
-			return nil
-		}
-		c, err := ln.AcceptTCP()
-		if err != nil {
-			<-l.slots
-			if errors.Is(err, net.ErrClosed) {
-				return nil
-			}
-			// Out of file descriptors or a transient error: back off
-			// instead of spinning, as net/http does.
-			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-			l.metrics.errAccept.Inc()
-			l.log.Warn("accept failed; backing off", "err", err, "backoff", backoff.String())
-			select {
-			case <-time.After(backoff):
-			case <-stop:
-				return nil
-			}
-			continue
-		}
-		backoff = 0
-		l.metrics.accepted.Inc()
-		l.wg.Add(1)
-		l.workers.Go(func() {
-			defer l.wg.Done()
-			defer func() { <-l.slots }()
-			l.handle(c, pool)
-		})
-	}
-}
-
-// handle relays one client connection.
-func (l *LB) handle(client *net.TCPConn, pool *Pool) {
-	l.track(client, false)
-	defer func() {
-		l.untrack(client)
-		_ = client.Close()
-	}()
-	caddr, _ := client.RemoteAddr().(*net.TCPAddr)
-	if caddr == nil {
-		return
-	}
-	upstream, b := l.connect(pool, caddr.IP)
-	if upstream == nil {
-		l.metrics.errNoBackend.Inc()
-		return
-	}
-	l.track(upstream, true)
-	defer func() {
-		l.untrack(upstream)
-		_ = upstream.Close()
-	}()
-	b.active.Add(1)
-	b.total.Add(1)
-	l.metrics.active.Inc()
-	defer func() {
-		b.active.Add(-1)
-		l.metrics.active.Dec()
-	}()
-
-	var sent int64
-	if l.cfg.ProxyProtocol != "off" {
-		h := proxyproto.Header{Version: 2, Command: proxyproto.Proxy, Source: caddr, Destination: client.LocalAddr().(*net.TCPAddr)}
-		if l.cfg.ProxyProtocol == "v1" {
-			h.Version = 1
-		}
-		n, err := sendHeader(upstream, client, h.Format())
-		if err != nil {
-			l.metrics.errProxyHeader.Inc()
-			return
-		}
-		sent = n
-	}
-	up, down := relay(client, upstream, l.workers)
-	up += sent
-	l.metrics.bytesIn.Add(float64(up))
-	l.metrics.bytesOut.Add(float64(down))
-}
-
-// connect dials a backend chosen by the pool, trying up to three
-// different backends when a connect fails.
-func (l *LB) connect(pool *Pool, client net.IP) (*net.TCPConn, *Backend) {
-	var tried [3]*Backend
-	for attempt := range len(tried) {
-		b := pool.Pick(client, tried[:attempt])
-		if b == nil {
-			return nil, nil
-		}
-		tried[attempt] = b
-		c, err := l.dialer.Dial("tcp", b.Addr)
-		if err != nil {
-			l.metrics.errConnect.Inc()
-			l.passiveFailure(b, err)
-			continue
-		}
-		b.connected()
-		return c.(*net.TCPConn), b
-	}
-	return nil, nil
-}
-
-// relay copies both directions until both have ended and returns the bytes
-// sent upstream and downstream. Bytes move by splice(2) through a pipe
-// (spliceCopy), never through Go memory.
-//
-// A direction that reaches EOF half-closes its destination (shutdown
-// SHUT_WR) and the other direction keeps flowing, so a client that sends
-// its request and then shuts down its side still gets the whole answer.
-// The second direction to end needs no shutdown: both sockets are closed
-// right after. A direction that fails (reset, timeout) closes both sockets,
-// which ends the other one at once.
-func relay(client, upstream *net.TCPConn, w *workers) (up, down int64) {
-	var ended atomic.Int32
-	pipe := func(dst, src *net.TCPConn) int64 {
-		n, err := spliceCopy(dst, src)
-		if err != nil {
-			_ = client.Close()
-			_ = upstream.Close()
-		} else if ended.Add(1) == 1 {
-			_ = rawCloseWrite(dst)
-		}
-		return n
-	}
-	done := make(chan int64, 1)
-	w.Go(func() { done <- pipe(upstream, client) })
-	down = pipe(client, upstream)
-	return <-done, down
+	return errors.Join(errs...)
 }
 
 // Drain stops sending new connections to backends matching addr (host or

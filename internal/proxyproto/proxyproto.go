@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -47,17 +48,27 @@ const (
 
 // Format encodes h in its version (v1 text when Version is 1, v2 otherwise).
 func (h *Header) Format() []byte {
-	if h.Version == 1 {
-		return h.appendV1(nil)
+	if h.Command == Local || h.Source == nil || h.Destination == nil {
+		if h.Version == 1 {
+			return []byte("PROXY UNKNOWN\r\n")
+		}
+		return append(slices.Clone(v2Signature), 0x20, 0x00, 0x00, 0x00)
 	}
-	return h.appendV2(nil)
+	return AppendProxy(nil, h.Version, addrPort(h.Source), addrPort(h.Destination))
 }
 
-func (h *Header) appendV1(b []byte) []byte {
-	if h.Command == Local || h.Source == nil || h.Destination == nil {
-		return append(b, "PROXY UNKNOWN\r\n"...)
+// AppendProxy appends the PROXY header (v1 text when version is 1, v2
+// otherwise) of a relayed TCP connection from src to dst.
+func AppendProxy(b []byte, version int, src, dst netip.AddrPort) []byte {
+	src = netip.AddrPortFrom(src.Addr().Unmap(), src.Port())
+	dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
+	if version == 1 {
+		return appendV1(b, src, dst)
 	}
-	src, dst := addrPort(h.Source), addrPort(h.Destination)
+	return appendV2(b, src, dst)
+}
+
+func appendV1(b []byte, src, dst netip.AddrPort) []byte {
 	fam := "TCP4"
 	if !src.Addr().Is4() || !dst.Addr().Is4() {
 		fam = "TCP6"
@@ -82,12 +93,8 @@ func addrPort(a *net.TCPAddr) netip.AddrPort {
 	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 }
 
-func (h *Header) appendV2(b []byte) []byte {
+func appendV2(b []byte, src, dst netip.AddrPort) []byte {
 	b = append(b, v2Signature...)
-	if h.Command == Local || h.Source == nil || h.Destination == nil {
-		return append(b, 0x20, 0x00, 0x00, 0x00)
-	}
-	src, dst := addrPort(h.Source), addrPort(h.Destination)
 	if src.Addr().Is4() && dst.Addr().Is4() {
 		b = append(b, 0x21, 0x11, 0x00, 12)
 		s4, d4 := src.Addr().As4(), dst.Addr().As4()
@@ -101,12 +108,6 @@ func (h *Header) appendV2(b []byte) []byte {
 	}
 	b = binary.BigEndian.AppendUint16(b, src.Port())
 	return binary.BigEndian.AppendUint16(b, dst.Port())
-}
-
-// AppendV2 appends a v2 PROXY header for a relayed TCP connection.
-func AppendV2(b []byte, src, dst *net.TCPAddr) []byte {
-	h := Header{Version: 2, Command: Proxy, Source: src, Destination: dst}
-	return h.appendV2(b)
 }
 
 // Read parses a v1 or v2 header from r. It returns ErrNoHeader, without

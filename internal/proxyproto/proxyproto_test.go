@@ -7,6 +7,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"net/netip"
 	"strings"
 	"sync"
 	"testing"
@@ -26,16 +27,12 @@ func mustHex(t *testing.T, s string) []byte {
 // specification (section 2.2): signature, 0x21 (v2, PROXY), 0x11 (TCP4),
 // length 12, src addr, dst addr, src port, dst port.
 func TestV2Bytes(t *testing.T) {
-	src := &net.TCPAddr{IP: net.IPv4(192, 168, 0, 1), Port: 56324}
-	dst := &net.TCPAddr{IP: net.IPv4(192, 168, 0, 11), Port: 443}
-	got := AppendV2(nil, src, dst)
+	got := AppendProxy(nil, 2, netip.MustParseAddrPort("192.168.0.1:56324"), netip.MustParseAddrPort("192.168.0.11:443"))
 	want := mustHex(t, "0d0a0d0a000d0a515549540a 21 11 000c c0a80001 c0a8000b dc04 01bb")
 	if !bytes.Equal(got, want) {
 		t.Fatalf("v2 TCP4 header\n got %x\nwant %x", got, want)
 	}
-	src6 := &net.TCPAddr{IP: net.ParseIP("2001:db8::1"), Port: 1}
-	dst6 := &net.TCPAddr{IP: net.ParseIP("2001:db8::2"), Port: 2}
-	got = AppendV2(nil, src6, dst6)
+	got = AppendProxy(nil, 2, netip.MustParseAddrPort("[2001:db8::1]:1"), netip.MustParseAddrPort("[2001:db8::2]:2"))
 	want = mustHex(t, "0d0a0d0a000d0a515549540a 21 21 0024 20010db8000000000000000000000001 20010db8000000000000000000000002 0001 0002")
 	if !bytes.Equal(got, want) {
 		t.Fatalf("v2 TCP6 header\n got %x\nwant %x", got, want)
@@ -43,6 +40,11 @@ func TestV2Bytes(t *testing.T) {
 	local := (&Header{Version: 2, Command: Local}).Format()
 	if !bytes.Equal(local, mustHex(t, "0d0a0d0a000d0a515549540a 20 00 0000")) {
 		t.Fatalf("v2 LOCAL header %x", local)
+	}
+	src := &net.TCPAddr{IP: net.IPv4(192, 168, 0, 1), Port: 56324}
+	dst := &net.TCPAddr{IP: net.IPv4(192, 168, 0, 11), Port: 443}
+	if v2 := (&Header{Version: 2, Command: Proxy, Source: src, Destination: dst}).Format(); !bytes.Equal(v2, mustHex(t, "0d0a0d0a000d0a515549540a 21 11 000c c0a80001 c0a8000b dc04 01bb")) {
+		t.Fatalf("Format v2 %x", v2)
 	}
 	v1 := (&Header{Version: 1, Command: Proxy, Source: src, Destination: dst}).Format()
 	if string(v1) != "PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\n" {
@@ -107,8 +109,8 @@ func TestRead(t *testing.T) {
 func FuzzRead(f *testing.F) {
 	f.Add([]byte("PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n"))
 	f.Add([]byte("PROXY UNKNOWN\r\n"))
-	f.Add(AppendV2(nil, &net.TCPAddr{IP: net.IPv4(1, 2, 3, 4), Port: 1}, &net.TCPAddr{IP: net.IPv4(5, 6, 7, 8), Port: 2}))
-	f.Add(AppendV2(nil, &net.TCPAddr{IP: net.ParseIP("::1"), Port: 1}, &net.TCPAddr{IP: net.ParseIP("::2"), Port: 2}))
+	f.Add(AppendProxy(nil, 2, netip.MustParseAddrPort("1.2.3.4:1"), netip.MustParseAddrPort("5.6.7.8:2")))
+	f.Add(AppendProxy(nil, 2, netip.MustParseAddrPort("[::1]:1"), netip.MustParseAddrPort("[::2]:2")))
 	f.Fuzz(func(t *testing.T, in []byte) {
 		h, err := Read(bufio.NewReader(bytes.NewReader(in)))
 		if err != nil {
@@ -151,7 +153,7 @@ func TestListener(t *testing.T) {
 		wantErr   bool
 		wantBytes string
 	}{
-		{"trusted v2", true, append(AppendV2(nil, &net.TCPAddr{IP: net.IPv4(203, 0, 113, 7), Port: 4242}, &net.TCPAddr{IP: net.IPv4(10, 0, 0, 1), Port: 443}), "hello"...), "203.0.113.7:4242", false, "hello"},
+		{"trusted v2", true, append(AppendProxy(nil, 2, netip.MustParseAddrPort("203.0.113.7:4242"), netip.MustParseAddrPort("10.0.0.1:443")), "hello"...), "203.0.113.7:4242", false, "hello"},
 		{"trusted v1", true, []byte("PROXY TCP4 198.51.100.2 10.0.0.1 5000 443\r\nhello"), "198.51.100.2:5000", false, "hello"},
 		{"trusted without header", true, []byte("hello"), "127.0.0.1", false, "hello"},
 		{"untrusted with header", false, []byte("PROXY TCP4 198.51.100.2 10.0.0.1 5000 443\r\nhello"), "", true, ""},

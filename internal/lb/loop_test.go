@@ -1,0 +1,169 @@
+package lb
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// blackhole returns a loopback address whose SYNs are dropped: a socket
+// listening with a backlog of 0 whose one queue slot is taken, so a connect
+// to it neither completes nor fails.
+func blackhole(t *testing.T) string {
+	t.Helper()
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(fd) })
+	if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Listen(fd, 0); err != nil {
+		t.Fatal(err)
+	}
+	sa, err := unix.Getsockname(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := "127.0.0.1:" + strconv.Itoa(sa.(*unix.SockaddrInet4).Port)
+	filler, err := net.DialTimeout("tcp", addr, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { filler.Close() })
+	if c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond); err == nil {
+		c.Close()
+		t.Fatal("second connect to the full listener succeeded; cannot build a black hole")
+	}
+	return addr
+}
+
+// TestConnectTimeoutTriesNextBackend: a backend whose connect never
+// completes is given up after ConnectTimeout and the client is relayed to
+// another backend.
+func TestConnectTimeoutTriesNextBackend(t *testing.T) {
+	hole := blackhole(t)
+	good := startBackend(t, "good", "127.0.0.1:0")
+	l := startLB(t, Config{ConnectTimeout: 200 * time.Millisecond, Health: HealthConfig{Interval: time.Hour, Timeout: 100 * time.Millisecond, Fall: 100, EjectAfter: 100}}, hole, good.addr)
+	addr := l.Addrs()[0].String()
+	for i := range 6 {
+		start := time.Now()
+		g, err := greet(addr, "")
+		if err != nil || !strings.HasPrefix(g, "good ") {
+			t.Fatalf("client %d: %q %v", i, g, err)
+		}
+		if d := time.Since(start); d > 3*time.Second {
+			t.Fatalf("client %d waited %v", i, d)
+		}
+	}
+	for _, st := range l.Status() {
+		if st.Addr == hole && (st.ConnectFailures == 0 || !strings.Contains(st.LastError, "timed out")) {
+			t.Fatalf("black-holed backend: %+v", st)
+		}
+	}
+}
+
+// TestMaxConnsWaitsInBacklog: at the connection limit a new client is not
+// accepted (it waits in the kernel's backlog) and is served as soon as an
+// open connection ends.
+func TestMaxConnsWaitsInBacklog(t *testing.T) {
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1)) // one loop: the limit is exact
+	b := startBackend(t, "a", "127.0.0.1:0")
+	l := startLB(t, Config{MaxConns: 1}, b.addr)
+	addr := l.Addrs()[0].String()
+	first, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer first.Close()
+	if _, err := bufio.NewReader(first).ReadString('\n'); err != nil {
+		t.Fatal(err)
+	}
+	second, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer second.Close()
+	br := bufio.NewReader(second)
+	_ = second.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	if g, err := br.ReadString('\n'); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("second client served over the limit: %q %v", g, err)
+	}
+	first.Close()
+	_ = second.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if g, err := br.ReadString('\n'); err != nil || !strings.HasPrefix(g, "a ") {
+		t.Fatalf("second client after the first closed: %q %v", g, err)
+	}
+}
+
+// TestDrainTimeoutClosesConnections: connections still open when the
+// drain timeout ends are closed and Run returns.
+func TestDrainTimeoutClosesConnections(t *testing.T) {
+	b := startBackend(t, "a", "127.0.0.1:0")
+	l, err := New(Config{Listeners: []Listener{{Addr: "127.0.0.1:0", TargetPort: 1}}, Algorithm: RoundRobin, DrainTimeout: 300 * time.Millisecond}, nil, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.SetBackends([]string{b.addr})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- l.Run(ctx) }()
+	c, err := net.Dial("tcp", l.Addrs()[0].String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	br := bufio.NewReader(c)
+	if _, err := br.ReadString('\n'); err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Run did not return after the drain timeout")
+	}
+	_ = c.SetReadDeadline(time.Now().Add(2 * time.Second))
+	if _, err := br.ReadString('\n'); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("connection still open after the drain timeout: %v", err)
+	}
+}
+
+// TestBackendHostName: a backend given by host name is relayed to once the
+// health checker has resolved it.
+func TestBackendHostName(t *testing.T) {
+	b := startBackend(t, "named", "127.0.0.1:0")
+	_, port, _ := net.SplitHostPort(b.addr)
+	l := startLB(t, Config{}, "localhost:"+port)
+	addr := l.Addrs()[0].String()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		g, err := greet(addr, "")
+		if err == nil && strings.HasPrefix(g, "named ") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("backend localhost:%s never reached: %q %v", port, g, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	for range 5 {
+		if g, err := greet(addr, ""); err != nil || !strings.HasPrefix(g, "named ") {
+			t.Fatalf("after resolution: %q %v", g, err)
+		}
+	}
+}
