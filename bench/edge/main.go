@@ -256,6 +256,8 @@ func measure(name string, cmd *exec.Cmd, httpAddr, httpsAddr string) (result, er
 var (
 	rpsRE = regexp.MustCompile(`Requests/sec:\s+([0-9.]+)`)
 	pctRE = regexp.MustCompile(`(?m)^\s+(50|99)%\s+([0-9.]+)(us|ms|s)`)
+	// distRE matches wrk's whole latency distribution, logged per run.
+	distRE = regexp.MustCompile(`(?m)^\s+(\d+)%\s+([0-9.]+(?:us|ms|s))`)
 )
 
 func wrk(url string) (rps, p50, p99 float64) {
@@ -267,6 +269,11 @@ func wrk(url string) (rps, p50, p99 float64) {
 	if m := rpsRE.FindSubmatch(out); m != nil {
 		rps, _ = strconv.ParseFloat(string(m[1]), 64)
 	}
+	var dist []string
+	for _, m := range distRE.FindAllSubmatch(out, -1) {
+		dist = append(dist, "p"+string(m[1])+" "+string(m[2]))
+	}
+	log.Printf("wrk %s: %.0f rps, %s", url, rps, strings.Join(dist, ", "))
 	for _, m := range pctRE.FindAllSubmatch(out, -1) {
 		v, _ := strconv.ParseFloat(string(m[2]), 64)
 		switch string(m[3]) {
