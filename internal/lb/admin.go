@@ -48,7 +48,7 @@ func (l *LB) HealthInfo() map[string]any {
 		healthy += p.Healthy()
 		total += len(p.Backends())
 	}
-	return map[string]any{"type": "l4-tcp", "algorithm": l.cfg.Algorithm, "healthy_backends": healthy, "total_backends": total, "proxy_protocol": l.cfg.ProxyProtocol}
+	return map[string]any{"type": "l4-tcp", "algorithm": l.cfg.Algorithm, "healthy_backends": healthy, "total_backends": total, "proxy_protocol": l.cfg.ProxyProtocol, "relay_loops": len(l.loops), "open_connections": l.open.Load()}
 }
 
 // Register mounts the admin API on mux: GET /backends, POST

@@ -45,6 +45,9 @@ type LB struct {
 	loops   []*loop // one per P, each with its own socket of every listener
 	metrics *metrics
 	open    atomic.Int64 // client connections open, all loops
+	// failed is closed when a loop ends on an error (Run then stops).
+	failed   chan struct{}
+	failOnce sync.Once
 
 	gaugeMu sync.Mutex
 	gauged  map[[2]string]bool // listener, backend pairs with published gauges
@@ -68,7 +71,7 @@ func New(cfg Config, reg prometheus.Registerer, log *slog.Logger) (*LB, error) {
 		return nil, fmt.Errorf("unknown PROXY protocol version %q", cfg.ProxyProtocol)
 	}
 	cfg.Health.defaults()
-	l := &LB{cfg: cfg, log: log, metrics: newMetrics(reg)}
+	l := &LB{cfg: cfg, log: log, metrics: newMetrics(reg), failed: make(chan struct{})}
 	for range cfg.Listeners {
 		p, err := NewPool(cfg.Algorithm)
 		if err != nil {
@@ -164,7 +167,7 @@ func (l *LB) Run(ctx context.Context) error {
 	wg.Go(func() { loops.Wait(); close(ended) })
 	select {
 	case <-ctx.Done():
-	case <-ended: // a loop failed; the others are told to stop below
+	case <-l.failed: // the other loops are told to stop below
 	}
 	for _, lp := range l.loops {
 		lp.command(cmdStopAccepting)

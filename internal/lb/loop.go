@@ -258,6 +258,10 @@ func (lp *loop) run() {
 			lp.armed = 0
 		default:
 			lp.err = err
+		}
+		if lp.err != nil {
+			lp.l.log.Error("relay loop failed", "err", lp.err)
+			lp.l.failOnce.Do(func() { close(lp.l.failed) })
 			return
 		}
 		lp.expire(time.Now().UnixNano())

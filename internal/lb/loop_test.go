@@ -167,3 +167,41 @@ func TestBackendHostName(t *testing.T) {
 		}
 	}
 }
+
+// TestFifo checks the deadline queue against a plain slice through pushes
+// and pops that make it wrap, compact and empty.
+func TestFifo(t *testing.T) {
+	var q fifo
+	var ref []int64
+	next := int64(0)
+	for step := range 20000 {
+		if step%7 < 4 || len(ref) == 0 {
+			next++
+			q.push(timed{at: next})
+			ref = append(ref, next)
+		} else {
+			got, ok := q.peek()
+			if !ok || got.at != ref[0] {
+				t.Fatalf("step %d: peek %v %v, want %d", step, got.at, ok, ref[0])
+			}
+			q.pop()
+			ref = ref[1:]
+		}
+		if step%5000 == 4999 { // drain completely now and then
+			for len(ref) > 0 {
+				got, _ := q.peek()
+				if got.at != ref[0] {
+					t.Fatalf("drain: %d, want %d", got.at, ref[0])
+				}
+				q.pop()
+				ref = ref[1:]
+			}
+			if _, ok := q.peek(); ok {
+				t.Fatal("queue not empty after draining")
+			}
+		}
+	}
+	if len(q.items)-q.head != len(ref) || cap(q.items) > 4*len(ref)+4096 {
+		t.Fatalf("queue holds %d items (cap %d) for %d", len(q.items)-q.head, cap(q.items), len(ref))
+	}
+}
