@@ -168,7 +168,7 @@ func New(cfg Config, routes *routetable.Client, reg prometheus.Registerer, log *
 func newTransport() *http.Transport {
 	return &http.Transport{
 		Proxy:                 nil,
-		DialContext:           (&net.Dialer{Timeout: 3 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		DialContext:           sysDial(&net.Dialer{Timeout: 3 * time.Second, KeepAlive: 30 * time.Second}),
 		MaxIdleConns:          4096,
 		MaxIdleConnsPerHost:   1024,
 		IdleConnTimeout:       90 * time.Second,
