@@ -18,10 +18,9 @@ import (
 // inside the call and often lasts longer than one sysmon tick (20 µs on
 // these machines), and then sysmon takes the P away and hands it to
 // another thread; when the call returns, its thread finds the P gone,
-// queues the goroutine and sleeps. With GOMAXPROCS=1 on a pinned CPU, that
-// is two threads taking turns on every few requests, plus sysmon itself
-// polling every 20 µs while it keeps finding Ps to take. Raw calls never
-// leave the P, so one thread runs everything.
+// queues the goroutine and sleeps. And while it keeps finding Ps to take,
+// sysmon polls every 20 µs — on a pinned CPU, each poll is a context
+// switch away from the requests. Raw calls never leave the P.
 type sysConn struct {
 	*net.TCPConn
 	rc syscall.RawConn
