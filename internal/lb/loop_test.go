@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"errors"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -14,6 +15,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/zeitwork/zeitwork/internal/proxyproto"
 )
 
 // blackhole returns a loopback address whose SYNs are dropped: a socket
@@ -203,5 +206,52 @@ func TestFifo(t *testing.T) {
 	}
 	if len(q.items)-q.head != len(ref) || cap(q.items) > 4*len(ref)+4096 {
 		t.Fatalf("queue holds %d items (cap %d) for %d", len(q.items)-q.head, cap(q.items), len(ref))
+	}
+}
+
+// TestWildcardListenerHeader: on a wildcard (dual-stack) listener the
+// PROXY header carries the address each client actually connected to, as
+// IPv4 for IPv4 clients and IPv6 for IPv6 ones.
+func TestWildcardListenerHeader(t *testing.T) {
+	inner, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	trusted, _ := proxyproto.ParseTrusted([]string{"127.0.0.0/8", "::1/128"})
+	ln := proxyproto.NewListener(inner, proxyproto.ListenerConfig{Trusted: trusted})
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				h := c.(*proxyproto.Conn).Header()
+				if h == nil {
+					_, _ = io.WriteString(c, "no header\n")
+					return
+				}
+				_, _ = io.WriteString(c, h.Source.String()+" "+h.Destination.String()+"\n")
+			}()
+		}
+	}()
+	l := startLB(t, Config{Listeners: []Listener{{Addr: ":0", TargetPort: 1}}}, inner.Addr().String())
+	_, port, _ := net.SplitHostPort(l.Addrs()[0].String())
+	clients := []string{"127.0.0.1"}
+	if c, err := net.Listen("tcp6", "[::1]:0"); err == nil {
+		c.Close()
+		clients = append(clients, "::1")
+	}
+	for _, ip := range clients {
+		g, err := greet(net.JoinHostPort(ip, port), "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		src, dst, _ := strings.Cut(g, " ")
+		if host, _, _ := net.SplitHostPort(src); host != ip || dst != net.JoinHostPort(ip, port) {
+			t.Fatalf("client via %s: header %q", ip, g)
+		}
 	}
 }
