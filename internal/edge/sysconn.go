@@ -46,13 +46,8 @@ func (c *sysConn) Read(p []byte) (int, error) {
 	var n int
 	var errno syscall.Errno
 	err := c.rc.Read(func(fd uintptr) bool {
-		for {
-			r, _, e := syscall.RawSyscall(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)))
-			if e != syscall.EINTR {
-				n, errno = int(r), e
-				return e != syscall.EAGAIN
-			}
-		}
+		n, errno = rawIO(syscall.SYS_READ, fd, p)
+		return errno != syscall.EAGAIN
 	})
 	switch {
 	case err != nil:
@@ -72,13 +67,8 @@ func (c *sysConn) Write(p []byte) (int, error) {
 		var errno syscall.Errno
 		rest := p[written:]
 		err := c.rc.Write(func(fd uintptr) bool {
-			for {
-				r, _, e := syscall.RawSyscall(syscall.SYS_WRITE, fd, uintptr(unsafe.Pointer(&rest[0])), uintptr(len(rest)))
-				if e != syscall.EINTR {
-					n, errno = int(r), e
-					return e != syscall.EAGAIN
-				}
-			}
+			n, errno = rawIO(syscall.SYS_WRITE, fd, rest)
+			return errno != syscall.EAGAIN
 		})
 		if err != nil {
 			return written, err
@@ -89,6 +79,16 @@ func (c *sysConn) Write(p []byte) (int, error) {
 		written += n
 	}
 	return written, nil
+}
+
+// rawIO makes one read or write (trap) of p on fd, retried on EINTR.
+func rawIO(trap, fd uintptr, p []byte) (int, syscall.Errno) {
+	for {
+		r, _, e := syscall.RawSyscall(trap, fd, uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)))
+		if e != syscall.EINTR {
+			return int(r), e
+		}
+	}
 }
 
 func (c *sysConn) opError(op string, errno syscall.Errno) error {

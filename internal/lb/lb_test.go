@@ -351,30 +351,47 @@ func waitListening(t *testing.T, addr string) {
 	}
 }
 
-// TestDrainOnShutdown: after ctx ends the listener closes, but an open
-// connection keeps working until it finishes.
-func TestDrainOnShutdown(t *testing.T) {
+// drainRun is a balancer that the test itself ends, with one client
+// connection open through it (its greeting read).
+type drainRun struct {
+	l      *LB
+	c      net.Conn
+	br     *bufio.Reader
+	cancel context.CancelFunc
+	done   chan error // Run's result
+}
+
+func drainable(t *testing.T, timeout time.Duration) *drainRun {
+	t.Helper()
 	b := startBackend(t, "a", "127.0.0.1:0")
-	l, err := New(Config{Listeners: []Listener{{Addr: "127.0.0.1:0", TargetPort: 1}}, Algorithm: RoundRobin, ProxyProtocol: "v2", DrainTimeout: 20 * time.Second}, nil, slog.New(slog.DiscardHandler))
+	l, err := New(Config{Listeners: []Listener{{Addr: "127.0.0.1:0", TargetPort: 1}}, Algorithm: RoundRobin, ProxyProtocol: "v2", DrainTimeout: timeout}, nil, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
 	l.SetBackends([]string{b.addr})
 	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- l.Run(ctx) }()
-	c, err := net.Dial("tcp", l.Addrs()[0].String())
-	if err != nil {
+	d := &drainRun{l: l, cancel: cancel, done: make(chan error, 1)}
+	go func() { d.done <- l.Run(ctx) }()
+	t.Cleanup(cancel)
+	if d.c, err = net.Dial("tcp", l.Addrs()[0].String()); err != nil {
 		t.Fatal(err)
 	}
-	defer c.Close()
-	br := bufio.NewReader(c)
-	if _, err := br.ReadString('\n'); err != nil {
+	t.Cleanup(func() { d.c.Close() })
+	d.br = bufio.NewReader(d.c)
+	if _, err := d.br.ReadString('\n'); err != nil {
 		t.Fatal(err)
 	}
-	cancel()
+	return d
+}
+
+// TestDrainOnShutdown: after ctx ends the listener closes, but an open
+// connection keeps working until it finishes.
+func TestDrainOnShutdown(t *testing.T) {
+	d := drainable(t, 20*time.Second)
+	c, br := d.c, d.br
+	d.cancel()
 	time.Sleep(100 * time.Millisecond)
-	if _, err := net.DialTimeout("tcp", l.Addrs()[0].String(), time.Second); err == nil {
+	if _, err := net.DialTimeout("tcp", d.l.Addrs()[0].String(), time.Second); err == nil {
 		t.Fatal("listener still accepting after shutdown began")
 	}
 	if _, err := io.WriteString(c, "still here\n"); err != nil {
@@ -385,7 +402,7 @@ func TestDrainOnShutdown(t *testing.T) {
 	}
 	c.(*net.TCPConn).CloseWrite()
 	select {
-	case err := <-done:
+	case err := <-d.done:
 		if err != nil {
 			t.Fatal(err)
 		}

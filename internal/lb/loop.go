@@ -150,6 +150,26 @@ func (q *fifo) pop() {
 	q.head++
 }
 
+// due drops the stale entries at the head (live reports false) and pops
+// and returns the head if it is due by now; otherwise next is the head's
+// time (0 for an empty queue).
+func (q *fifo) due(now int64, live func(timed) bool) (t timed, due bool, next int64) {
+	for {
+		t, ok := q.peek()
+		switch {
+		case !ok:
+			return timed{}, false, 0
+		case !live(t):
+			q.pop()
+		case t.at > now:
+			return timed{}, false, t.at
+		default:
+			q.pop()
+			return t, true, 0
+		}
+	}
+}
+
 // loop is one event loop.
 type loop struct {
 	l        *LB
@@ -414,40 +434,28 @@ func (lp *loop) arm(at int64) {
 func (lp *loop) expire(now int64) {
 	next := int64(0)
 	soonest := func(at int64) {
-		if next == 0 || at < next {
+		if at != 0 && (next == 0 || at < next) {
 			next = at
 		}
 	}
 	for {
-		t, ok := lp.connects.peek()
-		if !ok {
+		t, due, at := lp.connects.due(now, func(t timed) bool {
+			return t.c.client.gen == t.gen && t.c.state == stateConnecting && t.c.deadline == t.at
+		})
+		if !due {
+			soonest(at)
 			break
 		}
-		if t.c.client.gen != t.gen || t.c.state != stateConnecting || t.c.deadline != t.at {
-			lp.connects.pop()
-			continue
-		}
-		if t.at > now {
-			soonest(t.at)
-			break
-		}
-		lp.connects.pop()
 		lp.connectFailed(t.c, unix.ETIMEDOUT)
 	}
 	for {
-		t, ok := lp.keepalives.peek()
-		if !ok {
+		t, due, at := lp.keepalives.due(now, func(t timed) bool {
+			return t.c.client.gen == t.gen && t.c.state == stateRelaying
+		})
+		if !due {
+			soonest(at)
 			break
 		}
-		if t.c.client.gen != t.gen || t.c.state != stateRelaying {
-			lp.keepalives.pop()
-			continue
-		}
-		if t.at > now {
-			soonest(t.at)
-			break
-		}
-		lp.keepalives.pop()
 		_ = setKeepalive(t.c.backend.fd)
 	}
 	if lp.acceptRetry != 0 {

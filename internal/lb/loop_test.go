@@ -2,10 +2,8 @@ package lb
 
 import (
 	"bufio"
-	"context"
 	"errors"
 	"io"
-	"log/slog"
 	"net"
 	"os"
 	"runtime"
@@ -113,35 +111,18 @@ func TestMaxConnsWaitsInBacklog(t *testing.T) {
 // TestDrainTimeoutClosesConnections: connections still open when the
 // drain timeout ends are closed and Run returns.
 func TestDrainTimeoutClosesConnections(t *testing.T) {
-	b := startBackend(t, "a", "127.0.0.1:0")
-	l, err := New(Config{Listeners: []Listener{{Addr: "127.0.0.1:0", TargetPort: 1}}, Algorithm: RoundRobin, DrainTimeout: 300 * time.Millisecond}, nil, slog.New(slog.DiscardHandler))
-	if err != nil {
-		t.Fatal(err)
-	}
-	l.SetBackends([]string{b.addr})
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- l.Run(ctx) }()
-	c, err := net.Dial("tcp", l.Addrs()[0].String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	br := bufio.NewReader(c)
-	if _, err := br.ReadString('\n'); err != nil {
-		t.Fatal(err)
-	}
-	cancel()
+	d := drainable(t, 300*time.Millisecond)
+	d.cancel()
 	select {
-	case err := <-done:
+	case err := <-d.done:
 		if err != nil {
 			t.Fatal(err)
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("Run did not return after the drain timeout")
 	}
-	_ = c.SetReadDeadline(time.Now().Add(2 * time.Second))
-	if _, err := br.ReadString('\n'); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+	_ = d.c.SetReadDeadline(time.Now().Add(2 * time.Second))
+	if _, err := d.br.ReadString('\n'); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Fatalf("connection still open after the drain timeout: %v", err)
 	}
 }
