@@ -5,11 +5,13 @@
 //
 // Both balancers run for the whole benchmark and are measured in
 // alternating rounds, so that load from other processes on a shared
-// machine falls on both alike; each metric keeps the best round of each.
-// It measures the throughput of a large transfer, new connections per
-// second, and the p99 latency a balancer adds to connect + a one-byte
-// request/response (its p99 minus the p99 of the same exchange made
-// directly with the backend), and prints Zeitwork ÷ HAProxy ratios.
+// machine falls on both alike; throughput and connection rate keep the
+// best round of each. It measures the throughput of a large transfer, new
+// connections per second, and the p99 latency a balancer adds to connect +
+// a one-byte request/response (its p99 minus the p99 of the same exchange
+// made directly with the backend). Latency samples interleave the three
+// targets exchange by exchange and are pooled over all rounds. It prints
+// Zeitwork ÷ HAProxy ratios.
 package main
 
 import (
@@ -102,13 +104,10 @@ type result struct {
 	p50, p99 time.Duration
 }
 
-// better keeps the best of two rounds for each metric.
+// better keeps the best of two rounds for throughput and connection rate.
 func (r result) better(o result) result {
 	r.gbps = max(r.gbps, o.gbps)
 	r.connRate = max(r.connRate, o.connRate)
-	if r.p99 == 0 || (o.p99 != 0 && o.p99 < r.p99) {
-		r.p50, r.p99 = o.p50, o.p99
-	}
 	return r
 }
 
@@ -203,23 +202,29 @@ listen bench
 		return err
 	}
 
-	// The latency of the same exchange made directly with the backend is
-	// what the balancers add to.
-	var direct time.Duration
+	// Latency rounds interleave the targets: every client cycles through
+	// the backend directly (what the balancers add to), HAProxy and
+	// Zeitwork, one exchange each, so all three are sampled under the same
+	// machine load; the samples of all rounds are pooled.
 	targets := []*target{{name: "haproxy", addr: hpAddr}, {name: "zeitwork", addr: zwAddr}}
+	samples := make([][]time.Duration, 3)
 	for round := range *rounds {
-		_, d99 := latency(backend, *latClients, *phase)
-		if direct == 0 || d99 < direct {
-			direct = d99
-		}
 		for _, t := range targets {
 			var r result
 			r.gbps = throughput(t.addr, *bulkSize)
 			r.connRate = connRate(t.addr, *concurrency, *phase)
-			r.p50, r.p99 = latency(t.addr, *latClients, *phase)
-			log.Printf("round %d %-9s %.2f GB/s, %.0f conn/s, p50 %v, p99 %v", round+1, t.name, r.gbps, r.connRate, r.p50, r.p99)
+			log.Printf("round %d %-9s %.2f GB/s, %.0f conn/s", round+1, t.name, r.gbps, r.connRate)
 			t.best = t.best.better(r)
 		}
+		got := latency([]string{backend, hpAddr, zwAddr}, *latClients, *phase)
+		for i := range samples {
+			samples[i] = append(samples[i], got[i]...)
+		}
+		log.Printf("round %d latency samples: %d per target", round+1, len(got[0]))
+	}
+	direct50, direct := percentiles(samples[0])
+	for i, t := range targets {
+		t.best.p50, t.best.p99 = percentiles(samples[i+1])
 	}
 	hp, zw := targets[0].best, targets[1].best
 	if hp.gbps == 0 || zw.gbps == 0 || hp.connRate == 0 || zw.connRate == 0 {
@@ -230,19 +235,19 @@ listen bench
 	us := func(d time.Duration) int64 { return d.Microseconds() }
 	table := fmt.Sprintf(`## Load balancer (make bench-lb)
 
-Run %s on %s, %d alternating rounds, best round of each kept. Both balancers pinned to CPU %s with one thread (HAProxy %s `+"`mode tcp`, `nbthread 1`"+`; Zeitwork `+"`GOMAXPROCS=1`"+`), PROXY v2 to the same Go backend; backend and load generator on CPU %s.
+Run %s on %s, %d alternating rounds; throughput and connection rate keep the best round of each, latency pools all rounds' samples (%d per target), taken with the targets interleaved exchange by exchange. Both balancers pinned to CPU %s with one thread (HAProxy %s `+"`mode tcp`, `nbthread 1`"+`; Zeitwork `+"`GOMAXPROCS=1`"+`), PROXY v2 to the same Go backend; backend and load generator on CPU %s.
 
 | metric | HAProxy | Zeitwork | Zeitwork ÷ HAProxy |
 |---|---|---|---|
 | throughput, one %d MiB transfer (GB/s) | %.2f | %.2f | %.2f |
 | new connections/s (%d concurrent clients, %s rounds) | %.0f | %.0f | %.2f |
-| p50 connect + 1-byte exchange, %d clients (µs) | %d | %d | %.2f |
+| p50 connect + 1-byte exchange, %d clients (µs; direct: %d) | %d | %d | %.2f |
 | p99 connect + 1-byte exchange (µs; direct to backend: %d) | %d | %d | %.2f |
 | **p99 added latency** (p99 − direct p99, µs) | %d | %d | %.2f (lower is better) |
-`, time.Now().UTC().Format("2006-01-02"), hostDesc(), *rounds, lbCPU, haproxyVersion(haproxy), genCPU,
+`, time.Now().UTC().Format("2006-01-02"), hostDesc(), *rounds, len(samples[0]), lbCPU, haproxyVersion(haproxy), genCPU,
 		*bulkSize>>20, hp.gbps, zw.gbps, tr,
 		*concurrency, *phase, hp.connRate, zw.connRate, cr,
-		*latClients, us(hp.p50), us(zw.p50), float64(zw.p50)/float64(hp.p50),
+		*latClients, us(direct50), us(hp.p50), us(zw.p50), float64(zw.p50)/float64(hp.p50),
 		us(direct), us(hp.p99), us(zw.p99), float64(zw.p99)/float64(hp.p99),
 		us(added(hp.p99)), us(added(zw.p99)), pr)
 	fmt.Print(table)
@@ -345,25 +350,34 @@ func ping(addr string) error {
 	return err
 }
 
-// latency samples connect + 1-byte exchange with a few clients for d.
-func latency(addr string, clients int, d time.Duration) (p50, p99 time.Duration) {
+// latency samples connect + 1-byte exchange with a few clients for d;
+// each client cycles through addrs, one exchange each. It returns the
+// samples per address.
+func latency(addrs []string, clients int, d time.Duration) [][]time.Duration {
 	var mu sync.Mutex
-	var samples []time.Duration
+	out := make([][]time.Duration, len(addrs))
 	deadline := time.Now().Add(d)
 	var wg sync.WaitGroup
 	for range clients {
 		wg.Go(func() {
 			for time.Now().Before(deadline) {
-				s := time.Now()
-				if ping(addr) == nil {
-					mu.Lock()
-					samples = append(samples, time.Since(s))
-					mu.Unlock()
+				for i, addr := range addrs {
+					s := time.Now()
+					if ping(addr) == nil {
+						mu.Lock()
+						out[i] = append(out[i], time.Since(s))
+						mu.Unlock()
+					}
 				}
 			}
 		})
 	}
 	wg.Wait()
+	return out
+}
+
+// percentiles returns the p50 and p99 of samples (0 without any).
+func percentiles(samples []time.Duration) (p50, p99 time.Duration) {
 	if len(samples) == 0 {
 		return 0, 0
 	}
