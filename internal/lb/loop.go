@@ -227,30 +227,24 @@ func newLoop(l *LB, lns []*net.TCPListener, maxConns int) (*loop, error) {
 		return nil, err
 	}
 	for i, ln := range lns {
-		ll := &loopListener{ln: ln, pool: l.pools[i], local: ln.Addr().(*net.TCPAddr).AddrPort()}
-		ll.local = netip.AddrPortFrom(ll.local.Addr().Unmap(), ll.local.Port())
-		ll.sock = sock{kind: kindListener}
-		ll.ln = ln
+		local := ln.Addr().(*net.TCPAddr).AddrPort()
+		ll := &loopListener{ln: ln, pool: l.pools[i], local: netip.AddrPortFrom(local.Addr().Unmap(), local.Port())}
+		ll.sock = sock{kind: kindListener, ln: ll}
 		var cerr error
-		if err := mustRaw(ln).Control(func(fd uintptr) {
-			ll.fd = int(fd)
-			ll.sock.ln = ll
-			cerr = lp.register(&ll.sock)
-		}); err != nil || cerr != nil {
+		rc, err := ln.SyscallConn()
+		if err == nil {
+			err = rc.Control(func(fd uintptr) {
+				ll.fd = int(fd)
+				cerr = lp.register(&ll.sock)
+			})
+		}
+		if err != nil || cerr != nil {
 			lp.closeAll()
 			return nil, errors.Join(err, cerr)
 		}
 		lp.lns = append(lp.lns, ll)
 	}
 	return lp, nil
-}
-
-func mustRaw(ln *net.TCPListener) syscall.RawConn {
-	rc, err := ln.SyscallConn()
-	if err != nil {
-		panic(err) // only for a closed listener, which New never has
-	}
-	return rc
 }
 
 // closeAll releases what newLoop opened when it fails.
@@ -295,12 +289,17 @@ func (lp *loop) run() {
 // finish closes whatever is still open when the loop ends.
 func (lp *loop) finish() {
 	lp.stopAccepting()
+	lp.closeConns()
+	_ = lp.file.Close()
+}
+
+// closeConns closes every connection of the loop.
+func (lp *loop) closeConns() {
 	for _, s := range lp.socks {
 		if s != nil && s.kind == kindClient {
 			lp.close(s.c)
 		}
 	}
-	_ = lp.file.Close()
 }
 
 // poll handles ready events until none is left (false: wait for the epoll
@@ -368,11 +367,7 @@ func (lp *loop) obey() {
 		lp.stopAccepting()
 	}
 	if cmd&cmdCloseAll != 0 {
-		for _, s := range lp.socks {
-			if s != nil && s.kind == kindClient {
-				lp.close(s.c)
-			}
-		}
+		lp.closeConns()
 		lp.quit = true
 	}
 	if lp.stopping && lp.nconns == 0 {
@@ -461,11 +456,7 @@ func (lp *loop) expire(now int64) {
 	if lp.acceptRetry != 0 {
 		if lp.acceptRetry <= now {
 			lp.acceptRetry = 0
-			for _, ln := range lp.lns {
-				if ln.pending {
-					lp.accept(ln)
-				}
-			}
+			lp.retryAccept()
 		} else {
 			soonest(lp.acceptRetry)
 		}
@@ -478,8 +469,8 @@ func (lp *loop) expire(now int64) {
 	_ = lp.file.SetReadDeadline(d)
 }
 
-// retryAccept resumes accepting on listeners that stopped at the
-// connection limit once connections have closed.
+// retryAccept resumes accepting on listeners that stopped (connection
+// limit, accept error) once that is over.
 func (lp *loop) retryAccept() {
 	if lp.nconns >= lp.maxConns || lp.acceptRetry != 0 {
 		return
