@@ -98,11 +98,7 @@ type DNS struct {
 // StartDNS serves answers set with SetA/SetTXT/SetCNAME.
 func StartDNS(t testing.TB) *DNS {
 	d := &DNS{a: map[string]string{}, txt: map[string][]string{}, cn: map[string]string{}}
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", pc.LocalAddr().String())
+	pc, ln, err := listenUDPAndTCP()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -114,6 +110,25 @@ func StartDNS(t testing.TB) *DNS {
 	go func() { _ = tcp.ActivateAndServe() }()
 	t.Cleanup(func() { _ = udp.Shutdown(); _ = tcp.Shutdown() })
 	return d
+}
+
+// listenUDPAndTCP binds UDP and TCP on one loopback port. The port the
+// kernel picks for UDP may be taken for TCP (another test's connection, in
+// a parallel package), so it tries a few ports.
+func listenUDPAndTCP() (net.PacketConn, net.Listener, error) {
+	var err error
+	for range 50 {
+		var pc net.PacketConn
+		if pc, err = net.ListenPacket("udp", "127.0.0.1:0"); err != nil {
+			return nil, nil, err
+		}
+		var ln net.Listener
+		if ln, err = net.Listen("tcp", pc.LocalAddr().String()); err == nil {
+			return pc, ln, nil
+		}
+		pc.Close()
+	}
+	return nil, nil, err
 }
 
 func fqdn(s string) string { return dns.Fqdn(strings.ToLower(s)) }
