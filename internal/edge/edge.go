@@ -168,7 +168,7 @@ func New(cfg Config, routes *routetable.Client, reg prometheus.Registerer, log *
 func newTransport() *http.Transport {
 	return &http.Transport{
 		Proxy:                 nil,
-		DialContext:           sysDial(&net.Dialer{Timeout: 3 * time.Second, KeepAlive: 30 * time.Second}),
+		DialContext:           polledDial(&net.Dialer{Timeout: 3 * time.Second, KeepAlive: 30 * time.Second}),
 		MaxIdleConns:          4096,
 		MaxIdleConnsPerHost:   1024,
 		IdleConnTimeout:       90 * time.Second,
@@ -289,6 +289,13 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // they are not secrets, so the runtime's ChaCha8 generator (seeded from the
 // OS) serves, without a system call per request.
 func newRequestID() string {
+	var out [24]byte
+	putRequestID(&out)
+	return string(out[:])
+}
+
+// putRequestID writes a new request id into out.
+func putRequestID(out *[24]byte) {
 	var b [12]byte
 	x, y := rand.Uint64(), rand.Uint32()
 	for i := range 8 {
@@ -297,9 +304,7 @@ func newRequestID() string {
 	for i := range 4 {
 		b[8+i] = byte(y >> (8 * i))
 	}
-	var out [24]byte
 	hex.Encode(out[:], b[:])
-	return string(out[:])
 }
 
 // pick chooses a healthy, non-ejected instance by the power of two random

@@ -191,7 +191,7 @@ func (s *Server) httpHandler() http.Handler {
 // Run serves until ctx ends, then drains.
 func (s *Server) Run(ctx context.Context, reload <-chan struct{}) error {
 	wrap := func(ln net.Listener) net.Listener {
-		return proxyproto.NewListener(sysListener{ln}, proxyproto.ListenerConfig{Trusted: s.cfg.Trusted, HeaderTimeout: 5 * time.Second,
+		return proxyproto.NewListener(polledListener{ln}, proxyproto.ListenerConfig{Trusted: s.cfg.Trusted, HeaderTimeout: 5 * time.Second,
 			OnReject: func(peer net.Addr, err error) {
 				if errors.Is(err, proxyproto.ErrUntrusted) {
 					s.log.Warn("rejected PROXY header from an untrusted peer", "peer", peer.String())
