@@ -33,7 +33,9 @@ type exchange struct {
 	bw       *bufio.Writer // to the client, during the exchange
 	start    time.Time
 	draining func() bool
-	id       string // the request id, once known
+	id       []byte // the request id, once known: the client's or idBuf
+	idBuf    [24]byte
+	rawHost  string // the Host host was made from
 
 	// The client watch (see watchClient).
 	wmu     sync.Mutex
@@ -168,36 +170,37 @@ func (p *Proxy) serveFast(x *exchange) bool {
 			path = path[:i]
 		}
 		p.log.Info("request", "host", x.host, "method", string(x.req.Method), "path", string(path), "status", code,
-			"client", x.client, "duration_ms", took.Milliseconds(), "request_id", x.id)
+			"client", x.client, "duration_ms", took.Milliseconds(), "request_id", string(x.id))
 	}
 	return keep
 }
 
 // clientReqID is the client's X-Request-Id when it is usable (the first
-// one, as Header.Get), else "".
-func (x *exchange) clientReqID() string {
+// one, as Header.Get), else nil.
+func (x *exchange) clientReqID() []byte {
 	for _, h := range x.req.Headers {
 		if h.Kind == h1.XRequestID {
 			if len(h.Value) > 0 && len(h.Value) <= 200 {
-				return string(h.Value)
+				return h.Value
 			}
 			break
 		}
 	}
-	return ""
+	return nil
 }
 
 func (p *Proxy) fastExchange(x *exchange) (code int, keep bool) {
-	x.id = ""
+	x.id = nil
 	if p.limiter != nil {
 		if ok, wait := p.limiter.Allow(x.client, x.start); !ok {
 			p.m.limited.Inc()
-			return 429, x.answer(429, "429 Too Many Requests: slow down\n", "Retry-After", strconv.Itoa(int(wait/time.Second)+1), "")
+			return 429, x.answer(429, "429 Too Many Requests: slow down\n", "Retry-After", strconv.Itoa(int(wait/time.Second)+1), nil)
 		}
 	}
 	reqID := x.clientReqID()
-	if reqID == "" {
-		reqID = newRequestID()
+	if reqID == nil {
+		putRequestID(&x.idBuf)
+		reqID = x.idBuf[:]
 	}
 	x.id = reqID
 	in := x.instance
@@ -236,21 +239,22 @@ func (p *Proxy) fastExchange(x *exchange) (code int, keep bool) {
 		}
 		in = next
 	}
+	status := uc.resp.Status // uc may be another exchange's once forward returned it to the pool
 	keep, ok := p.forward(x, uc, reqID)
 	switch {
 	case x.clientGone():
 		return 499, false
 	case !ok:
-		return uc.resp.Status, false
+		return status, false
 	}
-	return uc.resp.Status, keep
+	return status, keep
 }
 
 // fastRoundTrip sends x's request to instance in over a pooled connection
 // and reads the response head into uc.resp. A pooled connection that
 // fails before any byte of the answer (closed by the node agent while
 // idle) is replaced by a fresh one once.
-func (p *Proxy) fastRoundTrip(x *exchange, in *routetable.Instance, reqID string) (*upConn, error) {
+func (p *Proxy) fastRoundTrip(x *exchange, in *routetable.Instance, reqID []byte) (*upConn, error) {
 	key, err := nodeKey(in.NodeAddress)
 	if err != nil {
 		return nil, err
@@ -280,7 +284,7 @@ func (p *Proxy) fastRoundTrip(x *exchange, in *routetable.Instance, reqID string
 
 // send writes the request on uc and reads the final response head;
 // informational answers (103 Early Hints) go to the client as they come.
-func (p *Proxy) send(x *exchange, uc *upConn, in *routetable.Instance, reqID string) error {
+func (p *Proxy) send(x *exchange, uc *upConn, in *routetable.Instance, reqID []byte) error {
 	uc.cr.n = 0
 	w := uc.bw
 	r := &x.req
@@ -321,7 +325,7 @@ func (p *Proxy) send(x *exchange, uc *upConn, in *routetable.Instance, reqID str
 	}
 	w.WriteString(x.client)
 	w.WriteString("\r\nX-Request-Id: ")
-	w.WriteString(reqID)
+	w.Write(reqID)
 	w.WriteString("\r\nX-Zeitwork-Instance: ")
 	w.WriteString(in.ID)
 	w.WriteString("\r\nX-Zeitwork-Token: ")
@@ -389,16 +393,15 @@ func readResponseHead(uc *upConn) (int, error) {
 // forward writes the response head and body read on uc to the client and
 // returns uc to the pool when the exchange ended cleanly. keep: the client
 // connection can carry another request; ok: nothing failed.
-func (p *Proxy) forward(x *exchange, uc *upConn, reqID string) (keep, ok bool) {
+func (p *Proxy) forward(x *exchange, uc *upConn, reqID []byte) (keep, ok bool) {
 	r := &uc.resp
 	bodyless := r.BodyLess(string(x.req.Method) == http.MethodHead)
 	closeDelimited := !bodyless && !r.Chunked && r.Length < 0
 	closeClient := x.req.Close || closeDelimited || x.draining()
 	w := x.bw
-	var num [20]byte
 	writeStatusLine(w, r.Status, r.Reason)
 	w.WriteString("X-Request-Id: ")
-	w.WriteString(reqID)
+	w.Write(reqID)
 	w.WriteString("\r\n")
 	if x.tls != nil && x.route.Kind == "custom" {
 		w.WriteString("Strict-Transport-Security: max-age=31536000\r\n")
@@ -427,7 +430,7 @@ func (p *Proxy) forward(x *exchange, uc *upConn, reqID string) (keep, ok bool) {
 	}
 	if r.Length >= 0 {
 		w.WriteString("Content-Length: ")
-		w.Write(strconv.AppendInt(num[:0], r.Length, 10))
+		writeInt(w, r.Length)
 		w.WriteString("\r\n")
 	} else if r.Chunked && !bodyless {
 		w.WriteString("Transfer-Encoding: chunked\r\n")
@@ -438,7 +441,11 @@ func (p *Proxy) forward(x *exchange, uc *upConn, reqID string) (keep, ok bool) {
 	w.WriteString("\r\n")
 	_, _ = uc.br.Discard(uc.headLen)
 	var err error
-	if !bodyless {
+	switch {
+	case bodyless:
+	case !r.Chunked && r.Length >= 0 && int64(uc.br.Buffered()) >= r.Length: // all read with the head
+		_, err = h1.ForwardBody(w, uc.br, r.Length, false, w, nil)
+	default:
 		buf := bufs.Get().(*[]byte)
 		_, err = h1.ForwardBody(w, uc.br, r.Length, r.Chunked, w, *buf)
 		bufs.Put(buf)
@@ -456,25 +463,24 @@ func (p *Proxy) forward(x *exchange, uc *upConn, reqID string) (keep, ok bool) {
 
 // answer writes a short plain-text answer of the edge's own (as
 // http.Error does), with one extra header and the request id when given.
-func (x *exchange) answer(code int, body, hk, hv, reqID string) bool {
+func (x *exchange) answer(code int, body, hk, hv string, reqID []byte) bool {
 	keep := !x.req.Close && !x.draining()
 	w := x.bw
-	var num [20]byte
 	writeStatusLine(w, code, nil)
 	w.WriteString("Content-Type: text/plain; charset=utf-8\r\nX-Content-Type-Options: nosniff\r\n")
 	w.WriteString(hk)
 	w.WriteString(": ")
 	w.WriteString(hv)
 	w.WriteString("\r\n")
-	if reqID != "" {
+	if reqID != nil {
 		w.WriteString("X-Request-Id: ")
-		w.WriteString(reqID)
+		w.Write(reqID)
 		w.WriteString("\r\n")
 	}
 	w.WriteString("Date: ")
 	w.Write(httpDate(time.Now()))
 	w.WriteString("\r\nContent-Length: ")
-	w.Write(strconv.AppendInt(num[:0], int64(len(body)), 10))
+	writeInt(w, int64(len(body)))
 	if !keep {
 		w.WriteString("\r\nConnection: close")
 	}
@@ -488,9 +494,8 @@ func (x *exchange) answer(code int, body, hk, hv, reqID string) bool {
 // writeStatusLine writes "HTTP/1.1 <code> <reason>\r\n": the node
 // agent's reason when it gave one, else the standard text.
 func writeStatusLine(w *bufio.Writer, code int, reason []byte) {
-	var num [20]byte
 	w.WriteString("HTTP/1.1 ")
-	w.Write(strconv.AppendInt(num[:0], int64(code), 10))
+	writeInt(w, int64(code))
 	w.WriteByte(' ')
 	switch {
 	case len(reason) > 0:
@@ -499,9 +504,14 @@ func writeStatusLine(w *bufio.Writer, code int, reason []byte) {
 		w.WriteString(http.StatusText(code))
 	default:
 		w.WriteString("status code ")
-		w.Write(strconv.AppendInt(num[:0], int64(code), 10))
+		writeInt(w, int64(code))
 	}
 	w.WriteString("\r\n")
+}
+
+// writeInt writes v in decimal, formatted in w's own buffer.
+func writeInt(w *bufio.Writer, v int64) {
+	w.Write(strconv.AppendInt(w.AvailableBuffer(), v, 10))
 }
 
 // httpDate is now in the HTTP date format, formatted once per second.

@@ -263,7 +263,10 @@ func (f *front) handle(fc *frontConn) {
 		case err != nil:
 			return // timeout, or the client went away mid-head
 		default:
-			x.host = hostOf(string(x.req.Host))
+			if string(x.req.Host) != x.rawHost { // most connections name one host
+				x.rawHost = string(x.req.Host)
+				x.host = hostOf(x.rawHost)
+			}
 			x.route = f.p.routes.Table().Lookup(x.host)
 			if x.route != nil && f.fast(x.route, x.req.Target) {
 				x.instance = f.p.pick(x.route, nil)

@@ -12,17 +12,32 @@ import (
 // it passes, so the end is found and a connection can be reused);
 // otherwise everything until src ends. flush.Flush runs before every read
 // that would wait for the network (src has nothing buffered), so a stream
-// reaches dst as it comes. buf is scratch space.
+// reaches dst as it comes. buf is scratch space for reads that bypass
+// src's buffer (made when needed if empty; a body already in src's
+// buffer needs none).
 func ForwardBody(dst io.Writer, src *bufio.Reader, length int64, chunked bool, flush Flusher, buf []byte) (int64, error) {
 	if chunked {
 		return forwardChunked(dst, src, flush, buf)
 	}
 	var written int64
 	for length < 0 || written < length {
-		if src.Buffered() == 0 {
-			if err := flush.Flush(); err != nil {
+		if n := src.Buffered(); n > 0 { // straight from src's buffer
+			if length >= 0 {
+				n = int(min(int64(n), length-written))
+			}
+			b, _ := src.Peek(n)
+			if _, err := dst.Write(b); err != nil {
 				return written, err
 			}
+			_, _ = src.Discard(n)
+			written += int64(n)
+			continue
+		}
+		if err := flush.Flush(); err != nil {
+			return written, err
+		}
+		if len(buf) == 0 {
+			buf = make([]byte, 32<<10)
 		}
 		p := buf
 		if length >= 0 && int64(len(p)) > length-written {
