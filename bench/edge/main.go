@@ -2,12 +2,15 @@
 // equivalent reverse proxies (upstream keep-alive; the same request headers
 // to the backend — X-Forwarded-For/Proto/Host, X-Real-IP, X-Request-Id and
 // the two instance headers a node agent needs — and X-Request-Id on the
-// response) in front of the same backend, with the same load generators and CPU budget: every proxy is
-// pinned to CPU 1 with one worker (nginx worker_processes 1, Caddy and
-// Zeitwork GOMAXPROCS=1); backend and load generators run on CPU 0. The
+// response) in front of the same backend, with the same load generators
+// and CPU budget: every proxy is pinned to CPU 1 with one worker (nginx
+// worker_processes 1, Caddy and Zeitwork GOMAXPROCS=1); backend and load
+// generators run on CPU 0. The backend is nginx answering a fixed 128-byte
+// body (-backend-server go: a Go net/http server, whose own collections
+// and scheduling on the saturated CPU 0 then set every proxy's tail). The
 // proxies are measured in alternating rounds (-rounds), so that load from
-// other processes on a shared machine falls on all alike; each figure keeps
-// the best round of each proxy.
+// other processes on a shared machine falls on all alike; each figure
+// keeps the best round of each proxy.
 package main
 
 import (
@@ -23,6 +26,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -75,7 +79,11 @@ func (r result) better(o result) result {
 	return r
 }
 
-var rounds = flag.Int("rounds", 5, "alternating measurement rounds per proxy (each metric keeps the best)")
+var (
+	rounds      = flag.Int("rounds", 5, "alternating measurement rounds per proxy (each metric keeps the best)")
+	backendKind = flag.String("backend-server", "nginx", "the backend: nginx (return 200, one worker) or go (net/http, whose own GC and scheduling then set every proxy's tail)")
+	only        = flag.String("proxies", "zeitwork,nginx,caddy", "comma-separated proxies to measure; the table and summary need all three")
+)
 
 func run() error {
 	root, _ := os.Getwd()
@@ -98,7 +106,26 @@ func run() error {
 	}
 	self, _ := os.Executable()
 	backend := "127.0.0.1:19200"
-	b := pinned("0", self, "-backend", backend)
+	var b *exec.Cmd
+	switch *backendKind {
+	case "go":
+		b = pinned("0", self, "-backend", backend)
+	case "nginx":
+		bdir := filepath.Join(dir, "backend")
+		_ = os.MkdirAll(bdir, 0o755)
+		bconf := fmt.Sprintf(`daemon off; master_process off; worker_processes 1; pid %[1]s/nginx.pid; error_log %[1]s/error.log crit;
+events { worker_connections 4096; }
+http {
+  access_log off; default_type text/plain; keepalive_requests 1000000;
+  client_body_temp_path %[1]s; proxy_temp_path %[1]s; fastcgi_temp_path %[1]s; uwsgi_temp_path %[1]s; scgi_temp_path %[1]s;
+  server { listen %[2]s; location / { return 200 "%[3]s"; } }
+}
+`, bdir, backend, strings.Repeat("z", 128))
+		_ = os.WriteFile(filepath.Join(bdir, "nginx.conf"), []byte(bconf), 0o644)
+		b = pinned("0", "nginx", "-p", bdir, "-c", filepath.Join(bdir, "nginx.conf"))
+	default:
+		return fmt.Errorf("-backend-server: %q is neither nginx nor go", *backendKind)
+	}
 	if err := b.Start(); err != nil {
 		return err
 	}
@@ -182,8 +209,17 @@ http://%[1]s:19232 {
 		}},
 	}
 	results := make([]result, len(proxies))
+	chosen := strings.Split(*only, ",")
+	for _, c := range chosen {
+		if !slices.ContainsFunc(proxies, func(p proxy) bool { return p.name == c }) {
+			return fmt.Errorf("-proxies: unknown proxy %q (zeitwork, nginx, caddy)", c)
+		}
+	}
 	for round := range *rounds {
 		for i, p := range proxies {
+			if !slices.Contains(chosen, p.name) {
+				continue
+			}
 			r, err := measure(p.name, p.cmd(), p.httpAddr, p.httpsAddr)
 			if err != nil {
 				return err
@@ -192,9 +228,12 @@ http://%[1]s:19232 {
 			results[i] = results[i].better(r)
 		}
 	}
+	if len(chosen) != len(proxies) {
+		return nil // partial runs only log their rounds
+	}
 	zw, ng, cd := results[0], results[1], results[2]
 	var tb strings.Builder
-	fmt.Fprintf(&tb, "## Edge proxy (make bench-edge)\n\nRun %s, %d alternating rounds, best round of each proxy kept for each figure. Each proxy pinned to CPU 1 with one worker (nginx `worker_processes 1`, Caddy and Zeitwork `GOMAXPROCS=1`); backend (128-byte responses) and load generators on CPU 0. nginx and Caddy send the backend the same headers as Zeitwork (X-Forwarded-For/Proto/Host, X-Real-IP, X-Request-Id, two instance headers) and return X-Request-Id. wrk: 1 thread, %d keep-alive connections, %s per figure. Handshakes: 16 Go clients opening a new TLS connection (no resumption) per request.\n\n", time.Now().UTC().Format("2006-01-02"), *rounds, conns, duration)
+	fmt.Fprintf(&tb, "## Edge proxy (make bench-edge)\n\nRun %s, %d alternating rounds, best round of each proxy kept for each figure. Each proxy pinned to CPU 1 with one worker (nginx `worker_processes 1`, Caddy and Zeitwork `GOMAXPROCS=1`); backend (%s answering 128 bytes) and load generators on CPU 0. nginx and Caddy send the backend the same headers as Zeitwork (X-Forwarded-For/Proto/Host, X-Real-IP, X-Request-Id, two instance headers) and return X-Request-Id. wrk: 1 thread, %d keep-alive connections, %s per figure. Handshakes: 16 Go clients opening a new TLS connection (no resumption) per request.\n\n", time.Now().UTC().Format("2006-01-02"), *rounds, backendName(), conns, duration)
 	fmt.Fprintf(&tb, "| proxy | HTTP/1.1 keep-alive rps | HTTPS rps | HTTPS p50 (ms) | HTTPS p99 (ms) | new TLS handshakes/s |\n|---|---|---|---|---|---|\n")
 	for _, r := range results {
 		fmt.Fprintf(&tb, "| %s | %.0f | %.0f | %.2f | %.2f | %.0f |\n", r.name, r.rps, r.httpsRPS, r.p50, r.p99, r.handshakes)
@@ -208,6 +247,13 @@ http://%[1]s:19232 {
 	fmt.Printf("bench-edge: rps_ratio_vs_nginx=%.2f rps_ratio_vs_caddy=%.2f p99_ratio_vs_nginx=%.2f tls_handshake_ratio_vs_nginx=%.2f\n",
 		zw.httpsRPS/ng.httpsRPS, zw.httpsRPS/cd.httpsRPS, zw.p99/ng.p99, zw.handshakes/ng.handshakes)
 	return nil
+}
+
+func backendName() string {
+	if *backendKind == "go" {
+		return "a Go net/http server"
+	}
+	return "nginx `return 200`, one worker"
 }
 
 func measure(name string, cmd *exec.Cmd, httpAddr, httpsAddr string) (result, error) {
