@@ -35,8 +35,8 @@ type Conn struct {
 	// ended holds the poller's reports of the peer's FIN (EPOLLRDHUP), a
 	// hang-up or an error: no edge follows them, so once seen, reads (and,
 	// after a hang-up or error, writes) are always tried.
-	ended atomic.Uint32
-	rdl, wdl     deadline
+	ended    atomic.Uint32
+	rdl, wdl deadline
 }
 
 func newConn(fd int, laddr, raddr net.Addr) *Conn {
