@@ -148,8 +148,10 @@ func (c *Conn) check(op string, d *deadline) error {
 }
 
 func (c *Conn) opError(op string, err error) error {
-	if c.p != nil && c.p.err != nil && err == net.ErrClosed {
-		err = c.p.err
+	if err == net.ErrClosed && c.p != nil {
+		if failed := c.p.failure(); failed != nil {
+			err = failed
+		}
 	}
 	return &net.OpError{Op: op, Net: "tcp", Source: c.laddr, Addr: c.raddr, Err: err}
 }
@@ -157,9 +159,10 @@ func (c *Conn) opError(op string, err error) error {
 // Close closes the connection; blocked reads and writes return
 // net.ErrClosed.
 func (c *Conn) Close() error {
-	err := c.opError("close", net.ErrClosed)
+	var err error
+	first := false
 	c.once.Do(func() {
-		err = nil
+		first = true
 		c.closed.Store(true)
 		close(c.done)
 		c.rdl.stop()
@@ -171,6 +174,9 @@ func (c *Conn) Close() error {
 		}
 		c.fdmu.Unlock()
 	})
+	if !first {
+		return c.opError("close", net.ErrClosed)
+	}
 	return err
 }
 

@@ -42,9 +42,10 @@ type poller struct {
 	mu    sync.Mutex
 	conns map[int32]*Conn // by descriptor
 
-	events [pollEvents]unix.EpollEvent
-	wake   []chan struct{} // one batch's wake-ups, in the kernel's order
-	err    error
+	events  [pollEvents]unix.EpollEvent
+	wake    []chan struct{} // one batch's wake-ups, in the kernel's order
+	waitErr error           // epoll_pwait's failure (the poller goroutine's)
+	failed  error           // why the poller stopped (under mu)
 }
 
 var (
@@ -94,10 +95,10 @@ func newPoller() (*poller, error) {
 func (p *poller) run() {
 	err := p.rc.Read(p.poll)
 	if err == nil {
-		err = p.err
+		err = p.waitErr
 	}
 	p.mu.Lock()
-	p.err = errors.Join(errors.New("fifopoll: poller failed"), err)
+	p.failed = errors.Join(errors.New("fifopoll: poller failed"), err)
 	for _, c := range p.conns {
 		c.fail()
 	}
@@ -113,7 +114,7 @@ func (p *poller) poll(uintptr) bool {
 			continue
 		}
 		if e != 0 {
-			p.err = os.NewSyscallError("epoll_pwait", e)
+			p.waitErr = os.NewSyscallError("epoll_pwait", e)
 			return true
 		}
 		p.dispatch(int(n))
@@ -177,8 +178,8 @@ func signal(ch chan struct{}) {
 func (p *poller) add(c *Conn) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.err != nil {
-		return p.err
+	if p.failed != nil {
+		return p.failed
 	}
 	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET, Fd: int32(c.fd)}
 	if err := unix.EpollCtl(p.ep, unix.EPOLL_CTL_ADD, c.fd, &ev); err != nil {
@@ -186,6 +187,13 @@ func (p *poller) add(c *Conn) error {
 	}
 	p.conns[int32(c.fd)] = c
 	return nil
+}
+
+// failure is why the poller stopped, or nil.
+func (p *poller) failure() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.failed
 }
 
 // remove deregisters c; its descriptor is closed after.
