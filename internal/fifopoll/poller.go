@@ -24,10 +24,10 @@ import (
 	"runtime"
 	"sync"
 	"sync/atomic"
-	"syscall"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/zeitwork/zeitwork/internal/epoll"
 )
 
 // pollEvents is how many events one epoll_wait returns at most.
@@ -35,9 +35,7 @@ const pollEvents = 128
 
 // poller is one epoll instance and the goroutine that serves it.
 type poller struct {
-	ep   int
-	file *os.File // ep, waited for in the runtime's poller
-	rc   syscall.RawConn
+	ep *epoll.Instance
 
 	mu    sync.Mutex
 	conns map[int32]*Conn // by descriptor
@@ -74,26 +72,17 @@ func start() error {
 }
 
 func newPoller() (*poller, error) {
-	ep, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	ep, err := epoll.Open()
 	if err != nil {
-		return nil, os.NewSyscallError("epoll_create1", err)
-	}
-	if err := unix.SetNonblock(ep, true); err != nil {
-		_ = unix.Close(ep)
 		return nil, err
 	}
-	p := &poller{ep: ep, file: os.NewFile(uintptr(ep), "epoll"), conns: map[int32]*Conn{}}
-	if p.rc, err = p.file.SyscallConn(); err != nil {
-		_ = p.file.Close()
-		return nil, err
-	}
-	return p, nil
+	return &poller{ep: ep, conns: map[int32]*Conn{}}, nil
 }
 
 // run serves the poller's events; an epoll failure (which would be a bug)
 // fails every connection of the poller and every later one.
 func (p *poller) run() {
-	err := p.rc.Read(p.poll)
+	err := p.ep.RC.Read(p.poll)
 	if err == nil {
 		err = p.waitErr
 	}
@@ -109,16 +98,13 @@ func (p *poller) run() {
 // poller wait for the epoll descriptor (false); true ends run.
 func (p *poller) poll(uintptr) bool {
 	for {
-		n, _, e := unix.RawSyscall6(unix.SYS_EPOLL_PWAIT, uintptr(p.ep), uintptr(unsafe.Pointer(&p.events[0])), pollEvents, 0, 0, 0)
-		if e == unix.EINTR {
-			continue
-		}
-		if e != 0 {
-			p.waitErr = os.NewSyscallError("epoll_pwait", e)
+		n, err := p.ep.Wait(p.events[:])
+		if err != nil {
+			p.waitErr = err
 			return true
 		}
-		p.dispatch(int(n))
-		if int(n) < pollEvents {
+		p.dispatch(n)
+		if n < pollEvents {
 			return false
 		}
 	}
@@ -182,7 +168,7 @@ func (p *poller) add(c *Conn) error {
 		return p.failed
 	}
 	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET, Fd: int32(c.fd)}
-	if err := unix.EpollCtl(p.ep, unix.EPOLL_CTL_ADD, c.fd, &ev); err != nil {
+	if err := unix.EpollCtl(p.ep.FD, unix.EPOLL_CTL_ADD, c.fd, &ev); err != nil {
 		return os.NewSyscallError("epoll_ctl", err)
 	}
 	p.conns[int32(c.fd)] = c
@@ -202,7 +188,7 @@ func (p *poller) remove(c *Conn) {
 	defer p.mu.Unlock()
 	if p.conns[int32(c.fd)] == c {
 		delete(p.conns, int32(c.fd))
-		_ = unix.EpollCtl(p.ep, unix.EPOLL_CTL_DEL, c.fd, nil)
+		_ = unix.EpollCtl(p.ep.FD, unix.EPOLL_CTL_DEL, c.fd, nil)
 	}
 }
 

@@ -13,6 +13,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/zeitwork/zeitwork/internal/epoll"
 	"github.com/zeitwork/zeitwork/internal/proxyproto"
 )
 
@@ -173,9 +174,7 @@ func (q *fifo) due(now int64, live func(timed) bool) (t timed, due bool, next in
 // loop is one event loop.
 type loop struct {
 	l        *LB
-	ep       int
-	file     *os.File // ep, registered with the runtime's poller
-	rc       syscall.RawConn
+	ep       *epoll.Instance
 	wake     sock         // eventfd written by LB.Run with a command; closed by Run
 	cmd      atomic.Int32 // cmd* bits
 	lns      []*loopListener
@@ -203,22 +202,14 @@ type loop struct {
 }
 
 func newLoop(l *LB, lns []*net.TCPListener, maxConns int) (*loop, error) {
-	ep, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	ep, err := epoll.Open()
 	if err != nil {
-		return nil, os.NewSyscallError("epoll_create1", err)
-	}
-	if err := unix.SetNonblock(ep, true); err != nil {
-		_ = unix.Close(ep)
 		return nil, err
 	}
-	lp := &loop{l: l, ep: ep, file: os.NewFile(uintptr(ep), "epoll"), maxConns: maxConns, buf: make([]byte, 0, 256+firstChunk)}
-	if lp.rc, err = lp.file.SyscallConn(); err != nil {
-		_ = lp.file.Close()
-		return nil, err
-	}
+	lp := &loop{l: l, ep: ep, maxConns: maxConns, buf: make([]byte, 0, 256+firstChunk)}
 	wfd, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
 	if err != nil {
-		_ = lp.file.Close()
+		_ = lp.ep.File.Close()
 		return nil, os.NewSyscallError("eventfd", err)
 	}
 	lp.wake = sock{fd: wfd, kind: kindWake}
@@ -250,7 +241,7 @@ func newLoop(l *LB, lns []*net.TCPListener, maxConns int) (*loop, error) {
 // closeAll releases what newLoop opened when it fails.
 func (lp *loop) closeAll() {
 	_ = unix.Close(lp.wake.fd)
-	_ = lp.file.Close()
+	_ = lp.ep.File.Close()
 }
 
 // command asks the loop (from another goroutine) to act on bits.
@@ -265,7 +256,7 @@ func (lp *loop) command(bits int32) {
 func (lp *loop) run() {
 	defer lp.finish()
 	for !lp.quit {
-		err := lp.rc.Read(lp.poll)
+		err := lp.ep.RC.Read(lp.poll)
 		switch {
 		case err == nil:
 		case errors.Is(err, os.ErrDeadlineExceeded):
@@ -290,7 +281,7 @@ func (lp *loop) run() {
 func (lp *loop) finish() {
 	lp.stopAccepting()
 	lp.closeConns()
-	_ = lp.file.Close()
+	_ = lp.ep.File.Close()
 }
 
 // closeConns closes every connection of the loop.
@@ -306,23 +297,20 @@ func (lp *loop) closeConns() {
 // descriptor to become readable) or the loop must leave rc.Read (true).
 func (lp *loop) poll(uintptr) bool {
 	for range loopBatches {
-		n, _, e := unix.RawSyscall6(unix.SYS_EPOLL_PWAIT, uintptr(lp.ep), uintptr(unsafe.Pointer(&lp.events[0])), loopEvents, 0, 0, 0)
-		if e == unix.EINTR {
-			continue
-		}
-		if e != 0 {
-			lp.err = os.NewSyscallError("epoll_pwait", e)
+		n, err := lp.ep.Wait(lp.events[:])
+		if err != nil {
+			lp.err = err
 			lp.quit = true
 			return true
 		}
-		for i := range int(n) {
+		for i := range n {
 			lp.dispatch(&lp.events[i])
 		}
 		lp.retryAccept()
 		if lp.quit {
 			return true
 		}
-		if int(n) < loopEvents {
+		if n < loopEvents {
 			return false
 		}
 	}
@@ -393,7 +381,7 @@ func (lp *loop) register(s *sock) error {
 	if s.kind == kindListener || s.kind == kindWake {
 		ev.Events = unix.EPOLLIN | unix.EPOLLET
 	}
-	if _, _, e := unix.RawSyscall6(unix.SYS_EPOLL_CTL, uintptr(lp.ep), unix.EPOLL_CTL_ADD, uintptr(s.fd), uintptr(unsafe.Pointer(&ev)), 0, 0); e != 0 {
+	if _, _, e := unix.RawSyscall6(unix.SYS_EPOLL_CTL, uintptr(lp.ep.FD), unix.EPOLL_CTL_ADD, uintptr(s.fd), uintptr(unsafe.Pointer(&ev)), 0, 0); e != 0 {
 		return os.NewSyscallError("epoll_ctl", e)
 	}
 	for s.fd >= len(lp.socks) {
@@ -420,7 +408,7 @@ func (lp *loop) arm(at int64) {
 		return
 	}
 	lp.armed = at
-	_ = lp.file.SetReadDeadline(time.Unix(0, at))
+	_ = lp.ep.File.SetReadDeadline(time.Unix(0, at))
 }
 
 // expire handles the deadlines that have passed: connects that take too
@@ -466,7 +454,7 @@ func (lp *loop) expire(now int64) {
 	if next != 0 {
 		d = time.Unix(0, next)
 	}
-	_ = lp.file.SetReadDeadline(d)
+	_ = lp.ep.File.SetReadDeadline(d)
 }
 
 // retryAccept resumes accepting on listeners that stopped (connection
