@@ -238,3 +238,51 @@ func TestConcurrent(t *testing.T) {
 		t.Fatalf("%v allocations per deadline + write + read, want 0", allocs)
 	}
 }
+
+// TestManyReady: more connections ready at once than the poller takes
+// before it yields (pollBatches × pollEvents) are all served.
+func TestManyReady(t *testing.T) {
+	const n = pollBatches*pollEvents + 100
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	conns := make([]*Conn, n)
+	peers := make([]net.Conn, n)
+	for i := range n {
+		if peers[i], err = net.Dial("tcp", ln.Addr().String()); err != nil {
+			t.Fatal(err)
+		}
+		defer peers[i].Close()
+		tc, err := ln.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if conns[i], err = Adopt(tc.(*net.TCPConn)); err != nil {
+			t.Fatal(err)
+		}
+		defer conns[i].Close()
+	}
+	var served atomic.Int32
+	var wg sync.WaitGroup
+	for _, c := range conns {
+		wg.Go(func() {
+			_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+			buf := make([]byte, 1)
+			if _, err := c.Read(buf); err == nil {
+				served.Add(1)
+			}
+		})
+	}
+	time.Sleep(50 * time.Millisecond)
+	for _, p := range peers {
+		if _, err := p.Write([]byte{1}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	wg.Wait()
+	if served.Load() != n {
+		t.Fatalf("%d of %d readers served", served.Load(), n)
+	}
+}

@@ -30,8 +30,10 @@ import (
 	"github.com/zeitwork/zeitwork/internal/epoll"
 )
 
-// pollEvents is how many events one epoll_wait returns at most.
-const pollEvents = 128
+const (
+	pollEvents  = 128 // events one epoll_wait returns at most
+	pollBatches = 4   // full batches taken before the poller yields
+)
 
 // poller is one epoll instance and the goroutine that serves it.
 type poller struct {
@@ -59,7 +61,10 @@ func start() error {
 		for range runtime.GOMAXPROCS(0) {
 			p, err := newPoller()
 			if err != nil {
-				errInit = err
+				for _, p := range pollers {
+					_ = p.ep.File.Close()
+				}
+				pollers, errInit = nil, err
 				return
 			}
 			pollers = append(pollers, p)
@@ -82,7 +87,11 @@ func newPoller() (*poller, error) {
 // run serves the poller's events; an epoll failure (which would be a bug)
 // fails every connection of the poller and every later one.
 func (p *poller) run() {
-	err := p.ep.RC.Read(p.poll)
+	var err error
+	for err == nil && p.waitErr == nil {
+		err = p.ep.RC.Read(p.poll)
+		runtime.Gosched() // after pollBatches full batches: let the woken run
+	}
 	if err == nil {
 		err = p.waitErr
 	}
@@ -95,9 +104,10 @@ func (p *poller) run() {
 }
 
 // poll takes ready events until none is left, then lets the runtime's
-// poller wait for the epoll descriptor (false); true ends run.
+// poller wait for the epoll descriptor (false); true leaves RC.Read, after
+// an epoll failure or pollBatches full batches.
 func (p *poller) poll(uintptr) bool {
-	for {
+	for range pollBatches {
 		n, err := p.ep.Wait(p.events[:])
 		if err != nil {
 			p.waitErr = err
@@ -108,6 +118,7 @@ func (p *poller) poll(uintptr) bool {
 			return false
 		}
 	}
+	return true
 }
 
 // dispatch wakes the goroutines waiting on the n ready events in the
