@@ -225,6 +225,7 @@ func (f *front) handle(fc *frontConn) {
 		st := tc.ConnectionState()
 		switch st.NegotiatedProtocol {
 		case "h2":
+			batchWrites(conn)
 			f.handOff(tc)
 			return
 		case "acme-tls/1": // the challenge was answered by the handshake

@@ -37,6 +37,10 @@ type Conn struct {
 	// after a hang-up or error, writes) are always tried.
 	ended    atomic.Uint32
 	rdl, wdl deadline
+
+	batching atomic.Bool // BatchWrites was called and Close or CloseWrite not yet
+	bmu      sync.Mutex
+	b        batch
 }
 
 func newConn(fd int, laddr, raddr net.Addr) *Conn {
@@ -77,8 +81,18 @@ func (c *Conn) Read(b []byte) (int, error) {
 	}
 }
 
-// Write writes like (*net.TCPConn).Write: all of b unless an error ends it.
+// Write writes like (*net.TCPConn).Write: all of b unless an error ends
+// it. After BatchWrites, b is gathered and written at the end of the
+// scheduling round (see batch.go).
 func (c *Conn) Write(b []byte) (int, error) {
+	if c.batching.Load() {
+		return c.writeBatched(b)
+	}
+	return c.writeNow(b)
+}
+
+// writeNow writes b on the socket, waiting for room as long as needed.
+func (c *Conn) writeNow(b []byte) (int, error) {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	written := 0
@@ -159,6 +173,7 @@ func (c *Conn) opError(op string, err error) error {
 // Close closes the connection; blocked reads and writes return
 // net.ErrClosed.
 func (c *Conn) Close() error {
+	c.stopBatching()
 	var err error
 	first := false
 	c.once.Do(func() {
@@ -191,8 +206,11 @@ func (c *Conn) fail() {
 	})
 }
 
-// CloseWrite shuts down the sending side.
-func (c *Conn) CloseWrite() error { return c.shutdown("close", unix.SHUT_WR) }
+// CloseWrite shuts down the sending side, after what was gathered.
+func (c *Conn) CloseWrite() error {
+	c.stopBatching()
+	return c.shutdown("close", unix.SHUT_WR)
+}
 
 // CloseRead shuts down the receiving side.
 func (c *Conn) CloseRead() error { return c.shutdown("close", unix.SHUT_RD) }

@@ -46,6 +46,12 @@ type poller struct {
 	wake    []chan struct{} // one batch's wake-ups, in the kernel's order
 	waitErr error           // epoll_pwait's failure (the poller goroutine's)
 	failed  error           // why the poller stopped (under mu)
+
+	// Batched writes (batch.go): connections whose batch waits for the
+	// end of the round, and the eventfd the round's first one signals.
+	efd    int
+	flushq []*Conn // under mu
+	kicked bool    // under mu
 }
 
 var (
@@ -62,6 +68,7 @@ func start() error {
 			p, err := newPoller()
 			if err != nil {
 				for _, p := range pollers {
+					_ = unix.Close(p.efd)
 					_ = p.ep.File.Close()
 				}
 				pollers, errInit = nil, err
@@ -81,7 +88,18 @@ func newPoller() (*poller, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &poller{ep: ep, conns: map[int32]*Conn{}}, nil
+	efd, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
+	if err != nil {
+		_ = ep.File.Close()
+		return nil, os.NewSyscallError("eventfd", err)
+	}
+	// Never read: each write is an edge, and the counter cannot fill.
+	if err := unix.EpollCtl(ep.FD, unix.EPOLL_CTL_ADD, efd, &unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLET, Fd: int32(efd)}); err != nil {
+		_ = unix.Close(efd)
+		_ = ep.File.Close()
+		return nil, os.NewSyscallError("epoll_ctl", err)
+	}
+	return &poller{ep: ep, efd: efd, conns: map[int32]*Conn{}}, nil
 }
 
 // run serves the poller's events; an epoll failure (which would be a bug)
@@ -131,6 +149,14 @@ func (p *poller) dispatch(n int) {
 	p.mu.Lock()
 	for i := range n {
 		ev := &p.events[i]
+		if ev.Fd == int32(p.efd) { // the round ended: wake the flushers of its batches
+			for _, c := range p.flushq {
+				p.wake = append(p.wake, c.b.kick)
+			}
+			clear(p.flushq)
+			p.flushq, p.kicked = p.flushq[:0], false
+			continue
+		}
 		c := p.conns[ev.Fd]
 		if c == nil {
 			continue // closed since
