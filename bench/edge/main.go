@@ -64,6 +64,7 @@ type result struct {
 	name          string
 	rps, httpsRPS float64
 	p50, p99      float64 // ms, HTTPS keep-alive
+	h2RPS         float64
 	handshakes    float64
 }
 
@@ -75,6 +76,7 @@ func (r result) better(o result) result {
 	if r.p99 == 0 || (o.p99 != 0 && o.p99 < r.p99) {
 		r.p50, r.p99 = o.p50, o.p99
 	}
+	r.h2RPS = max(r.h2RPS, o.h2RPS)
 	r.handshakes = max(r.handshakes, o.handshakes)
 	return r
 }
@@ -91,7 +93,7 @@ func run() error {
 	if _, err := os.Stat(edgeBin); err != nil {
 		return fmt.Errorf("%s missing: run make build first", edgeBin)
 	}
-	for _, tool := range []string{"wrk", "nginx", "caddy"} {
+	for _, tool := range []string{"wrk", "h2load", "nginx", "caddy"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			if _, err2 := os.Stat("/usr/sbin/" + tool); err2 != nil {
 				return fmt.Errorf("%s not installed (make deps): %w", tool, err)
@@ -145,7 +147,7 @@ http {
 	nconf := fmt.Sprintf(`daemon off; master_process off; worker_processes 1; pid %[1]s/nginx.pid; error_log %[1]s/nginx-error.log crit;
 events { worker_connections 4096; }
 http {
-  access_log off;
+  access_log off; keepalive_requests 1000000;
   client_body_temp_path %[1]s; proxy_temp_path %[1]s; fastcgi_temp_path %[1]s; uwsgi_temp_path %[1]s; scgi_temp_path %[1]s;
   upstream app { server %[2]s; keepalive 128; }
   server {
@@ -233,13 +235,13 @@ http://%[1]s:19232 {
 	}
 	zw, ng, cd := results[0], results[1], results[2]
 	var tb strings.Builder
-	fmt.Fprintf(&tb, "## Edge proxy (make bench-edge)\n\nRun %s, %d alternating rounds, best round of each proxy kept for each figure. Each proxy pinned to CPU 1 with one worker (nginx `worker_processes 1`, Caddy and Zeitwork `GOMAXPROCS=1`); backend (%s answering 128 bytes) and load generators on CPU 0. nginx and Caddy send the backend the same headers as Zeitwork (X-Forwarded-For/Proto/Host, X-Real-IP, X-Request-Id, two instance headers) and return X-Request-Id. wrk: 1 thread, %d keep-alive connections, %s per figure. Handshakes: 16 Go clients opening a new TLS connection (no resumption) per request.\n\n", time.Now().UTC().Format("2006-01-02"), *rounds, backendName(), conns, duration)
-	fmt.Fprintf(&tb, "| proxy | HTTP/1.1 keep-alive rps | HTTPS rps | HTTPS p50 (ms) | HTTPS p99 (ms) | new TLS handshakes/s |\n|---|---|---|---|---|---|\n")
+	fmt.Fprintf(&tb, "## Edge proxy (make bench-edge)\n\nRun %s, %d alternating rounds, best round of each proxy kept for each figure. Each proxy pinned to CPU 1 with one worker (nginx `worker_processes 1`, Caddy and Zeitwork `GOMAXPROCS=1`); backend (%s answering 128 bytes) and load generators on CPU 0. nginx and Caddy send the backend the same headers as Zeitwork (X-Forwarded-For/Proto/Host, X-Real-IP, X-Request-Id, two instance headers) and return X-Request-Id. wrk: 1 thread, %d keep-alive connections, %s per figure. HTTP/2: h2load, 16 connections × 10 streams, 6 s. Handshakes: 16 Go clients opening a new TLS connection (no resumption) per request.\n\n", time.Now().UTC().Format("2006-01-02"), *rounds, backendName(), conns, duration)
+	fmt.Fprintf(&tb, "| proxy | HTTP/1.1 keep-alive rps | HTTPS rps | HTTPS p50 (ms) | HTTPS p99 (ms) | HTTP/2 rps | new TLS handshakes/s |\n|---|---|---|---|---|---|---|\n")
 	for _, r := range results {
-		fmt.Fprintf(&tb, "| %s | %.0f | %.0f | %.2f | %.2f | %.0f |\n", r.name, r.rps, r.httpsRPS, r.p50, r.p99, r.handshakes)
+		fmt.Fprintf(&tb, "| %s | %.0f | %.0f | %.2f | %.2f | %.0f | %.0f |\n", r.name, r.rps, r.httpsRPS, r.p50, r.p99, r.h2RPS, r.handshakes)
 	}
-	fmt.Fprintf(&tb, "| Zeitwork ÷ nginx | %.2f | %.2f | %.2f | %.2f | %.2f |\n", zw.rps/ng.rps, zw.httpsRPS/ng.httpsRPS, zw.p50/ng.p50, zw.p99/ng.p99, zw.handshakes/ng.handshakes)
-	fmt.Fprintf(&tb, "| Zeitwork ÷ Caddy | %.2f | %.2f | %.2f | %.2f | %.2f |\n", zw.rps/cd.rps, zw.httpsRPS/cd.httpsRPS, zw.p50/cd.p50, zw.p99/cd.p99, zw.handshakes/cd.handshakes)
+	fmt.Fprintf(&tb, "| Zeitwork ÷ nginx | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f |\n", zw.rps/ng.rps, zw.httpsRPS/ng.httpsRPS, zw.p50/ng.p50, zw.p99/ng.p99, zw.h2RPS/ng.h2RPS, zw.handshakes/ng.handshakes)
+	fmt.Fprintf(&tb, "| Zeitwork ÷ Caddy | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f |\n", zw.rps/cd.rps, zw.httpsRPS/cd.httpsRPS, zw.p50/cd.p50, zw.p99/cd.p99, zw.h2RPS/cd.h2RPS, zw.handshakes/cd.handshakes)
 	fmt.Print(tb.String())
 	if err := benchdoc.Write("edge", tb.String()); err != nil {
 		log.Printf("cannot record results: %v", err)
@@ -294,8 +296,9 @@ func measure(name string, cmd *exec.Cmd, httpAddr, httpsAddr string) (result, er
 	r := result{name: name}
 	r.rps, _, _ = wrk("http://" + httpAddr + "/")
 	r.httpsRPS, r.p50, r.p99 = wrk("https://" + httpsAddr + "/")
+	r.h2RPS = h2load("https://" + httpsAddr + "/")
 	r.handshakes = handshakes(httpsAddr)
-	log.Printf("%-8s http %.0f rps, https %.0f rps p50 %.2fms p99 %.2fms, %.0f handshakes/s", name, r.rps, r.httpsRPS, r.p50, r.p99, r.handshakes)
+	log.Printf("%-8s http %.0f rps, https %.0f rps p50 %.2fms p99 %.2fms, h2 %.0f rps, %.0f handshakes/s", name, r.rps, r.httpsRPS, r.p50, r.p99, r.h2RPS, r.handshakes)
 	return r, nil
 }
 
@@ -335,6 +338,20 @@ func wrk(url string) (rps, p50, p99 float64) {
 		}
 	}
 	return
+}
+
+var h2RPSRE = regexp.MustCompile(`finished in [^,]+, ([0-9.]+) req/s`)
+
+// h2load measures HTTP/2 requests/s: 16 connections with 10 streams each.
+func h2load(url string) float64 {
+	out, err := pinned("0", "h2load", "-D", "6", "-c", "16", "-m", "10", "-H", ":authority: "+host, url).CombinedOutput()
+	m := h2RPSRE.FindSubmatch(out)
+	if err != nil || m == nil {
+		log.Printf("h2load %s: %v %s", url, err, out)
+		return 0
+	}
+	v, _ := strconv.ParseFloat(string(m[1]), 64)
+	return v
 }
 
 // handshakes counts full TLS handshakes + one request per second.
