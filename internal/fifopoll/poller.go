@@ -12,6 +12,10 @@
 // emptied the socket, so the next one waits for readiness first, as an
 // edge-triggered event loop (nginx's) does.
 //
+// A Conn of a multiplexed protocol may also batch its writes: what is
+// written during one scheduling round goes out in one system call when
+// the round ends (BatchWrites, batch.go).
+//
 // A Conn is a net.Conn: deadlines, Close from another goroutine, EOF and
 // errors behave as on a *net.TCPConn. The pollers (one per P at first
 // use) live as long as the process, as the runtime's own poller does.
