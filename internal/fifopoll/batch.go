@@ -75,14 +75,7 @@ func (c *Conn) writeBatched(b []byte) (int, error) {
 			break
 		}
 		c.bmu.Unlock()
-		c.wdl.waiting.Store(true)
-		select {
-		case <-c.b.room:
-		case <-c.wdl.expired():
-		case <-c.done:
-		case <-c.b.exited:
-		}
-		c.wdl.waiting.Store(false)
+		c.wait(c.b.room, &c.wdl) // the flusher signals room, also on its way out
 		c.bmu.Lock()
 	}
 	c.b.buf = append(c.b.buf, b...)

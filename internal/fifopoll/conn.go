@@ -174,36 +174,37 @@ func (c *Conn) opError(op string, err error) error {
 // net.ErrClosed.
 func (c *Conn) Close() error {
 	c.stopBatching()
-	var err error
-	first := false
+	first, err := c.release(true)
+	switch {
+	case !first:
+		return c.opError("close", net.ErrClosed)
+	case err != nil:
+		return c.opError("close", os.NewSyscallError("close", err))
+	}
+	return nil
+}
+
+// fail ends the connection when its poller failed (under the poller's
+// lock, so the descriptor is not deregistered).
+func (c *Conn) fail() { _, _ = c.release(false) }
+
+// release closes the connection once: waits end, the deadline timers
+// stop, the descriptor leaves the poller (deregister) and is closed.
+func (c *Conn) release(deregister bool) (first bool, err error) {
 	c.once.Do(func() {
 		first = true
 		c.closed.Store(true)
 		close(c.done)
 		c.rdl.stop()
 		c.wdl.stop()
-		c.p.remove(c)
-		c.fdmu.Lock()
-		if e := unix.Close(c.fd); e != nil {
-			err = c.opError("close", os.NewSyscallError("close", e))
+		if deregister {
+			c.p.remove(c)
 		}
-		c.fdmu.Unlock()
-	})
-	if !first {
-		return c.opError("close", net.ErrClosed)
-	}
-	return err
-}
-
-// fail ends the connection's waits when its poller failed.
-func (c *Conn) fail() {
-	c.once.Do(func() {
-		c.closed.Store(true)
-		close(c.done)
 		c.fdmu.Lock()
-		_ = unix.Close(c.fd)
+		err = unix.Close(c.fd)
 		c.fdmu.Unlock()
 	})
+	return first, err
 }
 
 // CloseWrite shuts down the sending side, after what was gathered.
