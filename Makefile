@@ -11,7 +11,8 @@ TEST_TIMEOUT ?= 45m
 
 # Debian packages the platform, its tests and its benchmarks need.
 APT_PACKAGES := postgresql qemu-system-x86 qemu-utils e2fsprogs iproute2 nftables cpio lz4 kmod \
-	haproxy nginx-light wrk nghttp2-client caddy ca-certificates curl git make gcc
+	haproxy nginx-light wrk nghttp2-client caddy ca-certificates curl git make gcc \
+	buildah docker-registry busybox-static
 
 .PHONY: all deps build test test-go lint dev install bench bench-lb bench-edge bench-vm clean
 

@@ -27,12 +27,13 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/zeitwork/zeitwork/internal/buildinfo"
+	"github.com/zeitwork/zeitwork/internal/buildrunner"
 	"github.com/zeitwork/zeitwork/internal/guest"
 )
 
 // modules are loaded in this order from /lib/modules in the initramfs
 // (missing ones are skipped: a kernel may have them built in).
-var modules = []string{"virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "failover", "net_failover", "virtio_net", "virtio_console", "vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport"}
+var modules = []string{"virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "failover", "net_failover", "virtio_net", "virtio_console", "vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport", "overlay"}
 
 const newRoot = "/newroot"
 
@@ -40,6 +41,11 @@ func main() {
 	if len(os.Args) > 1 && (os.Args[1] == "--version" || os.Args[1] == "version") {
 		fmt.Println(buildinfo.String("zeitwork-init"))
 		return
+	}
+	if len(os.Args) > 1 && os.Args[1] == "build" {
+		// A builder VM's workload (internal/buildrunner), started by
+		// this same binary as PID 1.
+		os.Exit(buildrunner.Main())
 	}
 	if os.Getpid() != 1 {
 		fmt.Fprintln(os.Stderr, "zeitwork-init: must run as PID 1 inside a microVM")

@@ -31,6 +31,7 @@ var Modules = []string{
 	"drivers/block/virtio_blk", "net/core/failover", "drivers/net/net_failover",
 	"drivers/net/virtio_net", "drivers/char/virtio_console",
 	"net/vmw_vsock/vsock", "net/vmw_vsock/vmw_vsock_virtio_transport_common", "net/vmw_vsock/vmw_vsock_virtio_transport",
+	"fs/overlayfs/overlay", // the builder's container storage
 }
 
 // Package is the Debian metapackage whose dependency names the kernel.
@@ -74,7 +75,7 @@ func Ensure(ctx context.Context, dir, initBinary string) (*Kernel, error) {
 	if err != nil {
 		return nil, fmt.Errorf("cannot read init binary: %w", err)
 	}
-	sum := sha256.Sum256(initBytes)
+	sum := sha256.Sum256(append(initBytes, strings.Join(Modules, "\n")...))
 	k.Initrd = filepath.Join(kdir, "initramfs-"+hex.EncodeToString(sum[:8])+".cpio")
 	if _, err := os.Stat(k.Initrd); err == nil {
 		return k, nil
@@ -107,7 +108,8 @@ func Ensure(ctx context.Context, dir, initBinary string) (*Kernel, error) {
 func ensurePackage(ctx context.Context, dir string) (string, error) {
 	if cur, err := os.ReadFile(filepath.Join(dir, "current")); err == nil {
 		kdir := filepath.Join(dir, strings.TrimSpace(string(cur)))
-		if _, err := os.Stat(filepath.Join(kdir, "vmlinuz")); err == nil {
+		listed, _ := os.ReadFile(filepath.Join(kdir, "modules.list"))
+		if _, err := os.Stat(filepath.Join(kdir, "vmlinuz")); err == nil && string(listed) == strings.Join(Modules, "\n") {
 			return kdir, nil
 		}
 	}
@@ -158,6 +160,10 @@ func ensurePackage(ctx context.Context, dir string) (string, error) {
 		if err := os.Rename(src, filepath.Join(stage, "modules", filepath.Base(m)+".ko")); err != nil {
 			return "", err
 		}
+	}
+	// Which modules were looked for: a later list triggers a new fetch.
+	if err := os.WriteFile(filepath.Join(stage, "modules.list"), []byte(strings.Join(Modules, "\n")), 0o644); err != nil {
+		return "", err
 	}
 	final := filepath.Join(dir, version)
 	_ = os.RemoveAll(final)

@@ -41,6 +41,9 @@ type Lease struct {
 	GuestIP string `json:"guest_ip"`
 	Bits    int    `json:"bits"`
 	Port    int    `json:"port"` // the app port the host may connect to
+	// Egress is the one port on HostIP the guest may connect to (a
+	// builder VM's egress proxy); 0 = none.
+	Egress int `json:"egress,omitempty"`
 }
 
 // GuestCIDR is the guest address with its prefix length.
@@ -178,6 +181,36 @@ func (m *Manager) Rules() string {
 		fmt.Fprintf(&b, "    elements = { %s }\n", strings.Join(elems, ", "))
 	}
 	fmt.Fprintf(&b, "  }\n")
+	// Guest → its own host address on one port (a builder's egress proxy).
+	fmt.Fprintf(&b, "  set egress {\n    type ipv4_addr . ipv4_addr . inet_service\n")
+	m.mu.Lock()
+	elems = elems[:0]
+	for _, l := range m.leases {
+		if l.Egress > 0 {
+			elems = append(elems, fmt.Sprintf("%s . %s . %d", l.GuestIP, l.HostIP, l.Egress))
+		}
+	}
+	m.mu.Unlock()
+	sort.Strings(elems)
+	if len(elems) > 0 {
+		fmt.Fprintf(&b, "    elements = { %s }\n", strings.Join(elems, ", "))
+	}
+	fmt.Fprintf(&b, "  }\n")
+	// Guests with an egress port (builders) are forwarded nowhere, NAT or not.
+	fmt.Fprintf(&b, "  set sealed {\n    type ipv4_addr\n")
+	m.mu.Lock()
+	elems = elems[:0]
+	for _, l := range m.leases {
+		if l.Egress > 0 {
+			elems = append(elems, l.GuestIP)
+		}
+	}
+	m.mu.Unlock()
+	sort.Strings(elems)
+	if len(elems) > 0 {
+		fmt.Fprintf(&b, "    elements = { %s }\n", strings.Join(elems, ", "))
+	}
+	fmt.Fprintf(&b, "  }\n")
 	fmt.Fprintf(&b, "  chain output {\n    type filter hook output priority 0; policy accept;\n")
 	fmt.Fprintf(&b, "    oifname %q ip daddr . tcp dport @apps accept\n", vm)
 	fmt.Fprintf(&b, "    oifname %q ct state established,related accept\n", vm)
@@ -186,8 +219,10 @@ func (m *Manager) Rules() string {
 	// (health checks, proxied requests).
 	fmt.Fprintf(&b, "  chain input {\n    type filter hook input priority 0; policy accept;\n")
 	fmt.Fprintf(&b, "    iifname %q ct state established,related accept\n", vm)
+	fmt.Fprintf(&b, "    iifname %q ip saddr . ip daddr . tcp dport @egress accept\n", vm)
 	fmt.Fprintf(&b, "    iifname %q drop\n  }\n", vm)
 	fmt.Fprintf(&b, "  chain forward {\n    type filter hook forward priority 0; policy accept;\n")
+	fmt.Fprintf(&b, "    iifname %q ip saddr @sealed drop\n", vm)
 	// Guest → any VM of any agent on this host.
 	fmt.Fprintf(&b, "    iifname %q oifname \"zw*\" drop\n", vm)
 	// Anything → guest, except replies.
@@ -296,6 +331,34 @@ func (m *Manager) Allocate(id string, port int) (*Lease, error) {
 	return l, nil
 }
 
+// AllowEgress lets id's guest connect to port on its host address (and
+// nothing else on the host); 0 takes the permission back.
+func (m *Manager) AllowEgress(id string, port int) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	l, ok := m.leases[id]
+	if !ok {
+		return fmt.Errorf("no network lease for %s", id)
+	}
+	if l.Egress > 0 {
+		_ = m.nft(fmt.Sprintf("delete element inet %s egress { %s . %s . %d }", m.Table(), l.GuestIP, l.HostIP, l.Egress))
+	}
+	l.Egress = port
+	b, _ := json.Marshal(l)
+	if err := fsutil.WriteFile(m.leasePath(id), b, 0o644); err != nil {
+		return fmt.Errorf("cannot persist lease: %w", err)
+	}
+	if port > 0 {
+		if err := m.nft(fmt.Sprintf("add element inet %s sealed { %s }", m.Table(), l.GuestIP)); err != nil {
+			return fmt.Errorf("cannot seal builder network: %w", err)
+		}
+		if err := m.nft(fmt.Sprintf("add element inet %s egress { %s . %s . %d }", m.Table(), l.GuestIP, l.HostIP, port)); err != nil {
+			return fmt.Errorf("cannot allow builder egress: %w", err)
+		}
+	}
+	return nil
+}
+
 // nft runs one nft command (in the namespace, if any).
 func (m *Manager) nft(command string) error {
 	args := append([]string{"nft"}, strings.Fields(command)...)
@@ -361,6 +424,10 @@ func (m *Manager) Release(id string) error {
 	}
 	if l.Port > 0 {
 		_ = m.nft(fmt.Sprintf("delete element inet %s apps { %s . %d }", m.Table(), l.GuestIP, l.Port))
+	}
+	if l.Egress > 0 {
+		_ = m.nft(fmt.Sprintf("delete element inet %s egress { %s . %s . %d }", m.Table(), l.GuestIP, l.HostIP, l.Egress))
+		_ = m.nft(fmt.Sprintf("delete element inet %s sealed { %s }", m.Table(), l.GuestIP))
 	}
 	if err := os.Remove(m.leasePath(id)); err != nil && !os.IsNotExist(err) {
 		errs = append(errs, err)

@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"regexp"
 )
 
 // Spec describes one microVM.
@@ -31,11 +32,23 @@ type Spec struct {
 	// RootDisk is the base ext4 image; it is never written. Each VM boots a
 	// copy-on-write overlay of it in Dir.
 	RootDisk string
-	Tap      string // host tap device; empty = no network
+	// Drives are extra raw disks, attached after the root disk in order
+	// (the guest sees vdb, vdc, … and each drive's ID as its serial under
+	// QEMU). They are used in place, not copied: the builder's layer
+	// cache, its source tree and its output.
+	Drives []Drive
+	Tap    string // host tap device; empty = no network
 	MAC      string
 	// Dir is the machine's state directory (overlay disk, sockets, pid,
 	// console log). It must exist.
 	Dir string
+}
+
+// Drive is one extra raw disk.
+type Drive struct {
+	ID       string // [a-z0-9-]{1,20}; the serial the guest sees under QEMU
+	Path     string
+	ReadOnly bool
 }
 
 // Defaults of a Spec that leaves them unset.
@@ -79,6 +92,18 @@ func (s Spec) Validate() error {
 			return fmt.Errorf("machine %s: %s %s is not a regular file", s.ID, f.what, f.path)
 		}
 	}
+	for _, d := range s.Drives {
+		if !driveIDRE.MatchString(d.ID) || d.ID == "rootfs" {
+			return fmt.Errorf("machine %s: drive id %q", s.ID, d.ID)
+		}
+		st, err := os.Stat(d.Path)
+		if err != nil {
+			return fmt.Errorf("machine %s: drive %s: %w", s.ID, d.ID, err)
+		}
+		if !st.Mode().IsRegular() {
+			return fmt.Errorf("machine %s: drive %s: %s is not a regular file", s.ID, d.ID, d.Path)
+		}
+	}
 	if st, err := os.Stat(s.Dir); err != nil {
 		return fmt.Errorf("machine %s: state directory: %w", s.ID, err)
 	} else if !st.IsDir() {
@@ -86,6 +111,8 @@ func (s Spec) Validate() error {
 	}
 	return nil
 }
+
+var driveIDRE = regexp.MustCompile(`^[a-z0-9-]{1,20}$`)
 
 // Machine is a running microVM.
 type Machine interface {

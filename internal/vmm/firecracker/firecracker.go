@@ -178,14 +178,34 @@ func (f *Firecracker) Start(ctx context.Context, spec vmm.Spec) (vmm.Machine, er
 	if err != nil {
 		return nil, err
 	}
-	err = m.configure(ctx, []apiCall{
+	calls := []apiCall{
 		{"PUT", "/machine-config", machineConfig{VCPUCount: spec.VCPUs, MemSizeMiB: spec.MemoryMiB}},
 		{"PUT", "/boot-source", bootSource{KernelImagePath: kernel, InitrdPath: initrd, BootArgs: Cmdline(spec.Cmdline)}},
 		{"PUT", "/drives/rootfs", drive{DriveID: "rootfs", PathOnHost: l.Disk}},
-		{"PUT", "/network-interfaces/eth0", networkInterface{IfaceID: "eth0", HostDevName: spec.Tap, GuestMAC: spec.MAC}},
-		{"PUT", "/vsock", vsock{GuestCID: GuestCID, UDSPath: l.VsockUDS}},
-		{"PUT", "/actions", action{ActionType: "InstanceStart"}},
-	}, spec.Tap == "")
+	}
+	// Extra drives follow the root disk in the order given (vdb, vdc, …).
+	for _, d := range spec.Drives {
+		p := d.Path
+		if l.Root != "" {
+			if p, err = f.intoChroot(l, d.Path, "/drive-"+d.ID); err != nil {
+				_ = m.Kill()
+				return nil, err
+			}
+			if j := f.cfg.Jailer; j != nil {
+				if err := os.Chown(l.host(p), j.UID, j.GID); err != nil {
+					_ = m.Kill()
+					return nil, fmt.Errorf("cannot hand drive %s to the jailed user: %w", d.ID, err)
+				}
+			}
+		}
+		calls = append(calls, apiCall{"PUT", "/drives/" + d.ID, drive{DriveID: d.ID, PathOnHost: p, IsReadOnly: d.ReadOnly}})
+	}
+	calls = append(calls,
+		apiCall{"PUT", "/network-interfaces/eth0", networkInterface{IfaceID: "eth0", HostDevName: spec.Tap, GuestMAC: spec.MAC}},
+		apiCall{"PUT", "/vsock", vsock{GuestCID: GuestCID, UDSPath: l.VsockUDS}},
+		apiCall{"PUT", "/actions", action{ActionType: "InstanceStart"}},
+	)
+	err = m.configure(ctx, calls, spec.Tap == "")
 	if err != nil {
 		_ = m.Kill()
 		return nil, err

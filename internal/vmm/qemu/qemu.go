@@ -152,6 +152,13 @@ func (q *QEMU) Start(ctx context.Context, spec vmm.Spec) (vmm.Machine, error) {
 		"-device", "virtserialport,chardev=agent,name=zw.agent",
 		"-pidfile", filepath.Join(spec.Dir, "qemu.pid"),
 	)
+	for i, d := range spec.Drives {
+		opt := fmt.Sprintf("id=d%d,file=%s,format=raw,if=none,cache=unsafe,discard=unmap", i, d.Path)
+		if d.ReadOnly {
+			opt += ",readonly=on"
+		}
+		args = append(args, "-drive", opt, "-device", fmt.Sprintf("virtio-blk-device,drive=d%d,serial=%s", i, d.ID))
+	}
 	if spec.Tap != "" {
 		args = append(args, "-netdev", "tap,id=n0,ifname="+spec.Tap+",script=no,downscript=no",
 			"-device", "virtio-net-device,netdev=n0,mac="+spec.MAC)
