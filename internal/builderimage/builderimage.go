@@ -215,5 +215,3 @@ func tail(b []byte) string {
 	}
 	return s
 }
-
-

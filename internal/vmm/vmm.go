@@ -38,7 +38,7 @@ type Spec struct {
 	// cache, its source tree and its output.
 	Drives []Drive
 	Tap    string // host tap device; empty = no network
-	MAC      string
+	MAC    string
 	// Dir is the machine's state directory (overlay disk, sockets, pid,
 	// console log). It must exist.
 	Dir string
