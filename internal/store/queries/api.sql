@@ -46,23 +46,29 @@ UPDATE api_tokens SET deleted_at = now() WHERE id = $1 AND organisation_id = $2 
 
 -- name: ProjectInsert
 INSERT INTO projects (id, organisation_id, name, github_repo, github_branch, image_template, port, health_path,
-                      min_instances_per_region, vcpus, memory_mib)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11);
+                      min_instances_per_region, vcpus, memory_mib, git_url, dockerfile, build_context)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14);
 
 -- name: ProjectsList
 SELECT id, name, github_repo, github_branch, image_template, port, health_path, min_instances_per_region,
-       vcpus, memory_mib, active_deployment_id, created_at
+       vcpus, memory_mib, active_deployment_id, created_at, git_url, dockerfile, build_context, git_token_nonce IS NOT NULL
 FROM projects WHERE organisation_id = $1 AND deleted_at IS NULL ORDER BY name;
 
 -- name: ProjectGet
 SELECT id, name, github_repo, github_branch, image_template, port, health_path, min_instances_per_region,
-       vcpus, memory_mib, active_deployment_id, created_at
+       vcpus, memory_mib, active_deployment_id, created_at, git_url, dockerfile, build_context, git_token_nonce IS NOT NULL
 FROM projects WHERE organisation_id = $1 AND deleted_at IS NULL AND (id::text = $2 OR name = $2);
 
 -- name: ProjectUpdate
 UPDATE projects SET github_repo = $3, github_branch = $4, image_template = $5, port = $6, health_path = $7,
-       min_instances_per_region = $8, vcpus = $9, memory_mib = $10, updated_at = now()
+       min_instances_per_region = $8, vcpus = $9, memory_mib = $10, git_url = $11, dockerfile = $12, build_context = $13,
+       updated_at = now()
 WHERE id = $1 AND organisation_id = $2 AND deleted_at IS NULL;
+
+-- name: ProjectSetGitToken
+-- A NULL nonce and ciphertext clear the token.
+UPDATE projects SET git_token_nonce = $2, git_token_ciphertext = $3, updated_at = now()
+WHERE id = $1 AND deleted_at IS NULL;
 
 -- name: ProjectDelete
 UPDATE projects SET deleted_at = now() WHERE id = $1 AND organisation_id = $2 AND deleted_at IS NULL;
@@ -107,9 +113,10 @@ SELECT id FROM deployments WHERE project_id = $1 AND commit_sha = $2 AND deleted
 -- name: DeploymentGet
 SELECT d.id, d.project_id, p.name, d.status, d.hostname, d.image_ref, coalesce(i.digest, ''), d.commit_sha, d.branch,
        d.preview, d.failure_reason, d.created_at, d.preparing_at, d.starting_at, d.healthy_at, d.active_at, d.finished_at,
-       p.active_deployment_id IS NOT DISTINCT FROM d.id
+       p.active_deployment_id IS NOT DISTINCT FROM d.id, d.building_at, b.id, b.state, b.error
 FROM deployments d JOIN projects p ON p.id = d.project_id
 LEFT JOIN images i ON i.id = d.image_id
+LEFT JOIN builds b ON b.deployment_id = d.id
 WHERE d.organisation_id = $1 AND d.id::text = $2 AND d.deleted_at IS NULL AND p.deleted_at IS NULL;
 
 -- name: DeploymentsList
@@ -118,6 +125,7 @@ WHERE d.project_id = $1 AND d.deleted_at IS NULL ORDER BY d.created_at DESC LIMI
 
 -- name: DeploymentSetStatus
 UPDATE deployments SET status = $2, updated_at = now(),
+       building_at  = CASE WHEN $2 = 'building'  THEN now() ELSE building_at END,
        preparing_at = CASE WHEN $2 = 'preparing' THEN now() ELSE preparing_at END,
        starting_at  = CASE WHEN $2 = 'starting'  THEN now() ELSE starting_at END,
        healthy_at   = CASE WHEN $2 = 'healthy'   THEN coalesce(healthy_at, now()) ELSE healthy_at END,
@@ -166,7 +174,8 @@ ORDER BY last_checked_at NULLS FIRST LIMIT 50;
 
 -- name: NodesList
 SELECT n.id, r.name, n.hostname, n.address, n.state, n.vcpus, n.memory_mib, n.last_heartbeat_at,
-       (SELECT count(*) FROM instances i WHERE i.node_id = n.id AND i.deleted_at IS NULL AND i.desired_state = 'running')
+       (SELECT count(*) FROM instances i WHERE i.node_id = n.id AND i.deleted_at IS NULL AND i.desired_state = 'running'),
+       n.max_builds, (SELECT count(*) FROM builds b WHERE b.node_id = n.id AND b.state = 'running')
 FROM nodes n JOIN regions r ON r.id = n.region_id WHERE n.deleted_at IS NULL ORDER BY r.name, n.hostname, n.id;
 
 -- name: NodeSetState

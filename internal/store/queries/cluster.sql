@@ -4,10 +4,10 @@ ON CONFLICT (name) WHERE deleted_at IS NULL DO UPDATE SET name = excluded.name
 RETURNING id;
 
 -- name: NodeUpsert
-INSERT INTO nodes (id, region_id, hostname, address, vcpus, memory_mib, disk_bytes, last_heartbeat_at, state)
-VALUES ($1, $2, $3, $4, $5, $6, $7, now(), 'ready')
+INSERT INTO nodes (id, region_id, hostname, address, vcpus, memory_mib, disk_bytes, last_heartbeat_at, state, max_builds)
+VALUES ($1, $2, $3, $4, $5, $6, $7, now(), 'ready', $8)
 ON CONFLICT (id) DO UPDATE SET region_id = $2, hostname = $3, address = $4, vcpus = $5, memory_mib = $6,
-    disk_bytes = $7, last_heartbeat_at = now(), updated_at = now(),
+    disk_bytes = $7, max_builds = $8, last_heartbeat_at = now(), updated_at = now(),
     state = CASE WHEN nodes.state = 'down' THEN 'ready' ELSE nodes.state END
 RETURNING (xmax = 0);
 
@@ -33,7 +33,8 @@ RETURNING id;
 -- name: OpenDeployments
 SELECT d.id, d.status, d.image_ref, d.preview, d.deadline_at < now(), p.id, p.name, o.name, p.port, p.health_path,
        p.min_instances_per_region, p.vcpus, p.memory_mib, p.active_deployment_id IS NOT DISTINCT FROM d.id,
-       coalesce(i.digest, ''), d.finished_at, d.branch
+       coalesce(i.digest, ''), d.finished_at, d.branch,
+       EXISTS (SELECT 1 FROM builds b WHERE b.deployment_id = d.id)
 FROM deployments d JOIN projects p ON p.id = d.project_id JOIN organisations o ON o.id = d.organisation_id
 LEFT JOIN images i ON i.id = d.image_id
 WHERE d.deleted_at IS NULL AND p.deleted_at IS NULL
@@ -116,7 +117,7 @@ INSERT INTO webhook_deliveries (delivery_id, event) VALUES ($1, $2) ON CONFLICT 
 UPDATE webhook_deliveries SET status = $2, project_id = $3, deployment_id = $4 WHERE delivery_id = $1;
 
 -- name: ProjectsByRepo
-SELECT p.id, p.organisation_id, p.name, p.github_branch, p.image_template, o.name
+SELECT p.id, p.organisation_id, p.name, p.github_branch, p.image_template, o.name, p.github_repo, p.git_url
 FROM projects p JOIN organisations o ON o.id = p.organisation_id
 WHERE lower(p.github_repo) = lower($1) AND p.deleted_at IS NULL AND o.deleted_at IS NULL
 ORDER BY p.id;
