@@ -19,8 +19,10 @@ import (
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
 
+	"github.com/zeitwork/zeitwork/internal/build"
 	"github.com/zeitwork/zeitwork/internal/db"
 	"github.com/zeitwork/zeitwork/internal/httpjson"
+	"github.com/zeitwork/zeitwork/internal/operator/builds"
 	"github.com/zeitwork/zeitwork/internal/operator/names"
 	"github.com/zeitwork/zeitwork/internal/operator/secrets"
 	"github.com/zeitwork/zeitwork/internal/store"
@@ -33,6 +35,7 @@ var (
 	errConflict     = errors.New("conflict")
 	errUnauthorized = errors.New("unauthorized")
 	errForbidden    = errors.New("forbidden")
+	errTooLarge     = errors.New("too_large")
 )
 
 func invalid(format string, args ...any) error {
@@ -54,11 +57,13 @@ func writeErr(w http.ResponseWriter, err error) {
 		code, class = http.StatusUnauthorized, "unauthorized"
 	case errors.Is(err, errForbidden):
 		code, class = http.StatusForbidden, "forbidden"
+	case errors.Is(err, errTooLarge):
+		code, class = http.StatusRequestEntityTooLarge, "too_large"
 	}
 	var e httpjson.ErrorBody
 	e.Error.Code = class
 	msg := err.Error()
-	for _, p := range []string{"invalid: ", "not_found: ", "conflict: ", "unauthorized: ", "forbidden: "} {
+	for _, p := range []string{"invalid: ", "not_found: ", "conflict: ", "unauthorized: ", "forbidden: ", "too_large: "} {
 		msg = strings.TrimPrefix(msg, p)
 	}
 	if code == 500 {
@@ -139,6 +144,10 @@ func (o *Operator) Handler(admin http.Handler) http.Handler {
 	user("PUT /api/v1/projects/{project}/env", o.setEnv)
 	user("DELETE /api/v1/projects/{project}/env/{name}", o.unsetEnv)
 	user("GET /api/v1/projects/{project}/deployments", o.listDeployments)
+	user("POST /api/v1/projects/{project}/sources", o.uploadSource)
+	user("GET /api/v1/projects/{project}/builds", o.listBuilds)
+	user("GET /api/v1/builds/{id}", o.getBuild)
+	user("GET /api/v1/builds/{id}/logs", o.buildLogs)
 	user("POST /api/v1/projects/{project}/deployments", o.createDeployment)
 	user("POST /api/v1/projects/{project}/rollback", o.rollback)
 	user("GET /api/v1/projects/{project}/domains", o.listDomains)
@@ -181,6 +190,7 @@ func (o *Operator) Handler(admin http.Handler) http.Handler {
 	internal("POST /api/v1/internal/nodes/{id}/heartbeat", o.nodeHeartbeat)
 	internal("POST /api/v1/internal/edges/heartbeat", o.edgeHeartbeat)
 	internal("GET /api/v1/internal/edges", o.listEdges)
+	internal("GET /api/v1/internal/sources/{id}", o.downloadSource)
 	mux.HandleFunc("POST /api/v1/github/webhook", o.webhook)
 	mux.Handle("/health", admin)
 	mux.Handle("/health/", admin)
@@ -476,11 +486,27 @@ type Project struct {
 	ActiveDeploymentID    *uuid.UUID `json:"active_deployment_id"`
 	ProductionURL         string     `json:"production_url"`
 	CreatedAt             time.Time  `json:"created_at"`
+	// Builds from source: a project with a repository and no image
+	// template builds each deployment from its Dockerfile.
+	GitURL           string `json:"git_url"`
+	Dockerfile       string `json:"dockerfile"`    // relative to BuildContext
+	BuildContext     string `json:"build_context"` // relative to the repository root
+	GitTokenSet      bool   `json:"git_token_set"` // the token itself is write-only
+	BuildsFromSource bool   `json:"builds_from_source"`
+}
+
+// buildsFromSource reports whether commits of the project are built (it
+// has a repository and no image template).
+func (p *Project) buildsFromSource() bool {
+	return p.ImageTemplate == "" && (p.GithubRepo != "" || p.GitURL != "")
 }
 
 func scanProject(row pgx.Row, p *Project) error {
-	return row.Scan(&p.ID, &p.Name, &p.GithubRepo, &p.GithubBranch, &p.ImageTemplate, &p.Port, &p.HealthPath,
-		&p.MinInstancesPerRegion, &p.VCPUs, &p.MemoryMiB, &p.ActiveDeploymentID, &p.CreatedAt)
+	err := row.Scan(&p.ID, &p.Name, &p.GithubRepo, &p.GithubBranch, &p.ImageTemplate, &p.Port, &p.HealthPath,
+		&p.MinInstancesPerRegion, &p.VCPUs, &p.MemoryMiB, &p.ActiveDeploymentID, &p.CreatedAt,
+		&p.GitURL, &p.Dockerfile, &p.BuildContext, &p.GitTokenSet)
+	p.BuildsFromSource = p.buildsFromSource()
+	return err
 }
 
 func (o *Operator) project(r *http.Request) (*Project, error) {
@@ -506,6 +532,10 @@ type projectInput struct {
 	MinInstancesPerRegion *int    `json:"min_instances_per_region"`
 	VCPUs                 *int    `json:"vcpus"`
 	MemoryMiB             *int    `json:"memory_mib"`
+	GitURL                *string `json:"git_url"`
+	Dockerfile            *string `json:"dockerfile"`
+	BuildContext          *string `json:"build_context"`
+	GitToken              *string `json:"git_token"` // write-only; "" clears it
 }
 
 var repoRE = regexp.MustCompile(`^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$`)
@@ -521,6 +551,9 @@ func (in *projectInput) apply(p *Project) error {
 	set(&p.GithubBranch, in.GithubBranch)
 	set(&p.ImageTemplate, in.ImageTemplate)
 	set(&p.HealthPath, in.HealthPath)
+	set(&p.GitURL, in.GitURL)
+	set(&p.Dockerfile, in.Dockerfile)
+	set(&p.BuildContext, in.BuildContext)
 	for dst, src := range map[*int]*int{&p.Port: in.Port, &p.MinInstancesPerRegion: in.MinInstancesPerRegion, &p.VCPUs: in.VCPUs, &p.MemoryMiB: in.MemoryMiB} {
 		if src != nil {
 			*dst = *src
@@ -551,6 +584,19 @@ func (in *projectInput) apply(p *Project) error {
 	if p.MemoryMiB < 96 || p.MemoryMiB > 65536 {
 		probs = append(probs, "memory_mib must be 96-65536")
 	}
+	if err := builds.ValidGitURL(p.GitURL); err != nil {
+		probs = append(probs, err.Error())
+	}
+	if err := build.RelPath(p.Dockerfile); err != nil {
+		probs = append(probs, "dockerfile: "+err.Error()+" (relative to build_context)")
+	}
+	if err := build.RelPath(p.BuildContext); err != nil {
+		probs = append(probs, "build_context: "+err.Error())
+	}
+	if in.GitToken != nil && (len(*in.GitToken) > 4096 || strings.ContainsAny(*in.GitToken, "\x00\r\n")) {
+		probs = append(probs, "git_token must be at most 4096 characters on one line")
+	}
+	p.BuildsFromSource = p.buildsFromSource()
 	if len(probs) > 0 {
 		return invalid("%s", strings.Join(probs, "; "))
 	}
@@ -568,12 +614,19 @@ func (o *Operator) createProject(w http.ResponseWriter, r *http.Request) error {
 	if err := names.ValidLabel(*in.Name); err != nil {
 		return invalid("%v", err)
 	}
-	p := Project{ID: newID(), Name: *in.Name, GithubBranch: "main", Port: 8080, HealthPath: "/", MinInstancesPerRegion: 3, VCPUs: 1, MemoryMiB: 128}
+	p := Project{ID: newID(), Name: *in.Name, GithubBranch: "main", Port: 8080, HealthPath: "/", MinInstancesPerRegion: 3, VCPUs: 1, MemoryMiB: 128,
+		Dockerfile: "Dockerfile", BuildContext: "."}
 	if err := in.apply(&p); err != nil {
 		return err
 	}
-	_, err := o.pool.Exec(r.Context(), Q("ProjectInsert"), p.ID, who(r).OrgID, p.Name, p.GithubRepo, p.GithubBranch, p.ImageTemplate,
-		p.Port, p.HealthPath, p.MinInstancesPerRegion, p.VCPUs, p.MemoryMiB)
+	err := o.tx(r.Context(), func(tx pgx.Tx) error {
+		_, err := tx.Exec(r.Context(), Q("ProjectInsert"), p.ID, who(r).OrgID, p.Name, p.GithubRepo, p.GithubBranch, p.ImageTemplate,
+			p.Port, p.HealthPath, p.MinInstancesPerRegion, p.VCPUs, p.MemoryMiB, p.GitURL, p.Dockerfile, p.BuildContext)
+		if err != nil {
+			return err
+		}
+		return o.setGitToken(r.Context(), tx, &p, in.GitToken)
+	})
 	if db.IsUniqueViolation(err) {
 		return fmt.Errorf("%w: a project named %q already exists", errConflict, p.Name)
 	}
@@ -628,12 +681,35 @@ func (o *Operator) updateProject(w http.ResponseWriter, r *http.Request) error {
 	if err := in.apply(p); err != nil {
 		return err
 	}
-	if _, err := o.pool.Exec(r.Context(), Q("ProjectUpdate"), p.ID, who(r).OrgID, p.GithubRepo, p.GithubBranch, p.ImageTemplate,
-		p.Port, p.HealthPath, p.MinInstancesPerRegion, p.VCPUs, p.MemoryMiB); err != nil {
+	err = o.tx(r.Context(), func(tx pgx.Tx) error {
+		if _, err := tx.Exec(r.Context(), Q("ProjectUpdate"), p.ID, who(r).OrgID, p.GithubRepo, p.GithubBranch, p.ImageTemplate,
+			p.Port, p.HealthPath, p.MinInstancesPerRegion, p.VCPUs, p.MemoryMiB, p.GitURL, p.Dockerfile, p.BuildContext); err != nil {
+			return err
+		}
+		return o.setGitToken(r.Context(), tx, p, in.GitToken)
+	})
+	if err != nil {
 		return err
 	}
 	o.notify(r.Context(), "zeitwork_reconcile")
 	httpjson.Write(w, 200, p)
+	return nil
+}
+
+// setGitToken seals and stores a project's git token (write-only; ""
+// clears it); nil leaves it as it is.
+func (o *Operator) setGitToken(ctx context.Context, tx pgx.Tx, p *Project, token *string) error {
+	if token == nil {
+		return nil
+	}
+	var nonce, ct []byte
+	if *token != "" {
+		nonce, ct = o.seal.Seal(p.ID.String(), builds.GitTokenName, *token)
+	}
+	if _, err := tx.Exec(ctx, Q("ProjectSetGitToken"), p.ID, nonce, ct); err != nil {
+		return err
+	}
+	p.GitTokenSet = *token != ""
 	return nil
 }
 

@@ -5,11 +5,13 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
 
+	"github.com/zeitwork/zeitwork/internal/build"
 	"github.com/zeitwork/zeitwork/internal/httpjson"
 	"github.com/zeitwork/zeitwork/internal/operator/agents"
 	"github.com/zeitwork/zeitwork/internal/operator/names"
@@ -24,6 +26,10 @@ type nodeReport struct {
 	MemoryMiB int               `json:"memory_mib"`
 	DiskBytes int64             `json:"disk_bytes"`
 	Instances []agents.Instance `json:"instances"`
+	// Builds from source: the slots the node offers and every build it
+	// holds (running or finished and not yet deleted).
+	MaxBuilds int            `json:"max_builds"`
+	Builds    []build.Status `json:"builds"`
 }
 
 // nodeHeartbeat registers a node agent (first call) and records its
@@ -47,14 +53,42 @@ func (o *Operator) nodeHeartbeat(w http.ResponseWriter, r *http.Request) error {
 	if rep.Address == "" || rep.VCPUs < 1 || rep.MemoryMiB < 1 {
 		return invalid("address, vcpus and memory_mib are required")
 	}
-	changed := false
+	if rep.MaxBuilds < 0 || rep.MaxBuilds > 1024 {
+		return invalid("max_builds must be 0-1024")
+	}
+	if rep.Builds == nil {
+		rep.Builds = []build.Status{}
+	}
+	for i := range rep.Builds { // jsonb holds no NUL; errors carry builder output
+		st := &rep.Builds[i]
+		st.Error = strings.ReplaceAll(st.Error, "\x00", "")
+		if len(st.Error) > 64<<10 {
+			st.Error = st.Error[len(st.Error)-64<<10:]
+		}
+		st.ID, st.State, st.Image = strings.ReplaceAll(st.ID, "\x00", ""), strings.ReplaceAll(st.State, "\x00", ""), strings.ReplaceAll(st.Image, "\x00", "")
+	}
+	reportedBuilds, err := json.Marshal(rep.Builds)
+	if err != nil {
+		return invalid("builds: %v", err)
+	}
+	changed, buildsChanged := false, false
 	err = o.tx(r.Context(), func(tx pgx.Tx) error {
 		var regionID uuid.UUID
 		if err := tx.QueryRow(r.Context(), Q("RegionUpsert"), newID(), rep.Region).Scan(&regionID); err != nil {
 			return err
 		}
 		var inserted bool
-		if err := tx.QueryRow(r.Context(), Q("NodeUpsert"), nodeID, regionID, rep.Hostname, rep.Address, rep.VCPUs, rep.MemoryMiB, rep.DiskBytes).Scan(&inserted); err != nil {
+		if err := tx.QueryRow(r.Context(), Q("NodeUpsert"), nodeID, regionID, rep.Hostname, rep.Address, rep.VCPUs, rep.MemoryMiB, rep.DiskBytes,
+			rep.MaxBuilds).Scan(&inserted); err != nil {
+			return err
+		}
+		// The leader acts on the builds' states (internal/operator/builds).
+		if err := tx.QueryRow(r.Context(), Q("NodeBuildsReport"), nodeID, reportedBuilds).Scan(new(uuid.UUID)); err == nil {
+			buildsChanged = true
+			if _, err := tx.Exec(r.Context(), "SELECT pg_notify('zeitwork_reconcile', '')"); err != nil {
+				return err
+			}
+		} else if !isNoRows(err) {
 			return err
 		}
 		if inserted {
@@ -92,7 +126,7 @@ func (o *Operator) nodeHeartbeat(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	if changed {
+	if changed || buildsChanged {
 		o.nudge()
 	}
 	httpjson.Write(w, 200, map[string]any{"ok": true})
@@ -167,10 +201,13 @@ func (o *Operator) listNodes(w http.ResponseWriter, r *http.Request) error {
 		MemoryMiB       int       `json:"memory_mib"`
 		LastHeartbeatAt time.Time `json:"last_heartbeat_at"`
 		Instances       int       `json:"instances"`
+		MaxBuilds       int       `json:"max_builds"`
+		Builds          int       `json:"builds"` // running
 	}
 	out, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (node, error) {
 		var n node
-		return n, row.Scan(&n.ID, &n.Region, &n.Hostname, &n.Address, &n.State, &n.VCPUs, &n.MemoryMiB, &n.LastHeartbeatAt, &n.Instances)
+		return n, row.Scan(&n.ID, &n.Region, &n.Hostname, &n.Address, &n.State, &n.VCPUs, &n.MemoryMiB, &n.LastHeartbeatAt, &n.Instances,
+			&n.MaxBuilds, &n.Builds)
 	})
 	if err != nil {
 		return err

@@ -16,7 +16,10 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 
+	"github.com/zeitwork/zeitwork/internal/build"
+	"github.com/zeitwork/zeitwork/internal/db"
 	"github.com/zeitwork/zeitwork/internal/httpjson"
+	"github.com/zeitwork/zeitwork/internal/operator/builds"
 	"github.com/zeitwork/zeitwork/internal/operator/names"
 	"github.com/zeitwork/zeitwork/internal/operator/webhook"
 	"github.com/zeitwork/zeitwork/internal/store"
@@ -39,6 +42,7 @@ type Deployment struct {
 	Active        bool                       `json:"active"`
 	FailureReason string                     `json:"failure_reason,omitempty"`
 	CreatedAt     time.Time                  `json:"created_at"`
+	BuildingAt    *time.Time                 `json:"building_at,omitempty"`
 	PreparingAt   *time.Time                 `json:"preparing_at,omitempty"`
 	StartingAt    *time.Time                 `json:"starting_at,omitempty"`
 	HealthyAt     *time.Time                 `json:"healthy_at,omitempty"`
@@ -46,6 +50,14 @@ type Deployment struct {
 	FinishedAt    *time.Time                 `json:"finished_at,omitempty"`
 	Regions       map[string]RegionInstances `json:"regions"`
 	Instances     []Instance                 `json:"instances"`
+	Build         *DeploymentBuild           `json:"build,omitempty"`
+}
+
+// DeploymentBuild is the build of a deployment built from source.
+type DeploymentBuild struct {
+	ID    uuid.UUID `json:"id"`
+	State string    `json:"state"`
+	Error string    `json:"error,omitempty"`
 }
 
 // RegionInstances summarises one region of a deployment.
@@ -72,14 +84,19 @@ type Instance struct {
 
 func (o *Operator) deployment(ctx context.Context, org principal, id string) (*Deployment, error) {
 	var d Deployment
+	var buildID *uuid.UUID
+	var buildState, buildError *string
 	err := o.pool.QueryRow(ctx, Q("DeploymentGet"), org.OrgID, id).Scan(&d.ID, &d.ProjectID, &d.Project, &d.Status, &d.Hostname,
 		&d.Image, &d.ImageDigest, &d.CommitSHA, &d.Branch, &d.Preview, &d.FailureReason, &d.CreatedAt, &d.PreparingAt,
-		&d.StartingAt, &d.HealthyAt, &d.ActiveAt, &d.FinishedAt, &d.Active)
+		&d.StartingAt, &d.HealthyAt, &d.ActiveAt, &d.FinishedAt, &d.Active, &d.BuildingAt, &buildID, &buildState, &buildError)
 	if isNoRows(err) {
 		return nil, notFound("deployment " + id)
 	}
 	if err != nil {
 		return nil, err
+	}
+	if buildID != nil {
+		d.Build = &DeploymentBuild{ID: *buildID, State: *buildState, Error: *buildError}
 	}
 	d.URL = "https://" + d.Hostname
 	if !d.Preview {
@@ -125,6 +142,7 @@ type deployRequest struct {
 	CommitSHA string `json:"commit_sha"`
 	Branch    string `json:"branch"`
 	Preview   bool   `json:"preview"`
+	SourceID  string `json:"source_id"` // an uploaded archive to build
 }
 
 func (o *Operator) createDeployment(w http.ResponseWriter, r *http.Request) error {
@@ -142,7 +160,12 @@ func (o *Operator) createDeployment(w http.ResponseWriter, r *http.Request) erro
 		return err
 	}
 	return o.idempotent(w, r, body, func() (int, any, error) {
-		id, err := o.newDeployment(r.Context(), o.pool, who(r), p, req, r.Header.Get("Idempotency-Key"))
+		var id uuid.UUID
+		err := o.tx(r.Context(), func(tx pgx.Tx) error {
+			var err error
+			id, err = o.newDeployment(r.Context(), tx, who(r), p, req, r.Header.Get("Idempotency-Key"))
+			return err
+		})
 		if err != nil {
 			return 0, nil, err
 		}
@@ -154,19 +177,56 @@ func (o *Operator) createDeployment(w http.ResponseWriter, r *http.Request) erro
 	})
 }
 
-// newDeployment records a pending deployment and nudges the reconciler.
-// The same (project, commit) or idempotency key returns the existing one.
+// newDeployment records a pending deployment and nudges the reconciler;
+// a deployment built from source (a commit of a project without an image
+// template, or an uploaded archive) gets its queued build in the same
+// transaction (q must then be one). The same (project, commit), source
+// archive or idempotency key returns the existing one.
 func (o *Operator) newDeployment(ctx context.Context, q querier, org principal, p *Project, req deployRequest, idemKey string) (uuid.UUID, error) {
 	req.Image = strings.TrimSpace(req.Image)
 	if req.CommitSHA != "" && !webhook.ValidSHA(req.CommitSHA) {
 		return uuid.Nil, invalid("commit_sha %q is not a hex commit id", req.CommitSHA)
 	}
-	if req.Image == "" {
+	var b *newBuild
+	switch {
+	case req.SourceID != "":
+		if req.Image != "" || req.CommitSHA != "" {
+			return uuid.Nil, invalid("source_id cannot be combined with image or commit_sha")
+		}
+		srcID, err := uuid.Parse(req.SourceID)
+		if err != nil {
+			return uuid.Nil, notFound("source " + req.SourceID)
+		}
+		var existing uuid.UUID
+		if err := q.QueryRow(ctx, Q("BuildBySource"), p.ID, srcID).Scan(&existing); err == nil {
+			return existing, nil
+		} else if !isNoRows(err) {
+			return uuid.Nil, err
+		}
+		var sum string
+		if err := q.QueryRow(ctx, Q("SourceOfProject"), srcID.String(), p.ID).Scan(&sum); isNoRows(err) {
+			return uuid.Nil, notFound("source " + req.SourceID + " (sources belong to one project and are deleted when their build ends or after an hour unused)")
+		} else if err != nil {
+			return uuid.Nil, err
+		}
+		b = &newBuild{kind: "archive", sourceID: &srcID, sourceSHA: sum}
+	case req.Image == "" && p.ImageTemplate == "" && p.buildsFromSource():
+		if req.CommitSHA == "" {
+			return uuid.Nil, invalid("commit_sha is required to build from source (or give image, or upload a source archive)")
+		}
+		if !builds.FullSHA(req.CommitSHA) {
+			return uuid.Nil, invalid("commit_sha %q: a build from source needs the full 40-character commit id", req.CommitSHA)
+		}
+		b = &newBuild{kind: "git", gitURL: builds.RepoURL(o.cfg.GitBaseURL, p.GithubRepo, p.GitURL)}
+	case req.Image == "":
 		if req.CommitSHA == "" || p.ImageTemplate == "" {
-			return uuid.Nil, invalid("image is required (or commit_sha with a project image_template)")
+			return uuid.Nil, invalid("image is required (or commit_sha with a project image_template or repository, or source_id)")
 		}
 		req.Image = strings.ReplaceAll(p.ImageTemplate, "{sha}", req.CommitSHA)
 		req.Image = strings.ReplaceAll(req.Image, "{branch}", req.Branch)
+	}
+	if b != nil {
+		req.Image = builds.TargetImage(o.cfg.BuildRegistry, org.OrgName, p.Name, builds.Tag(req.CommitSHA, b.sourceSHA))
 	}
 	if strings.ContainsAny(req.Image, " \t\n") || len(req.Image) > 512 {
 		return uuid.Nil, invalid("image %q is not a valid reference", req.Image)
@@ -186,6 +246,16 @@ func (o *Operator) newDeployment(ctx context.Context, q querier, org principal, 
 			return uuid.Nil, err
 		}
 		if tag.RowsAffected() == 1 {
+			if b != nil {
+				_, err := q.Exec(ctx, Q("BuildInsert"), newID(), id, p.ID, org.OrgID, req.Branch, b.kind, b.gitURL, req.CommitSHA,
+					b.sourceID, b.sourceSHA, req.Image)
+				if db.IsUniqueViolation(err) {
+					return uuid.Nil, fmt.Errorf("%w: source %s is already being deployed", errConflict, req.SourceID)
+				}
+				if err != nil {
+					return uuid.Nil, err
+				}
+			}
 			o.m.deployments.WithLabelValues("pending").Inc()
 			_, err := q.Exec(ctx, "SELECT pg_notify('zeitwork_reconcile', '')")
 			return id, err
@@ -210,6 +280,14 @@ func (o *Operator) newDeployment(ctx context.Context, q querier, org principal, 
 		}
 	}
 	return uuid.Nil, fmt.Errorf("cannot record the deployment: versioned hostname collisions")
+}
+
+// newBuild is the build a new deployment queues.
+type newBuild struct {
+	kind      string // git | archive
+	gitURL    string
+	sourceID  *uuid.UUID
+	sourceSHA string
 }
 
 // querier is what pgxpool.Pool and pgx.Tx have in common.
@@ -264,18 +342,54 @@ func (o *Operator) stopDeployment(w http.ResponseWriter, r *http.Request) error 
 	if d.Active {
 		return fmt.Errorf("%w: deployment %s serves production; promote or roll back to another one first", errConflict, d.ID)
 	}
+	type canceled struct {
+		id     uuid.UUID
+		source *uuid.UUID
+		addr   string
+	}
+	var builds []canceled
 	err = o.tx(r.Context(), func(tx pgx.Tx) error {
 		if _, err := tx.Exec(r.Context(), Q("DeploymentSetStatus"), d.ID, "stopped", "stopped by request"); err != nil {
 			return err
 		}
+		rows, err := tx.Query(r.Context(), Q("BuildCancelOfDeployment"), d.ID, "canceled: the deployment was stopped")
+		if err != nil {
+			return err
+		}
+		builds, err = pgx.CollectRows(rows, func(row pgx.CollectableRow) (canceled, error) {
+			var c canceled
+			return c, row.Scan(&c.id, &c.source, &c.addr)
+		})
+		if err != nil {
+			return err
+		}
+		for _, c := range builds {
+			if c.source != nil {
+				if _, err := tx.Exec(r.Context(), Q("SourceDelete"), *c.source); err != nil {
+					return err
+				}
+			}
+		}
 		if _, err := tx.Exec(r.Context(), Q("StopDeploymentInstances"), d.ID); err != nil {
 			return err
 		}
-		_, err := tx.Exec(r.Context(), Q("BumpRoutes"))
+		_, err = tx.Exec(r.Context(), Q("BumpRoutes"))
 		return err
 	})
 	if err != nil {
 		return err
+	}
+	for _, c := range builds {
+		o.m.build.Results.WithLabelValues(build.StateCanceled).Inc()
+		if c.addr == "" {
+			continue
+		}
+		// Best effort: the leader cancels it again while its node reports it.
+		cctx, cancel := context.WithTimeout(r.Context(), 3*time.Second)
+		if err := o.agents.CancelBuild(cctx, c.addr, c.id.String()); err != nil {
+			o.log.Warn("cannot cancel build on node", "build_id", c.id, "node", c.addr, "err", err)
+		}
+		cancel()
 	}
 	o.nudge()
 	d, err = o.deployment(r.Context(), who(r), d.ID.String())
@@ -355,6 +469,9 @@ func (o *Operator) switchTo(ctx context.Context, d *Deployment) error {
 	switch d.Status {
 	case "failed", "stopped":
 		return fmt.Errorf("%w: deployment %s is %s", errConflict, d.ID, d.Status)
+	}
+	if d.Build != nil && !build.Terminal(d.Build.State) {
+		return fmt.Errorf("%w: deployment %s is still building; it goes live on its own once built and healthy", errConflict, d.ID)
 	}
 	healthy, running := 0, 0
 	for _, in := range d.Instances {

@@ -72,22 +72,21 @@ func (o *Operator) webhook(w http.ResponseWriter, r *http.Request) {
 			return err
 		}
 		type proj struct {
-			id, org                     uuid.UUID
-			name, orgName, branch, tmpl string
+			id, org                                   uuid.UUID
+			name, orgName, branch, tmpl, repo, gitURL string
 		}
 		projs, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (proj, error) {
 			var p proj
-			return p, row.Scan(&p.id, &p.org, &p.name, &p.branch, &p.tmpl, &p.orgName)
+			return p, row.Scan(&p.id, &p.org, &p.name, &p.branch, &p.tmpl, &p.orgName, &p.repo, &p.gitURL)
 		})
 		if err != nil {
 			return err
 		}
 		status := "no_project"
 		for _, p := range projs {
-			if p.tmpl == "" {
-				continue
-			}
-			pr := &Project{ID: p.id, Name: p.name, ImageTemplate: p.tmpl}
+			// With an image template the commit names an image; without
+			// one the commit is built from source.
+			pr := &Project{ID: p.id, Name: p.name, ImageTemplate: p.tmpl, GithubRepo: p.repo, GitURL: p.gitURL}
 			id, err := o.newDeployment(ctx, tx, principal{OrgID: p.org, OrgName: p.orgName}, pr,
 				deployRequest{CommitSHA: ev.After, Branch: ev.Branch(), Preview: ev.Branch() != p.branch}, "")
 			if err != nil {

@@ -13,6 +13,8 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/url"
+	"regexp"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -23,8 +25,10 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/zeitwork/zeitwork/internal/build"
 	"github.com/zeitwork/zeitwork/internal/envconfig"
 	"github.com/zeitwork/zeitwork/internal/operator/agents"
+	"github.com/zeitwork/zeitwork/internal/operator/builds"
 	"github.com/zeitwork/zeitwork/internal/operator/domains"
 	"github.com/zeitwork/zeitwork/internal/operator/reconcile"
 	"github.com/zeitwork/zeitwork/internal/operator/routes"
@@ -51,6 +55,15 @@ type Config struct {
 	InsecureRegistries []string
 	Drain              time.Duration
 	AdminOrgs          []string
+
+	// Builds from source (internal/operator/builds).
+	GitBaseURL     string        // GIT_BASE_URL: github_repo clones from GitBaseURL/owner/name.git
+	BuildRegistry  string        // BUILD_REGISTRY: host[:port][/path] built images are pushed to
+	BuildTimeout   time.Duration // BUILD_TIMEOUT
+	BuildVCPUs     int           // BUILD_VCPUS, 0: the node agent's default
+	BuildMemoryMiB int           // BUILD_MEMORY_MIB, 0: the node agent's default
+	BuildDiskMiB   int           // BUILD_DISK_MIB, 0: the node agent's default
+	MaxSourceBytes int64         // largest source upload; 0: builds.MaxSourceBytes (100 MiB)
 
 	// BootstrapToken, when set, is ensured at start for BootstrapOrg
 	// (owner BootstrapEmail): a known token for dev clusters and tests.
@@ -95,6 +108,12 @@ func LoadConfig(l *envconfig.Loader) Config {
 		InsecureRegistries: l.List("INSECURE_REGISTRIES", nil),
 		Drain:              l.Duration("DRAIN_TIMEOUT", 20*time.Second),
 		AdminOrgs:          l.List("ADMIN_ORGS", nil),
+		GitBaseURL:         strings.TrimRight(l.String("GIT_BASE_URL", "https://github.com"), "/"),
+		BuildRegistry:      strings.TrimRight(l.String("BUILD_REGISTRY", ""), "/"),
+		BuildTimeout:       l.Duration("BUILD_TIMEOUT", 15*time.Minute),
+		BuildVCPUs:         l.Int("BUILD_VCPUS", 0, 0, 64),
+		BuildMemoryMiB:     l.Int("BUILD_MEMORY_MIB", 0, 0, build.MaxMemoryMiB),
+		BuildDiskMiB:       l.Int("BUILD_DISK_MIB", 0, 0, build.MaxDiskMiB),
 	}
 	c.BootstrapToken = l.String("BOOTSTRAP_TOKEN", "")
 	c.BootstrapOrg = l.String("BOOTSTRAP_ORG", "")
@@ -117,6 +136,18 @@ func LoadConfig(l *envconfig.Loader) Config {
 			l.Errorf("DNS_RESOLVER", "%q is not host:port", c.DNSResolver)
 		}
 	}
+	if u, err := url.Parse(c.GitBaseURL); err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
+		l.Errorf("GIT_BASE_URL", "%q is not an http(s) URL like https://github.com", c.GitBaseURL)
+	}
+	if c.BuildRegistry != "" && !registryRE.MatchString(c.BuildRegistry) {
+		l.Errorf("BUILD_REGISTRY", "%q is not host[:port][/path] (no scheme), e.g. 127.0.0.1:5005", c.BuildRegistry)
+	}
+	if c.BuildTimeout < time.Minute || c.BuildTimeout > build.MaxTimeoutS*time.Second {
+		l.Errorf("BUILD_TIMEOUT", "%s is outside 1m..%s", c.BuildTimeout, build.MaxTimeoutS*time.Second)
+	}
+	if (c.BuildMemoryMiB != 0 && c.BuildMemoryMiB < 256) || (c.BuildDiskMiB != 0 && c.BuildDiskMiB < 256) {
+		l.Errorf("BUILD_MEMORY_MIB", "BUILD_MEMORY_MIB and BUILD_DISK_MIB are 0 (the node agent's default) or at least 256")
+	}
 	for _, ip := range c.EdgeIPs {
 		if net.ParseIP(ip) == nil {
 			l.Errorf("EDGE_IPS", "%q is not an IP address", ip)
@@ -124,6 +155,8 @@ func LoadConfig(l *envconfig.Loader) Config {
 	}
 	return c
 }
+
+var registryRE = regexp.MustCompile(`^[a-zA-Z0-9.-]+(:[0-9]{1,5})?(/[a-z0-9]+([._-][a-z0-9]+)*)*$`)
 
 // Operator is one operator process.
 type Operator struct {
@@ -133,6 +166,7 @@ type Operator struct {
 	seal   *secrets.Sealer
 	agents *agents.Client
 	rec    *reconcile.Reconciler
+	builds *builds.Scheduler
 	verify *domains.Verifier
 	m      *metrics
 
@@ -149,6 +183,7 @@ type metrics struct {
 	passes      *prometheus.HistogramVec
 	webhooks    *prometheus.CounterVec
 	routeBuilds prometheus.Counter
+	build       *builds.Metrics
 }
 
 // New builds an operator on an open, migrated pool.
@@ -169,11 +204,21 @@ func New(cfg Config, pool *pgxpool.Pool, reg prometheus.Registerer, log *slog.Lo
 		webhooks:    prometheus.NewCounterVec(prometheus.CounterOpts{Name: "zeitwork_operator_webhook_deliveries_total", Help: "GitHub deliveries by result."}, []string{"result"}),
 		routeBuilds: prometheus.NewCounter(prometheus.CounterOpts{Name: "zeitwork_operator_route_table_builds_total", Help: "Route tables built from the database (cache misses)."}),
 	}
+	o.m.build = builds.NewMetrics(o.m.deployments)
+	if o.cfg.GitBaseURL == "" {
+		o.cfg.GitBaseURL = "https://github.com"
+	}
+	if o.cfg.MaxSourceBytes <= 0 {
+		o.cfg.MaxSourceBytes = builds.MaxSourceBytes
+	}
+	o.builds = builds.New(builds.Config{Registry: cfg.BuildRegistry, Timeout: cfg.BuildTimeout, VCPUs: cfg.BuildVCPUs,
+		MemoryMiB: cfg.BuildMemoryMiB, DiskMiB: cfg.BuildDiskMiB, DeployTimeout: cfg.DeployTimeout}, pool, o.agents, s, log, o.m.build)
 	o.routeTable = routes.New(pool, cfg.AppsDomain, o.m.routeBuilds)
 	o.rec = reconcile.New(reconcile.Config{DeployTimeout: cfg.DeployTimeout, Retention: cfg.Retention, NodeDownAfter: cfg.NodeDownAfter,
 		OrphanScanEvery: cfg.OrphanScanEvery, InsecureRegistries: cfg.InsecureRegistries}, pool, o.agents, s, log, o.m.deployments)
 	if reg != nil {
 		reg.MustRegister(o.m.requests, o.m.deployments, o.m.leader, o.m.passes, o.m.webhooks, o.m.routeBuilds)
+		reg.MustRegister(o.m.build.Collectors()...)
 	}
 	return o, nil
 }
@@ -273,7 +318,9 @@ func (o *Operator) reconcileLoop(ctx context.Context, conn *pgxpool.Conn) {
 	for {
 		pctx, cancel := context.WithTimeout(ctx, time.Minute)
 		start := time.Now()
-		err := errors.Join(o.rec.Pass(pctx), o.recheckDomains(pctx))
+		// Builds first: a finished build hands its deployment to this
+		// very reconcile pass.
+		err := errors.Join(o.builds.Pass(pctx), o.rec.Pass(pctx), o.recheckDomains(pctx))
 		cancel()
 		result := "ok"
 		if err != nil {

@@ -77,6 +77,7 @@ type openDeployment struct {
 	digest           string
 	finishedAt       *time.Time
 	branch           string
+	build            bool // built from source (internal/operator/builds takes it from pending to preparing)
 }
 
 // Pass is one level-triggered pass over the whole cluster: it
@@ -118,7 +119,7 @@ func (o *Reconciler) Pass(ctx context.Context) error {
 	deps, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (openDeployment, error) {
 		var d openDeployment
 		return d, row.Scan(&d.id, &d.status, &d.image, &d.preview, &d.pastDue, &d.projectID, &d.project, &d.org, &d.port,
-			&d.healthPath, &d.minPerRegion, &d.vcpus, &d.memoryMiB, &d.active, &d.digest, &d.finishedAt, &d.branch)
+			&d.healthPath, &d.minPerRegion, &d.vcpus, &d.memoryMiB, &d.active, &d.digest, &d.finishedAt, &d.branch, &d.build)
 	})
 	if err != nil {
 		return err
@@ -206,6 +207,17 @@ func (o *Reconciler) projectEnv(ctx context.Context, projectID uuid.UUID) (map[s
 func (o *Reconciler) step(ctx context.Context, d openDeployment) error {
 	switch d.status {
 	case "pending":
+		if d.build {
+			// Its build is queued; the build scheduler moves it on to
+			// preparing with the image the build pushed.
+			tag, err := o.pool.Exec(ctx, Q("DeploymentStartBuilding"), d.id)
+			if err != nil || tag.RowsAffected() == 0 {
+				return err
+			}
+			o.transitions.WithLabelValues("building").Inc()
+			o.log.Info("deployment status", "deployment_id", d.id, "status", "building")
+			return nil
+		}
 		return o.setStatus(ctx, d.id, "preparing", "")
 	case "preparing":
 		ref, digest, size, err := o.resolve(ctx, d.image)
