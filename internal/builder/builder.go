@@ -74,7 +74,9 @@ type Deps struct {
 	Net      *hostnet.Manager
 	Kernel   string
 	Initrd   string
-	RootDisk string // builderimage.Ensure
+	// RootDisk returns the builder root disk (builderimage.Ensure), made
+	// on the first build.
+	RootDisk func(ctx context.Context) (string, error)
 	// Source writes the tar of a build's source to w.
 	Source func(ctx context.Context, src build.Source, w io.Writer) error
 	Log    *slog.Logger
@@ -457,11 +459,15 @@ func (b *Builder) execute(j *job) (*string, error) {
 	jb, _ := json.Marshal(rjob)
 
 	// The builder VM.
+	disk, err := b.deps.RootDisk(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("cannot prepare the builder image: %w", err)
+	}
 	j.logf("starting builder VM (%d vCPU, %d MiB memory, %d MiB disk, time limit %s)", spec.VCPUs, spec.MemoryMiB, spec.DiskMiB,
 		time.Duration(spec.TimeoutS)*time.Second)
 	m, err := b.deps.VMM.Start(ctx, vmm.Spec{
 		ID: id, VCPUs: spec.VCPUs, MemoryMiB: spec.MemoryMiB, Kernel: b.deps.Kernel, Initrd: b.deps.Initrd,
-		RootDisk: b.deps.RootDisk, Tap: lease.Tap, MAC: lease.MAC, Dir: filepath.Join(dir, "vm"),
+		RootDisk: disk, Tap: lease.Tap, MAC: lease.MAC, Dir: filepath.Join(dir, "vm"),
 		Drives: []vmm.Drive{
 			{ID: buildrunner.DriveCache, Path: cachePath},
 			{ID: buildrunner.DriveSource, Path: srcPath, ReadOnly: true},

@@ -91,7 +91,7 @@ func newFixture(t *testing.T) *fixture {
 	go srv.Serve(f.hostLn)
 	t.Cleanup(func() { srv.Close() })
 	f.b, err = New(Config{WorkDir: f.work, Concurrency: 2, VCPUs: 2, MemoryMiB: 768, DiskMiB: 1024},
-		Deps{VMM: q, Net: f.net, Kernel: k.BzImage, Initrd: k.Initrd, RootDisk: disk, Log: slog.New(slog.DiscardHandler),
+		Deps{VMM: q, Net: f.net, Kernel: k.BzImage, Initrd: k.Initrd, RootDisk: func(context.Context) (string, error) { return disk, nil }, Log: slog.New(slog.DiscardHandler),
 			Source: func(ctx context.Context, src build.Source, w io.Writer) error {
 				b, ok := f.sources[src.ArchivePath]
 				if !ok {

@@ -48,6 +48,12 @@ type Config struct {
 	RegistryAddr string
 	// KernelDir caches the guest kernel (shared by all node agents).
 	KernelDir string
+	// Distribution runs the platform registry as the distribution
+	// registry process (Debian's docker-registry) instead of in process.
+	Distribution bool
+	// GitBaseURL is where projects' GitHub repositories are fetched from
+	// (GIT_BASE_URL; tests point it at a local git server).
+	GitBaseURL string
 }
 
 // Region is one running region.
@@ -163,7 +169,12 @@ func Start(ctx context.Context, cfg Config) (_ *Cluster, err error) {
 		}
 		c.DatabaseURL = c.DB.URL("zeitwork")
 	}
-	if c.Registry, err = StartRegistry(cfg.RegistryAddr); err != nil {
+	if cfg.Distribution {
+		c.Registry, err = StartDistribution(ctx, cfg.RegistryAddr, filepath.Join(cfg.StateDir, "registry"))
+	} else {
+		c.Registry, err = StartRegistry(cfg.RegistryAddr)
+	}
+	if err != nil {
 		return nil, err
 	}
 	encKey, err := secret(cfg.StateDir, "encryption-key", 32, base64.StdEncoding.EncodeToString)
@@ -205,7 +216,11 @@ func merge(dst map[string]string, srcs ...map[string]string) map[string]string {
 // OperatorEnv is the operator's environment (also used to run its
 // subcommands, e.g. bootstrap).
 func (c *Cluster) OperatorEnv() map[string]string {
-	return merge(c.common(), map[string]string{
+	git := map[string]string{}
+	if c.cfg.GitBaseURL != "" {
+		git["GIT_BASE_URL"] = c.cfg.GitBaseURL
+	}
+	return merge(c.common(), git, map[string]string{
 		"LISTEN_ADDR":           c.operatorAddr,
 		"DATABASE_URL":          c.DatabaseURL,
 		"ENCRYPTION_KEY":        c.encKey,
@@ -213,6 +228,7 @@ func (c *Cluster) OperatorEnv() map[string]string {
 		"GITHUB_WEBHOOK_SECRET": c.WebhookSecret,
 		"INSECURE_REGISTRIES":   c.Registry.Addr,
 		"RECONCILE_INTERVAL":    "500ms",
+		"BUILD_REGISTRY":        c.Registry.Addr,
 	}, c.cfg.Env)
 }
 
@@ -245,6 +261,8 @@ func (c *Cluster) nodeAgent(i int, r *Region, n int) *Proc {
 			"KERNEL_DIR":          c.cfg.KernelDir,
 			"INSECURE_REGISTRIES": c.Registry.Addr,
 			"HEARTBEAT_INTERVAL":  "1s",
+			"BUILD_MEMORY_MIB":    "1024",
+			"BUILD_DISK_MIB":      "4096",
 		}, c.cfg.Env),
 	}
 }

@@ -11,6 +11,8 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
@@ -26,7 +28,61 @@ import (
 type Registry struct {
 	Addr string // host:port
 	srv  *http.Server
+	proc *Proc // the distribution registry, when it runs as a process
 	done chan struct{}
+}
+
+// DistributionBin is Debian's build of the CNCF distribution registry
+// (package docker-registry).
+const DistributionBin = "/usr/bin/docker-registry"
+
+// StartDistribution runs the distribution registry as a process on addr
+// ("127.0.0.1:0" picks a free port) with its storage in dir: the
+// platform's registry as production runs it, for builds from source.
+func StartDistribution(ctx context.Context, addr, dir string) (*Registry, error) {
+	if addr == "" || strings.HasSuffix(addr, ":0") {
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			return nil, err
+		}
+		addr = ln.Addr().String()
+		ln.Close()
+	}
+	if err := os.MkdirAll(filepath.Join(dir, "data"), 0o755); err != nil {
+		return nil, err
+	}
+	cfg := fmt.Sprintf(`version: 0.1
+log:
+  level: warn
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: %s
+  delete:
+    enabled: true
+  maintenance:
+    uploadpurging:
+      enabled: true
+      age: 1h
+      interval: 10m
+      dryrun: false
+http:
+  addr: %s
+health:
+  storagedriver:
+    enabled: true
+`, filepath.Join(dir, "data"), addr)
+	cfgPath := filepath.Join(dir, "config.yml")
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
+		return nil, err
+	}
+	p := &Proc{Name: "registry", Path: DistributionBin, Args: []string{"serve", cfgPath}, LogFile: filepath.Join(dir, "registry.log"),
+		Health: "http://" + addr + "/v2/"}
+	if err := p.Start(ctx, 30*time.Second); err != nil {
+		return nil, err
+	}
+	return &Registry{Addr: addr, proc: p}, nil
 }
 
 // StartRegistry serves an in-memory OCI registry on addr ("127.0.0.1:0"
@@ -52,6 +108,9 @@ func StartRegistry(addr string) (*Registry, error) {
 
 // Close stops the registry.
 func (r *Registry) Close() error {
+	if r.proc != nil {
+		return r.proc.Stop(10 * time.Second)
+	}
 	err := r.srv.Close()
 	<-r.done
 	return err

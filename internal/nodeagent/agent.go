@@ -33,6 +33,8 @@ import (
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/zeitwork/zeitwork/internal/build"
+	"github.com/zeitwork/zeitwork/internal/builder"
 	"github.com/zeitwork/zeitwork/internal/envconfig"
 	"github.com/zeitwork/zeitwork/internal/fsutil"
 	"github.com/zeitwork/zeitwork/internal/guestkernel"
@@ -76,6 +78,7 @@ type Config struct {
 	BootConcurrency int           // boots at once
 	VCPUs           int           // capacity offered to the operator
 	MemoryMiB       int
+	Build           BuildConfig
 }
 
 // LoadConfig reads the agent's environment.
@@ -110,6 +113,7 @@ func LoadConfig(l *envconfig.Loader) Config {
 		VCPUs:           l.Int("NODE_VCPUS", runtime.NumCPU()*4, 1, 100000),
 		MemoryMiB:       l.Int("NODE_MEMORY_MIB", hostMemoryMiB(), 128, 1<<30),
 	}
+	c.Build = loadBuildConfig(l)
 	if a := l.String("LISTEN_ADDR", ""); a != "" {
 		c.Addr = l.Addr("LISTEN_ADDR", a)
 	}
@@ -159,6 +163,7 @@ type Agent struct {
 	client    *http.Client
 	bootSlots chan struct{}
 	routes    *routeTable // what the data plane process serves
+	builds    *builder.Builder // nil when the node runs no builds
 
 	mu           sync.Mutex
 	instances    map[string]*instance
@@ -221,6 +226,9 @@ func New(ctx context.Context, cfg Config, reg prometheus.Registerer, log *slog.L
 	}
 	if err := a.net.Setup(); err != nil {
 		return nil, fmt.Errorf("cannot set up VM networking: %w", err)
+	}
+	if a.builds, err = a.newBuilder(initBin); err != nil {
+		return nil, fmt.Errorf("cannot set up builds: %w", err)
 	}
 	a.metrics = &metrics{
 		instances: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "zeitwork_node_agent_instances", Help: "Instances by state."}, []string{"state"}),
@@ -589,6 +597,9 @@ func (a *Agent) detach() {
 	close(a.detached)
 	a.cancelDetach()
 	a.wg.Wait()
+	if a.builds != nil {
+		a.builds.Close() // builds do not survive the agent; see internal/builder
+	}
 }
 
 func (a *Agent) updateGauges() {
@@ -602,6 +613,20 @@ func (a *Agent) updateGauges() {
 	for k, v := range counts {
 		a.metrics.instances.WithLabelValues(k).Set(v)
 	}
+}
+
+func (a *Agent) buildCapacity() int {
+	if a.builds == nil {
+		return 0
+	}
+	return a.builds.Capacity()
+}
+
+func (a *Agent) buildList() []build.Status {
+	if a.builds == nil {
+		return []build.Status{}
+	}
+	return a.builds.List()
 }
 
 // Info is GET /node/info.
@@ -667,6 +692,7 @@ func (a *Agent) report(ctx context.Context, call string) error {
 		"id": a.cfg.NodeID, "hostname": host, "region": a.cfg.Region, "address": a.cfg.Advertise,
 		"vcpus": a.cfg.VCPUs, "memory_mib": a.cfg.MemoryMiB, "disk_bytes": res.DiskBytes,
 		"instances": a.List(), "resources": res,
+		"max_builds": a.buildCapacity(), "builds": a.buildList(),
 	})
 	var lastErr error
 	for _, op := range a.cfg.Operators {
@@ -736,6 +762,7 @@ func (a *Agent) Handler(admin http.Handler) http.Handler {
 		w.WriteHeader(http.StatusNoContent)
 	})
 	api.HandleFunc("GET /instances/{id}/logs", a.handleLogs)
+	a.buildRoutes(api)
 	api.HandleFunc("GET /node/info", func(w http.ResponseWriter, r *http.Request) { httpjson.Write(w, 200, a.Info()) })
 	api.HandleFunc("GET /node/resources", func(w http.ResponseWriter, r *http.Request) { httpjson.Write(w, 200, a.Resources()) })
 
