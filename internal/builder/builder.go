@@ -70,10 +70,10 @@ type Config struct {
 
 // Deps are what the builder uses from the node agent.
 type Deps struct {
-	VMM      vmm.VMM
-	Net      *hostnet.Manager
-	Kernel   string
-	Initrd   string
+	VMM    vmm.VMM
+	Net    *hostnet.Manager
+	Kernel string
+	Initrd string
 	// RootDisk returns the builder root disk (builderimage.Ensure), made
 	// on the first build.
 	RootDisk func(ctx context.Context) (string, error)

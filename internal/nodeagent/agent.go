@@ -162,7 +162,7 @@ type Agent struct {
 	metrics   *metrics
 	client    *http.Client
 	bootSlots chan struct{}
-	routes    *routeTable // what the data plane process serves
+	routes    *routeTable      // what the data plane process serves
 	builds    *builder.Builder // nil when the node runs no builds
 
 	mu           sync.Mutex
