@@ -74,14 +74,7 @@ func (c *Client) Do(ctx context.Context, method, path string, body, out any, hea
 		return err
 	}
 	if resp.StatusCode >= 400 && resp.StatusCode != 422 {
-		var e struct {
-			Error struct {
-				Code    string `json:"code"`
-				Message string `json:"message"`
-			} `json:"error"`
-		}
-		_ = json.Unmarshal(b, &e)
-		return &Error{Status: resp.StatusCode, Code: e.Error.Code, Message: e.Error.Message}
+		return apiError(resp.StatusCode, b)
 	}
 	if out != nil && len(b) > 0 {
 		if err := json.Unmarshal(b, out); err != nil {
@@ -89,6 +82,50 @@ func (c *Client) Do(ctx context.Context, method, path string, body, out any, hea
 		}
 	}
 	return nil
+}
+
+// Upload sends body as is (of the given content type) and decodes the
+// JSON answer into out. It has no overall timeout: ctx bounds it.
+func (c *Client) Upload(ctx context.Context, method, path, contentType string, body io.Reader, out any) error {
+	req, err := http.NewRequestWithContext(ctx, method, c.BaseURL+path, body)
+	if err != nil {
+		return err
+	}
+	if c.Token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.Token)
+	}
+	req.Header.Set("Content-Type", contentType)
+	hc := *c.HTTP
+	hc.Timeout = 0
+	resp, err := hc.Do(req)
+	if err != nil {
+		return fmt.Errorf("cannot reach the operator at %s: %w", c.BaseURL, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if err != nil {
+		return err
+	}
+	if resp.StatusCode >= 400 {
+		return apiError(resp.StatusCode, b)
+	}
+	if out != nil && len(b) > 0 {
+		if err := json.Unmarshal(b, out); err != nil {
+			return fmt.Errorf("unexpected answer from the operator: %w", err)
+		}
+	}
+	return nil
+}
+
+func apiError(status int, body []byte) *Error {
+	var e struct {
+		Error struct {
+			Code    string `json:"code"`
+			Message string `json:"message"`
+		} `json:"error"`
+	}
+	_ = json.Unmarshal(body, &e)
+	return &Error{Status: status, Code: e.Error.Code, Message: e.Error.Message}
 }
 
 // Stream opens a streaming GET (NDJSON) and returns its body.
@@ -105,8 +142,9 @@ func (c *Client) Stream(ctx context.Context, path string) (io.ReadCloser, error)
 		return nil, fmt.Errorf("cannot reach the operator at %s: %w", c.BaseURL, err)
 	}
 	if resp.StatusCode >= 400 {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
 		resp.Body.Close()
-		return nil, &Error{Status: resp.StatusCode, Message: fmt.Sprintf("operator answered %d", resp.StatusCode)}
+		return nil, apiError(resp.StatusCode, b)
 	}
 	return resp.Body, nil
 }
@@ -124,12 +162,21 @@ type Deployment struct {
 	Active        bool                       `json:"active"`
 	FailureReason string                     `json:"failure_reason"`
 	CreatedAt     time.Time                  `json:"created_at"`
+	BuildingAt    *time.Time                 `json:"building_at"`
 	PreparingAt   *time.Time                 `json:"preparing_at"`
 	StartingAt    *time.Time                 `json:"starting_at"`
 	HealthyAt     *time.Time                 `json:"healthy_at"`
 	ActiveAt      *time.Time                 `json:"active_at"`
 	FinishedAt    *time.Time                 `json:"finished_at"`
 	Regions       map[string]RegionInstances `json:"regions"`
+	Build         *DeploymentBuild           `json:"build"` // a deployment built from source
+}
+
+// DeploymentBuild is the build of a deployment built from source.
+type DeploymentBuild struct {
+	ID    string `json:"id"`
+	State string `json:"state"` // queued, running, succeeded, failed, canceled
+	Error string `json:"error"`
 }
 
 // RegionInstances counts a region's instances.

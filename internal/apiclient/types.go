@@ -22,6 +22,11 @@ type Project struct {
 	ActiveDeploymentID    *string   `json:"active_deployment_id"`
 	ProductionURL         string    `json:"production_url"`
 	CreatedAt             time.Time `json:"created_at"`
+	GitURL                string    `json:"git_url"`
+	Dockerfile            string    `json:"dockerfile"`
+	BuildContext          string    `json:"build_context"`
+	GitTokenSet           bool      `json:"git_token_set"`
+	BuildsFromSource      bool      `json:"builds_from_source"`
 }
 
 // ProjectSpec creates or changes a project; nil fields keep their value
@@ -36,15 +41,61 @@ type ProjectSpec struct {
 	MinInstancesPerRegion *int    `json:"min_instances_per_region,omitempty"`
 	VCPUs                 *int    `json:"vcpus,omitempty"`
 	MemoryMiB             *int    `json:"memory_mib,omitempty"`
+	GitURL                *string `json:"git_url,omitempty"`
+	Dockerfile            *string `json:"dockerfile,omitempty"`
+	BuildContext          *string `json:"build_context,omitempty"`
+	GitToken              *string `json:"git_token,omitempty"` // write-only; "" clears it
 }
 
-// DeployRequest starts a deployment: an image reference, or a commit SHA
-// the project's image template turns into one.
+// DeployRequest starts a deployment: an image reference; or a commit SHA
+// the project's image template turns into one, or that is built from the
+// project's repository when it has no template; or an uploaded source
+// archive (SourceID) to build.
 type DeployRequest struct {
 	Image     string `json:"image,omitempty"`
 	CommitSHA string `json:"commit_sha,omitempty"`
 	Branch    string `json:"branch,omitempty"`
 	Preview   bool   `json:"preview,omitempty"`
+	SourceID  string `json:"source_id,omitempty"`
+}
+
+// Source is an uploaded source archive.
+type Source struct {
+	SourceID string `json:"source_id"`
+	SHA256   string `json:"sha256"`
+	Size     int64  `json:"size"`
+}
+
+// Build is a build from source.
+type Build struct {
+	ID             string     `json:"id"`
+	DeploymentID   string     `json:"deployment_id"`
+	ProjectID      string     `json:"project_id"`
+	Project        string     `json:"project"`
+	Branch         string     `json:"branch"`
+	State          string     `json:"state"`
+	NodeID         *string    `json:"node_id"`
+	SourceKind     string     `json:"source_kind"`
+	CommitSHA      string     `json:"commit_sha"`
+	SourceSHA256   string     `json:"source_sha256"`
+	Image          string     `json:"image"`
+	ImageDigestRef string     `json:"image_digest_ref"`
+	Error          string     `json:"error"`
+	CacheHits      int        `json:"cache_hits"`
+	Steps          int        `json:"steps"`
+	LogTruncated   bool       `json:"log_truncated"`
+	CreatedAt      time.Time  `json:"created_at"`
+	StartedAt      *time.Time `json:"started_at"`
+	FinishedAt     *time.Time `json:"finished_at"`
+	DeadlineAt     *time.Time `json:"deadline_at"`
+}
+
+// BuildLogLine is one line of a build log (NDJSON).
+type BuildLogLine struct {
+	Seq    int       `json:"seq"`
+	Time   time.Time `json:"time"`
+	Stream string    `json:"stream"` // "build" (the builder) or "zeitwork" (the platform)
+	Line   string    `json:"line"`
 }
 
 // Instance is one VM of a deployment.
@@ -259,6 +310,37 @@ func (c *Client) Logs(ctx context.Context, deploymentID string, follow bool) (io
 		q = "?follow=1"
 	}
 	return c.Stream(ctx, p("deployments", deploymentID, "logs")+q)
+}
+
+// UploadSource uploads a gzipped tar of a source tree for a later
+// Deploy with SourceID.
+func (c *Client) UploadSource(ctx context.Context, project string, targz io.Reader) (*Source, error) {
+	var out Source
+	return &out, c.Upload(ctx, "POST", p("projects", project, "sources"), "application/gzip", targz, &out)
+}
+
+// Builds lists a project's builds, newest first.
+func (c *Client) Builds(ctx context.Context, project string) ([]Build, error) {
+	var out struct {
+		Builds []Build `json:"builds"`
+	}
+	return out.Builds, c.Do(ctx, "GET", p("projects", project, "builds"), nil, &out)
+}
+
+// Build reads one build.
+func (c *Client) Build(ctx context.Context, id string) (*Build, error) {
+	var out Build
+	return &out, c.Do(ctx, "GET", p("builds", id), nil, &out)
+}
+
+// BuildLogs streams a build's log as NDJSON (BuildLogLine); follow keeps
+// it open until the build ends.
+func (c *Client) BuildLogs(ctx context.Context, id string, follow bool) (io.ReadCloser, error) {
+	q := "?follow=0"
+	if follow {
+		q = "?follow=1"
+	}
+	return c.Stream(ctx, p("builds", id, "logs")+q)
 }
 
 // Instances lists a deployment's instances.
