@@ -168,7 +168,7 @@ func addCommands(root *cobra.Command, a *app) {
 		fmt.Fprintf(a.stdout, "%v\n", me["organisation"])
 		return nil
 	}})
-	root.AddCommand(projectsCommand(a), deployCommand(a), deploymentsCommand(a), envCommand(a), domainsCommand(a), logsCommand(a))
+	root.AddCommand(projectsCommand(a), deployCommand(a), deploymentsCommand(a), envCommand(a), domainsCommand(a), logsCommand(a), buildsCommand(a))
 	root.AddCommand(&cobra.Command{Use: "link PROJECT", Short: "Remember PROJECT for this directory", Args: cobra.ExactArgs(1), RunE: func(cmd *cobra.Command, args []string) error {
 		c, err := a.client()
 		if err != nil {
@@ -303,14 +303,37 @@ func str(v any) string {
 func projectsCommand(a *app) *cobra.Command {
 	cmd := &cobra.Command{Use: "projects", Short: "Manage projects"}
 	var port, perRegion, vcpus, mem int
-	var health, repo, branch, template string
-	create := &cobra.Command{Use: "create NAME", Short: "Create a project", Args: cobra.ExactArgs(1), RunE: func(cmd *cobra.Command, args []string) error {
+	var health, repo, branch, template, gitURL, dockerfile, buildContext string
+	var tokenStdin bool
+	create := &cobra.Command{Use: "create NAME", Short: "Create a project", Long: `Create a project.
+
+A project deploys images: given with 'zeitwork deploy --image', or named
+for a commit by --image-template. Without an image template, a project
+with --github-repo or --git-url builds every pushed commit (and
+'zeitwork deploy --commit SHA' or '--source DIR') from its Dockerfile.`, Args: cobra.ExactArgs(1), RunE: func(cmd *cobra.Command, args []string) error {
 		c, err := a.client()
 		if err != nil {
 			return err
 		}
 		body := map[string]any{"name": args[0], "port": port, "health_path": health, "min_instances_per_region": perRegion,
-			"vcpus": vcpus, "memory_mib": mem, "github_repo": repo, "github_branch": branch, "image_template": template}
+			"vcpus": vcpus, "memory_mib": mem, "github_repo": repo, "github_branch": branch, "image_template": template, "git_url": gitURL}
+		if cmd.Flags().Changed("dockerfile") {
+			body["dockerfile"] = dockerfile
+		}
+		if cmd.Flags().Changed("build-context") {
+			body["build_context"] = buildContext
+		}
+		if tokenStdin {
+			b, err := io.ReadAll(io.LimitReader(cmd.InOrStdin(), 8<<10))
+			if err != nil {
+				return err
+			}
+			tok := strings.TrimRight(string(b), "\r\n")
+			if tok == "" {
+				return &exitError{code: ExitUsage, err: errors.New("--git-token-stdin: stdin is empty"), hint: "e.g. printf %s \"$GIT_TOKEN\" | zeitwork projects create web --git-token-stdin …"}
+			}
+			body["git_token"] = tok
+		}
 		var out map[string]any
 		if err := c.Do(cmd.Context(), "POST", "/api/v1/projects", body, &out); err != nil {
 			return classify(err)
@@ -328,7 +351,11 @@ func projectsCommand(a *app) *cobra.Command {
 	create.Flags().IntVar(&mem, "memory", 128, "memory per instance (MiB)")
 	create.Flags().StringVar(&repo, "github-repo", "", "GitHub repository owner/name")
 	create.Flags().StringVar(&branch, "github-branch", "main", "production branch")
-	create.Flags().StringVar(&template, "image-template", "", "image for a commit, e.g. ghcr.io/acme/web:{sha}")
+	create.Flags().StringVar(&template, "image-template", "", "image for a commit, e.g. ghcr.io/acme/web:{sha} (without one, commits are built from source)")
+	create.Flags().StringVar(&gitURL, "git-url", "", "git repository to build from (default: https://github.com/<github-repo>.git)")
+	create.Flags().StringVar(&dockerfile, "dockerfile", "Dockerfile", "Dockerfile, relative to the build context")
+	create.Flags().StringVar(&buildContext, "build-context", ".", "build context directory in the repository")
+	create.Flags().BoolVar(&tokenStdin, "git-token-stdin", false, "read an HTTPS token for a private repository from stdin (stored encrypted, never shown)")
 	ls := &cobra.Command{Use: "ls", Short: "List projects", Args: cobra.NoArgs, RunE: func(cmd *cobra.Command, _ []string) error {
 		c, err := a.client()
 		if err != nil {
@@ -364,12 +391,15 @@ func projectsCommand(a *app) *cobra.Command {
 }
 
 func deployCommand(a *app) *cobra.Command {
-	var image, sha string
+	var image, sha, source string
 	var wait, detach bool
 	var timeout time.Duration
-	cmd := &cobra.Command{Use: "deploy", Short: "Deploy an image (or a commit through the project's image template)", Args: cobra.NoArgs, RunE: func(cmd *cobra.Command, _ []string) error {
-		if image == "" && sha == "" {
-			return &exitError{code: ExitUsage, err: errors.New("nothing to deploy"), hint: "pass --image REF (or --commit SHA with an image template)"}
+	cmd := &cobra.Command{Use: "deploy", Short: "Deploy an image, a commit (through the image template, or built from source) or a source directory", Args: cobra.NoArgs, RunE: func(cmd *cobra.Command, _ []string) error {
+		if image == "" && sha == "" && source == "" {
+			return &exitError{code: ExitUsage, err: errors.New("nothing to deploy"), hint: "pass --image REF, --commit SHA or --source DIR"}
+		}
+		if source != "" && (image != "" || sha != "") {
+			return &exitError{code: ExitUsage, err: errors.New("--source cannot be combined with --image or --commit")}
 		}
 		c, err := a.client()
 		if err != nil {
@@ -379,11 +409,25 @@ func deployCommand(a *app) *cobra.Command {
 		if err != nil {
 			return err
 		}
+		ctx, cancel := context.WithTimeout(cmd.Context(), timeout)
+		defer cancel()
+		req := apiclient.DeployRequest{Image: image, CommitSHA: sha}
+		if source != "" {
+			src, err := a.uploadDir(ctx, c, p, source)
+			if err != nil {
+				return err
+			}
+			req.SourceID = src.SourceID
+		}
 		var d apiclient.Deployment
-		if err := c.Do(cmd.Context(), "POST", "/api/v1/projects/"+url.PathEscape(p)+"/deployments", map[string]string{"image": image, "commit_sha": sha}, &d); err != nil {
+		if err := c.Do(ctx, "POST", "/api/v1/projects/"+url.PathEscape(p)+"/deployments", req, &d); err != nil {
 			return classify(err)
 		}
-		a.progress("deployment %s created for %s", d.ID, d.Image)
+		if d.Build != nil {
+			a.progress("deployment %s created; building %s (build %s)", d.ID, d.Image, d.Build.ID)
+		} else {
+			a.progress("deployment %s created for %s", d.ID, d.Image)
+		}
 		if detach || !wait {
 			if a.jsonOut {
 				return a.emitJSON(d)
@@ -391,8 +435,13 @@ func deployCommand(a *app) *cobra.Command {
 			fmt.Fprintln(a.stdout, d.URL)
 			return nil
 		}
-		ctx, cancel := context.WithTimeout(cmd.Context(), timeout)
-		defer cancel()
+		if d.Build != nil {
+			// The build log live; a broken stream only ends the log (the
+			// phases below tell the outcome).
+			if err := a.printBuildLog(ctx, c, d.Build.ID, true, a.stderr); err != nil && ctx.Err() == nil {
+				a.progress("(build log unavailable: %v)", err)
+			}
+		}
 		final, err := a.follow(ctx, c, d.ID)
 		if err != nil {
 			return err
@@ -407,7 +456,8 @@ func deployCommand(a *app) *cobra.Command {
 		return nil
 	}}
 	cmd.Flags().StringVar(&image, "image", "", "OCI image reference to deploy")
-	cmd.Flags().StringVar(&sha, "commit", "", "commit SHA (uses the project's image template)")
+	cmd.Flags().StringVar(&sha, "commit", "", "commit SHA: the project's image template names its image, or (without one) it is built from the repository")
+	cmd.Flags().StringVar(&source, "source", "", "build DIR (a tar.gz of it, without .git) with the project's Dockerfile and deploy it")
 	cmd.Flags().BoolVar(&wait, "wait", true, "follow the deployment until it is live or fails")
 	cmd.Flags().BoolVar(&detach, "detach", false, "return as soon as the deployment is created")
 	cmd.Flags().DurationVar(&timeout, "timeout", 15*time.Minute, "how long to wait")
@@ -434,7 +484,11 @@ func (a *app) follow(ctx context.Context, c *apiclient.Client, id string) (*apic
 			a.progress("live after %.1fs", time.Since(start).Seconds())
 			return &d, nil
 		case d.Status == "failed", d.Status == "stopped":
-			return nil, &exitError{code: ExitFailure, err: fmt.Errorf("deployment %s %s: %s", d.ID, d.Status, d.FailureReason), hint: "see 'zeitwork logs " + d.ID + "'"}
+			hint := "see 'zeitwork logs " + d.ID + "'"
+			if d.Build != nil && d.Build.State != "succeeded" {
+				hint = "see 'zeitwork builds logs " + d.Build.ID + "'"
+			}
+			return nil, &exitError{code: ExitFailure, err: fmt.Errorf("deployment %s %s: %s", d.ID, d.Status, d.FailureReason), hint: hint}
 		case d.Status == "superseded":
 			return &d, nil
 		}

@@ -8,6 +8,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log"
@@ -20,6 +21,7 @@ import (
 
 	"github.com/google/go-containerregistry/pkg/registry"
 
+	"github.com/zeitwork/zeitwork/internal/apiclient"
 	"github.com/zeitwork/zeitwork/internal/build"
 	"github.com/zeitwork/zeitwork/internal/httpjson"
 	ib "github.com/zeitwork/zeitwork/internal/imagebuild"
@@ -433,6 +435,36 @@ func TestBuildLifecycle(t *testing.T) {
 	}
 	if code := e.call(tok, "GET", "/api/v1/internal/sources/"+src.SourceID, nil, nil); code != 401 {
 		t.Fatalf("internal source with a user token: %d", code)
+	}
+
+	// The typed client (what the CLI uses) reads the same documents.
+	c := apiclient.New(e.url, tok)
+	ctx := t.Context()
+	if list, err := c.Builds(ctx, "web"); err != nil || len(list) != 6 || list[0].ID != bs.ID.String() || list[0].SourceKind != "archive" {
+		t.Fatalf("client builds: %+v %v", list, err)
+	}
+	if cb, err := c.Build(ctx, b.ID.String()); err != nil || cb.ImageDigestRef != b.ImageDigestRef || cb.State != "succeeded" || cb.StartedAt == nil {
+		t.Fatalf("client build: %+v %v", cb, err)
+	}
+	if cd, err := c.Deployment(ctx, ds.ID.String()); err != nil || cd.Build == nil || cd.Build.ID != bs.ID.String() || cd.BuildingAt == nil {
+		t.Fatalf("client deployment: %+v %v", cd, err)
+	}
+	body, err := c.BuildLogs(ctx, b.ID.String(), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	all, _ := io.ReadAll(body)
+	body.Close()
+	if !strings.Contains(string(all), `"line":"STEP 2/2: COPY . /"`) {
+		t.Fatalf("client build logs: %s", all)
+	}
+	up, err := c.UploadSource(ctx, "web", bytes.NewReader(archive))
+	if err != nil || up.SHA256 != src.SHA256 || up.SourceID == src.SourceID {
+		t.Fatalf("client upload: %+v %v", up, err)
+	}
+	var apiErr *apiclient.Error
+	if _, err := c.UploadSource(ctx, "web", strings.NewReader("nope")); !errors.As(err, &apiErr) || apiErr.Status != 400 || !strings.Contains(apiErr.Message, "gzip") {
+		t.Fatalf("client upload of non-gzip: %v", err)
 	}
 }
 
