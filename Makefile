@@ -14,7 +14,7 @@ APT_PACKAGES := postgresql qemu-system-x86 qemu-utils e2fsprogs iproute2 nftable
 	haproxy nginx-light wrk nghttp2-client caddy ca-certificates curl git make gcc \
 	buildah docker-registry busybox-static
 
-.PHONY: all deps build test test-go lint dev install bench bench-lb bench-edge bench-vm clean
+.PHONY: all deps build test test-go lint dev install bench bench-lb bench-edge bench-vm bench-build clean
 
 all: build
 
@@ -54,7 +54,7 @@ install: build
 	for f in deployments/config/*.env; do t=$(DESTDIR)/etc/zeitwork/$$(basename $$f); [ -e $$t ] || install -m 0600 $$f $$t; done
 	-systemctl daemon-reload 2>/dev/null
 
-bench: bench-lb bench-edge bench-vm
+bench: bench-lb bench-edge bench-vm bench-build
 
 bench-lb: deps build
 	taskset -c 0 $(GO) run ./bench/lb
@@ -64,6 +64,9 @@ bench-edge: deps build
 
 bench-vm: deps build
 	$(GO) run ./bench/vm
+
+bench-build: deps build
+	$(GO) run ./bench/build
 
 clean:
 	rm -rf bin

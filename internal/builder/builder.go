@@ -32,6 +32,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -505,7 +506,8 @@ func (b *Builder) execute(j *job) (*string, error) {
 		return nil, fmt.Errorf("the Dockerfile build failed (exit code %d)", code)
 	}
 	j.logf("pushing %s", spec.Image)
-	ref, err := b.push(ctx, outPath, spec.Image, insecure)
+	reg := spec.Image[:strings.Index(spec.Image, "/")]
+	ref, err := Push(ctx, outPath, spec.Image, slices.Contains(insecure, reg))
 	if err != nil {
 		return nil, fmt.Errorf("cannot push the image: %w", err)
 	}
@@ -700,20 +702,19 @@ func (b *Builder) insecure(hostport string) bool {
 	return false
 }
 
-// push reads the docker-archive the VM wrote and pushes it to image.
-func (b *Builder) push(ctx context.Context, outPath, image string, insecure []string) (string, error) {
+// Push reads the docker-archive a build wrote to archive (a file, or the
+// output drive) and pushes it to image (over plain HTTP when insecure).
+// It returns the pushed reference by digest.
+func Push(ctx context.Context, archive, image string, insecure bool) (string, error) {
 	var opts []name.Option
-	reg := image[:strings.Index(image, "/")]
-	for _, r := range insecure {
-		if r == reg {
-			opts = append(opts, name.Insecure)
-		}
+	if insecure {
+		opts = append(opts, name.Insecure)
 	}
 	ref, err := name.NewTag(image, opts...)
 	if err != nil {
 		return "", err
 	}
-	opener := func() (io.ReadCloser, error) { return os.Open(outPath) }
+	opener := func() (io.ReadCloser, error) { return os.Open(archive) }
 	img, err := tarball.Image(opener, nil)
 	if err != nil {
 		return "", fmt.Errorf("the builder produced no readable image: %w", err)

@@ -75,6 +75,8 @@ type Job struct {
 type Paths struct {
 	Storage string // buildah's graph root (on the cache disk)
 	RunRoot string
+	Tmp     string // buildah's temporary files and RUN --mount=type=cache directories (on the cache disk)
+	Config  string // directory of the registries.conf written for the build
 	Source  string // the unpacked source tree
 	Output  string // where the docker-archive is written
 }
@@ -98,7 +100,8 @@ func Main() int {
 		return ExitCache
 	}
 	defer unix.Unmount("/work", 0)
-	p := Paths{Storage: "/work/storage", RunRoot: "/run/containers/storage", Source: "/work/src", Output: drives[DriveOutput]}
+	p := Paths{Storage: "/work/storage", RunRoot: "/run/containers/storage", Tmp: "/work/tmp", Config: "/etc/containers",
+		Source: "/work/src", Output: drives[DriveOutput]}
 	if err := os.RemoveAll(p.Source); err != nil {
 		say("cannot clear the source directory: %v", err)
 		return ExitSetup
@@ -167,7 +170,7 @@ func Build(ctx context.Context, job Job, p Paths, out io.Writer) error {
 	if fi, err := os.Stat(df); err != nil || !fi.Mode().IsRegular() {
 		return fmt.Errorf("%w: %s is not a file in the source (context %s)", errNoDockerfile, path.Join(job.Context, job.Dockerfile), job.Context)
 	}
-	if err := writeRegistries(job.Insecure); err != nil {
+	if err := writeRegistries(p.Config, job.Insecure); err != nil {
 		return err
 	}
 	global := []string{"--root", p.Storage, "--runroot", p.RunRoot, "--storage-driver", "overlay"}
@@ -182,16 +185,16 @@ func Build(ctx context.Context, job Job, p Paths, out io.Writer) error {
 		args = append(args, "--build-arg", k+"="+job.BuildArgs[k])
 	}
 	args = append(args, ctxDir)
-	if err := buildah(ctx, out, args...); err != nil {
+	if err := buildah(ctx, p, out, args...); err != nil {
 		return err
 	}
 	// The archive is written to a file, then copied onto the output
 	// drive (the device itself cannot be the archive's path).
-	archive := filepath.Join(filepath.Dir(p.Storage), "output.tar")
+	archive := filepath.Join(p.Tmp, "output.tar")
 	_ = os.Remove(archive)
 	defer os.Remove(archive)
 	dest := "docker-archive:" + archive + ":" + job.Tag
-	if err := buildah(ctx, out, append(append([]string{}, global...), "push", "--quiet", job.Tag, dest)...); err != nil {
+	if err := buildah(ctx, p, out, append(append([]string{}, global...), "push", "--quiet", job.Tag, dest)...); err != nil {
 		return fmt.Errorf("cannot export the image: %w", err)
 	}
 	if err := copyFile(archive, p.Output); err != nil {
@@ -199,7 +202,7 @@ func Build(ctx context.Context, job Job, p Paths, out io.Writer) error {
 	}
 	// Keep the cache lean: drop the tag (its layers stay as cache) and
 	// anything no build can reuse.
-	_ = buildah(ctx, io.Discard, append(append([]string{}, global...), "rmi", job.Tag)...)
+	_ = buildah(ctx, p, io.Discard, append(append([]string{}, global...), "rmi", job.Tag)...)
 	return nil
 }
 
@@ -224,11 +227,12 @@ func copyFile(src, dst string) error {
 	return out.Close()
 }
 
-func buildah(ctx context.Context, out io.Writer, args ...string) error {
+func buildah(ctx context.Context, p Paths, out io.Writer, args ...string) error {
 	cmd := exec.CommandContext(ctx, "buildah", args...)
 	cmd.Stdout, cmd.Stderr = out, out
-	cmd.Env = append(os.Environ(), "BUILDAH_ISOLATION=chroot", "STORAGE_DRIVER=overlay", "TMPDIR=/work/tmp")
-	_ = os.MkdirAll("/work/tmp", 0o1777)
+	cmd.Env = append(os.Environ(), "BUILDAH_ISOLATION=chroot", "STORAGE_DRIVER=overlay", "TMPDIR="+p.Tmp,
+		"CONTAINERS_REGISTRIES_CONF="+filepath.Join(p.Config, "registries.conf"))
+	_ = os.MkdirAll(p.Tmp, 0o1777)
 	cmd.WaitDelay = 5 * time.Second
 	if err := cmd.Run(); err != nil {
 		return fmt.Errorf("buildah %s: %w", args[len(globalArgs(args))], err)
@@ -245,14 +249,14 @@ func globalArgs(args []string) []string {
 	return args[:i]
 }
 
-func writeRegistries(insecure []string) error {
+func writeRegistries(dir string, insecure []string) error {
 	var b strings.Builder
 	b.WriteString("unqualified-search-registries = []\nshort-name-mode = \"disabled\"\n")
 	for _, r := range insecure {
 		fmt.Fprintf(&b, "\n[[registry]]\nlocation = %s\ninsecure = true\n", strconv.Quote(r))
 	}
-	_ = os.MkdirAll("/etc/containers", 0o755)
-	return os.WriteFile("/etc/containers/registries.conf", []byte(b.String()), 0o644)
+	_ = os.MkdirAll(dir, 0o755)
+	return os.WriteFile(filepath.Join(dir, "registries.conf"), []byte(b.String()), 0o644)
 }
 
 // findDrives maps the builder's drives to devices: by serial (QEMU), else
