@@ -603,6 +603,17 @@ func TestBuildNodeLost(t *testing.T) {
 	if st := node.BuildState(d.Build.ID.String()); st != build.StateCanceled {
 		t.Fatalf("build on the lost node is %q", st)
 	}
+	// Deploying the commit again retries the build (elsewhere).
+	e.agents[1].SetMaxBuilds(1)
+	var retry Deployment
+	if code := e.call(tok, "POST", "/api/v1/projects/web/deployments", map[string]any{"commit_sha": strings.Repeat("f", 40)}, &retry); code != 202 || retry.ID == d.ID {
+		t.Fatalf("retry: %d %s", code, retry.ID)
+	}
+	e.eventually("retried build running on another node", func() bool { return e.agents[1].BuildState(retry.Build.ID.String()) == build.StateRunning })
+	var again Deployment
+	if e.call(tok, "POST", "/api/v1/projects/web/deployments", map[string]any{"commit_sha": strings.Repeat("f", 40)}, &again); again.ID != retry.ID {
+		t.Fatalf("a commit with a deployment under way got another: %s %s", retry.ID, again.ID)
+	}
 }
 
 // TestBuildWithoutRegistry: with BUILD_REGISTRY unset a build fails its

@@ -11,6 +11,14 @@ ALTER TABLE deployments ADD COLUMN building_at timestamptz;
 DROP INDEX deployments_open_idx;
 CREATE INDEX deployments_open_idx ON deployments (status)
     WHERE status IN ('pending', 'building', 'preparing', 'starting', 'healthy') AND deleted_at IS NULL;
+-- One deployment per (project, commit) — but a commit whose deployment
+-- failed, was stopped or was superseded before it ever ran (a newer push
+-- replaced its queued build) can be deployed again: that is how a failed
+-- build is retried.
+DROP INDEX deployments_project_sha_key;
+CREATE UNIQUE INDEX deployments_project_sha_key ON deployments (project_id, commit_sha)
+    WHERE commit_sha <> '' AND deleted_at IS NULL AND status NOT IN ('failed', 'stopped')
+      AND (status <> 'superseded' OR healthy_at IS NOT NULL);
 
 -- Where a project's image comes from when it has no image_template: its
 -- repository (git_url, else GIT_BASE_URL/github_repo.git), the Dockerfile

@@ -108,7 +108,9 @@ ON CONFLICT DO NOTHING;
 SELECT id FROM deployments WHERE project_id = $1 AND idempotency_key = $2 AND deleted_at IS NULL;
 
 -- name: DeploymentBySHA
-SELECT id FROM deployments WHERE project_id = $1 AND commit_sha = $2 AND deleted_at IS NULL;
+-- The deployment that holds the commit's place (deployments_project_sha_key).
+SELECT id FROM deployments WHERE project_id = $1 AND commit_sha = $2 AND deleted_at IS NULL
+  AND status NOT IN ('failed', 'stopped') AND (status <> 'superseded' OR healthy_at IS NOT NULL);
 
 -- name: DeploymentGet
 SELECT d.id, d.project_id, p.name, d.status, d.hostname, d.image_ref, coalesce(i.digest, ''), d.commit_sha, d.branch,
