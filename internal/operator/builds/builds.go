@@ -211,7 +211,6 @@ func (s *Scheduler) supersede(ctx context.Context) error {
 			source              *uuid.UUID
 			branch, sha, srcSHA string
 			newerDeployment     uuid.UUID
-			reason              string
 		}
 		list, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (replaced, error) {
 			var r replaced
