@@ -85,6 +85,7 @@ CREATE UNIQUE INDEX builds_source_key ON builds (source_id) WHERE source_id IS N
 CREATE INDEX builds_open_idx ON builds (created_at) WHERE state IN ('queued', 'running');
 CREATE INDEX builds_project_idx ON builds (project_id, created_at DESC);
 CREATE INDEX builds_succeeded_idx ON builds (project_id, finished_at DESC) WHERE state = 'succeeded';
+CREATE INDEX builds_org_started_idx ON builds (organisation_id, started_at);
 
 -- A finished build's log, at most 10,000 lines / 2 MiB (the newest kept).
 CREATE TABLE build_logs (

@@ -105,8 +105,11 @@ FROM builds b WHERE b.state = 'running' ORDER BY b.started_at, b.id;
 SELECT b.id, b.organisation_id, b.project_id FROM builds b WHERE b.state = 'queued' ORDER BY b.created_at, b.id;
 
 -- name: BuildsRunningByOrg
-SELECT organisation_id, count(*) FILTER (WHERE state = 'running'), max(started_at)
-FROM builds WHERE organisation_id = ANY($1::uuid[]) GROUP BY organisation_id;
+-- Per organisation: its running builds and when it last got a slot.
+SELECT o.id,
+       (SELECT count(*) FROM builds b WHERE b.organisation_id = o.id AND b.state = 'running'),
+       (SELECT max(b.started_at) FROM builds b WHERE b.organisation_id = o.id)
+FROM (SELECT DISTINCT id FROM unnest($1::uuid[]) AS u(id)) o;
 
 -- name: BuildsLastNode
 -- The node of each project's newest successful build (its layer cache).
