@@ -96,6 +96,10 @@ func (o *Operator) listBuilds(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
+// maxPendingSources bounds the archives a project keeps in PostgreSQL
+// (uploaded and not yet built, or building).
+const maxPendingSources = 20
+
 // uploadSource stores a gzipped tar of a source tree for a later
 // POST /deployments {"source_id"}.
 func (o *Operator) uploadSource(w http.ResponseWriter, r *http.Request) error {
@@ -105,6 +109,21 @@ func (o *Operator) uploadSource(w http.ResponseWriter, r *http.Request) error {
 	}
 	if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err != nil || (mt != "application/gzip" && mt != "application/x-gzip") {
 		return invalid("Content-Type must be application/gzip: upload a gzipped tar of the source tree (got %q)", r.Header.Get("Content-Type"))
+	}
+	var pending int
+	if err := o.pool.QueryRow(r.Context(), Q("SourcesOfProjectCount"), p.ID).Scan(&pending); err != nil {
+		return err
+	}
+	if pending >= maxPendingSources {
+		return fmt.Errorf("%w: project %s has %d source archives waiting for their builds; deploy them or wait for their builds to end",
+			errConflict, p.Name, pending)
+	}
+	// Each upload is held in memory while it is checked: a few at a time.
+	select {
+	case o.uploads <- struct{}{}:
+		defer func() { <-o.uploads }()
+	case <-r.Context().Done():
+		return r.Context().Err()
 	}
 	limit := o.cfg.MaxSourceBytes
 	tooLarge := fmt.Errorf("%w: the source archive is larger than %d MiB; leave out build outputs and dependencies (node_modules, target/, …)",

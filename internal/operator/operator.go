@@ -172,6 +172,7 @@ type Operator struct {
 
 	routeTable *routes.Source
 	kick       chan struct{} // wakes the reconciler
+	uploads    chan struct{} // source uploads held in memory at once
 
 	leading atomic.Bool
 }
@@ -193,7 +194,7 @@ func New(cfg Config, pool *pgxpool.Pool, reg prometheus.Registerer, log *slog.Lo
 		return nil, fmt.Errorf("ENCRYPTION_KEY: %w", err)
 	}
 	o := &Operator{cfg: cfg, pool: pool, log: log, seal: s, agents: agents.New(cfg.ClusterToken),
-		kick:   make(chan struct{}, 1),
+		kick: make(chan struct{}, 1), uploads: make(chan struct{}, 4),
 		verify: domains.NewVerifier(cfg.DNSResolver, cfg.EdgeHostname, cfg.EdgeIPs)}
 	o.m = &metrics{
 		requests:    prometheus.NewCounterVec(prometheus.CounterOpts{Name: "zeitwork_operator_api_requests_total", Help: "API requests by status class."}, []string{"class"}),

@@ -12,6 +12,9 @@ SELECT deployment_id FROM builds WHERE project_id = $1 AND source_id = $2;
 -- name: SourceInsert
 INSERT INTO build_sources (id, organisation_id, project_id, data, size, sha256) VALUES ($1, $2, $3, $4, $5, $6);
 
+-- name: SourcesOfProjectCount
+SELECT count(*) FROM build_sources WHERE project_id = $1;
+
 -- name: SourceOfProject
 SELECT sha256 FROM build_sources WHERE id::text = $1 AND project_id = $2;
 
