@@ -23,6 +23,7 @@ import (
 
 	"github.com/zeitwork/zeitwork/internal/apiclient"
 	"github.com/zeitwork/zeitwork/internal/build"
+	"github.com/zeitwork/zeitwork/internal/envconfig"
 	"github.com/zeitwork/zeitwork/internal/httpjson"
 	ib "github.com/zeitwork/zeitwork/internal/imagebuild"
 	"github.com/zeitwork/zeitwork/internal/operator/agents/agenttest"
@@ -635,5 +636,37 @@ func TestBuildWithoutRegistry(t *testing.T) {
 	e.call(tok, "POST", "/api/v1/projects/web/deployments", map[string]any{"image": e.images["v1"]}, &d)
 	if d = e.waitDeployment(tok, d.ID.String(), "failed", "active"); d.Status != "active" || d.Build != nil {
 		t.Fatalf("image deployment of a build project: %s %q", d.Status, d.FailureReason)
+	}
+}
+
+func TestBuildConfig(t *testing.T) {
+	base := map[string]string{"DATABASE_URL": "postgres://x", "CLUSTER_TOKEN": "t", "ENCRYPTION_KEY": "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="}
+	l := envconfig.FromMap(base)
+	c := LoadConfig(l)
+	if err := l.Err(); err != nil || c.GitBaseURL != "https://github.com" || c.BuildRegistry != "" || c.BuildTimeout != 15*time.Minute || c.BuildVCPUs != 0 {
+		t.Fatalf("defaults: %+v %v", c, err)
+	}
+	set := map[string]string{"BUILD_REGISTRY": "127.0.0.1:5005/zw/", "GIT_BASE_URL": "https://git.example.com/", "BUILD_TIMEOUT": "30m",
+		"BUILD_VCPUS": "4", "BUILD_MEMORY_MIB": "4096", "BUILD_DISK_MIB": "20480"}
+	for k, v := range base {
+		set[k] = v
+	}
+	l = envconfig.FromMap(set)
+	c = LoadConfig(l)
+	if err := l.Err(); err != nil || c.BuildRegistry != "127.0.0.1:5005/zw" || c.GitBaseURL != "https://git.example.com" || c.BuildTimeout != 30*time.Minute ||
+		c.BuildVCPUs != 4 || c.BuildMemoryMiB != 4096 || c.BuildDiskMiB != 20480 {
+		t.Fatalf("set: %+v %v", c, err)
+	}
+	for k, v := range map[string]string{"BUILD_REGISTRY": "https://reg.example.com", "GIT_BASE_URL": "github.com", "BUILD_TIMEOUT": "5s",
+		"BUILD_MEMORY_MIB": "100", "BUILD_VCPUS": "100"} {
+		bad := map[string]string{k: v}
+		for bk, bv := range base {
+			bad[bk] = bv
+		}
+		l = envconfig.FromMap(bad)
+		LoadConfig(l)
+		if err := l.Err(); err == nil || !strings.Contains(err.Error(), k) {
+			t.Errorf("%s=%s: %v", k, v, err)
+		}
 	}
 }
