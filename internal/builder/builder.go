@@ -497,6 +497,7 @@ func (b *Builder) execute(j *job) (*string, error) {
 		_ = os.Remove(cachePath)
 		return nil, errors.New("the layer cache disk was unusable and has been reset; deploy again")
 	case buildrunner.ExitNoSpace:
+		_ = os.Remove(cachePath) // a full cache helps no later build
 		return nil, fmt.Errorf("the build filled its disk (%d MiB)", spec.DiskMiB)
 	case buildrunner.ExitOOM:
 		return nil, fmt.Errorf("the build ran out of memory (%d MiB)", spec.MemoryMiB)

@@ -123,8 +123,13 @@ func (f *fixture) source(files map[string]string) string {
 
 func (f *fixture) run(id, archive string, timeout int, args map[string]string) build.Status {
 	f.t.Helper()
-	spec := build.Spec{ID: id, DeploymentID: "d-" + id, ProjectID: "p1", Source: build.Source{ArchivePath: archive},
-		Image: f.reg + "/acme/web:" + id, TimeoutS: timeout, BuildArgs: args}
+	return f.runSpec(build.Spec{ID: id, DeploymentID: "d-" + id, ProjectID: "p1", Source: build.Source{ArchivePath: archive},
+		Image: f.reg + "/acme/web:" + id, TimeoutS: timeout, BuildArgs: args})
+}
+
+func (f *fixture) runSpec(spec build.Spec) build.Status {
+	f.t.Helper()
+	id, timeout := spec.ID, spec.TimeoutS
 	if _, err := f.b.Start(spec); err != nil {
 		f.t.Fatal(err)
 	}
@@ -232,6 +237,20 @@ func TestBuildInMicroVM(t *testing.T) {
 	none := f.run("nodockerfile", f.source(files), 600, nil)
 	if none.State != build.StateFailed || !strings.Contains(none.Error, "no Dockerfile at Dockerfile") {
 		t.Fatalf("no Dockerfile: %s: %q", none.State, none.Error)
+	}
+
+	// Limits: a build that fills its disk, one that exhausts its memory.
+	files["Dockerfile"] = fmt.Sprintf("FROM %s\nRUN dd if=/dev/zero of=/fill bs=1M count=2048\n", f.base)
+	full := f.runSpec(build.Spec{ID: "diskfull", ProjectID: "p2", Source: build.Source{ArchivePath: f.source(files)},
+		Image: f.reg + "/acme/limits:disk", TimeoutS: 600, DiskMiB: 512})
+	if full.State != build.StateFailed || !strings.Contains(full.Error, "filled its disk (512 MiB)") {
+		t.Fatalf("disk full: %s: %q", full.State, full.Error)
+	}
+	files["Dockerfile"] = fmt.Sprintf("FROM %s\nRUN awk 'BEGIN { s = \"x\"; while (1) s = s s }'\n", f.base)
+	oom := f.runSpec(build.Spec{ID: "oom", ProjectID: "p2", Source: build.Source{ArchivePath: f.source(files)},
+		Image: f.reg + "/acme/limits:oom", TimeoutS: 600, DiskMiB: 512, MemoryMiB: 384})
+	if oom.State != build.StateFailed || !strings.Contains(oom.Error, "ran out of memory (384 MiB)") {
+		t.Fatalf("out of memory: %s: %q", oom.State, oom.Error)
 	}
 
 	files["Dockerfile"] = fmt.Sprintf("FROM %s\nRUN echo sleeping && sleep 600\n", f.base)

@@ -174,7 +174,9 @@ func Build(ctx context.Context, job Job, p Paths, out io.Writer) error {
 		return err
 	}
 	global := []string{"--root", p.Storage, "--runroot", p.RunRoot, "--storage-driver", "overlay"}
-	args := append(append([]string{}, global...), "build", "--isolation", "chroot", "--layers", "--network", "host",
+	// Containers a killed build left in the cache are of no use.
+	_ = buildah(ctx, p, io.Discard, append(append([]string{}, global...), "rm", "--all")...)
+	args := append(append([]string{}, global...), "build", "--isolation", "chroot", "--layers", "--force-rm", "--network", "host",
 		"--file", df, "--tag", job.Tag)
 	keys := make([]string, 0, len(job.BuildArgs))
 	for k := range job.BuildArgs {
