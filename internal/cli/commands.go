@@ -260,9 +260,10 @@ func addCommands(root *cobra.Command, a *app) {
 	nodes.AddCommand(simple("ls", "List worker nodes", "GET", func([]string) (string, error) { return "/api/v1/nodes", nil }, nil, cobra.NoArgs, func(v any) error {
 		var rows [][]string
 		for _, n := range asList(v, "nodes") {
-			rows = append(rows, []string{str(n["id"]), str(n["region"]), str(n["hostname"]), str(n["state"]), str(n["instances"]), str(n["address"])})
+			rows = append(rows, []string{str(n["id"]), str(n["region"]), str(n["hostname"]), str(n["state"]), str(n["instances"]),
+				str(n["builds"]) + "/" + str(n["max_builds"]), str(n["address"])})
 		}
-		a.table([]string{"ID", "REGION", "HOSTNAME", "STATE", "INSTANCES", "ADDRESS"}, rows)
+		a.table([]string{"ID", "REGION", "HOSTNAME", "STATE", "INSTANCES", "BUILDS", "ADDRESS"}, rows)
 		return nil
 	}))
 	regions := &cobra.Command{Use: "regions", Short: "Regions"}
