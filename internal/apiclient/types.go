@@ -159,6 +159,8 @@ type Node struct {
 	MemoryMiB       int       `json:"memory_mib"`
 	LastHeartbeatAt time.Time `json:"last_heartbeat_at"`
 	Instances       int       `json:"instances"`
+	MaxBuilds       int       `json:"max_builds"` // build slots
+	Builds          int       `json:"builds"`     // running builds
 }
 
 // Region summarises a region's nodes.
