@@ -108,7 +108,6 @@ func TestForwarder(t *testing.T) {
 	}
 }
 
-
 func TestRoutes(t *testing.T) {
 	allow := []Endpoint{{"127.0.0.1", 5000}, {"registry-1.docker.io", 443}, {"auth.docker.io", 443}, {"registry-1.docker.io", 80}}
 	routes, hosts := Routes(allow)
