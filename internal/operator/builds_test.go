@@ -577,8 +577,9 @@ func TestBuildScheduling(t *testing.T) {
 	}
 }
 
-// TestBuildNodeLost: a build whose node stops heartbeating fails with a
-// reason naming the node, and is canceled there.
+// TestBuildNodeLost: a build its node forgets fails; a build whose node
+// stops heartbeating fails with a reason naming the node, and is canceled
+// there; deploying the commit again retries it.
 func TestBuildNodeLost(t *testing.T) {
 	t.Parallel()
 	e, _ := newBuildEnv(t)
@@ -589,6 +590,16 @@ func TestBuildNodeLost(t *testing.T) {
 	node := e.agents[0]
 	e.setBuildSlots(1)
 	var d Deployment
+	// A build its node forgets (the agent restarted) fails.
+	if code := e.call(tok, "POST", "/api/v1/projects/web/deployments", map[string]any{"commit_sha": strings.Repeat("e", 40)}, &d); code != 202 {
+		t.Fatalf("deploy: %d", code)
+	}
+	e.eventually("build running", func() bool { return node.BuildState(d.Build.ID.String()) == build.StateRunning })
+	node.ForgetBuild(d.Build.ID.String())
+	if d = e.waitDeployment(tok, d.ID.String(), "failed"); !strings.Contains(d.FailureReason, "lost the build") || node.BuildCreatesOf(d.Build.ID.String()) != 1 {
+		t.Fatalf("forgotten build: %q, %d creates", d.FailureReason, node.BuildCreatesOf(d.Build.ID.String()))
+	}
+	// A build whose node goes down fails.
 	if code := e.call(tok, "POST", "/api/v1/projects/web/deployments", map[string]any{"commit_sha": strings.Repeat("f", 40)}, &d); code != 202 {
 		t.Fatalf("deploy: %d", code)
 	}

@@ -61,6 +61,7 @@ CREATE TABLE builds (
     branch           text NOT NULL DEFAULT '',
     state            text NOT NULL DEFAULT 'queued' CHECK (state IN ('queued', 'running', 'succeeded', 'failed', 'canceled')),
     node_id          uuid REFERENCES nodes (id),       -- set when the build is assigned
+    accepted         boolean NOT NULL DEFAULT false,   -- the node acknowledged POST /builds
     source_kind      text NOT NULL CHECK (source_kind IN ('git', 'archive')),
     git_url          text NOT NULL DEFAULT '',
     commit_sha       text NOT NULL DEFAULT '',

@@ -127,6 +127,7 @@ func (n *node) free() int {
 type openBuild struct {
 	id, deployment uuid.UUID
 	nodeID         *uuid.UUID
+	accepted       bool // its node acknowledged it
 	startedAt      *time.Time
 	pastDue        bool
 }
@@ -292,8 +293,7 @@ func (s *Scheduler) watch(ctx context.Context, nodes map[uuid.UUID]*node) error 
 	}
 	running, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (openBuild, error) {
 		var b openBuild
-		var source *uuid.UUID
-		return b, row.Scan(&b.id, &b.deployment, &b.nodeID, &source, &b.startedAt, &b.pastDue)
+		return b, row.Scan(&b.id, &b.deployment, &b.nodeID, &b.accepted, &b.startedAt, &b.pastDue)
 	})
 	if err != nil {
 		return err
@@ -324,9 +324,14 @@ func (s *Scheduler) watch(ctx context.Context, nodes map[uuid.UUID]*node) error 
 		if !ok {
 			got, err := s.agents.GetBuild(ctx, n.address, b.id.String())
 			switch {
+			case agents.IsNotFound(err) && b.accepted:
+				// Builds do not survive an agent restart (docs/adr/0600).
+				reason := fmt.Sprintf("node %s lost the build (its node agent restarted); deploy again to rebuild", n.name())
+				errs = append(errs, s.end(ctx, b, build.StateFailed, reason, nil, nil))
+				continue
 			case agents.IsNotFound(err):
-				// Not there (not yet, or the node lost it): creates are
-				// idempotent, so send it again.
+				// The create never got through: creates are idempotent,
+				// so send it again.
 				n.running++
 				errs = append(errs, s.resend(ctx, b, n))
 				continue
@@ -746,6 +751,9 @@ func (s *Scheduler) send(ctx context.Context, b openBuild, n *node, spec build.S
 	err := s.agents.CreateBuild(ctx, n.address, spec)
 	switch {
 	case err == nil:
+		if _, err := s.pool.Exec(ctx, Q("BuildAccepted"), b.id); err != nil {
+			return fmt.Errorf("cannot record that node %s accepted build %s: %w", n.name(), b.id, err)
+		}
 		return nil
 	case agents.IsRejected(err):
 		return s.end(ctx, b, build.StateFailed, fmt.Sprintf("node %s refused the build: %v", n.name(), err), nil, nil)

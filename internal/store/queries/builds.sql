@@ -101,8 +101,11 @@ WHERE id = $1 AND status IN ('pending', 'building');
 SELECT n.id, n.hostname, n.address, n.state, n.max_builds, n.builds FROM nodes n WHERE n.deleted_at IS NULL;
 
 -- name: BuildsRunning
-SELECT b.id, b.deployment_id, b.node_id, b.source_id, b.started_at, b.deadline_at + $1::interval < now()
+SELECT b.id, b.deployment_id, b.node_id, b.accepted, b.started_at, b.deadline_at + $1::interval < now()
 FROM builds b WHERE b.state = 'running' ORDER BY b.started_at, b.id;
+
+-- name: BuildAccepted
+UPDATE builds SET accepted = true WHERE id = $1 AND NOT accepted;
 
 -- name: BuildsQueued
 SELECT b.id, b.organisation_id, b.project_id FROM builds b WHERE b.state = 'queued' ORDER BY b.created_at, b.id;

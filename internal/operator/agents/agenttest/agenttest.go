@@ -437,6 +437,15 @@ func (a *Agent) BuildSpecs() []build.Spec {
 	return append([]build.Spec(nil), a.specs...)
 }
 
+// ForgetBuild drops a build as if the agent had restarted (builds do not
+// survive that).
+func (a *Agent) ForgetBuild(id string) {
+	a.mu.Lock()
+	delete(a.builds, id)
+	a.changedLocked()
+	a.mu.Unlock()
+}
+
 // BuildState is a build's state on the agent ("" when it has none).
 func (a *Agent) BuildState(id string) string {
 	a.mu.Lock()
