@@ -265,6 +265,36 @@ func TestBootWithoutNetwork(t *testing.T) {
 	wantSequence(t, requests(t, spec.Dir), "PUT /machine-config", "PUT /boot-source", "PUT /drives/rootfs", "PUT /vsock", "PUT /actions InstanceStart")
 }
 
+// TestBootWithDrives attaches a builder's extra drives after the root
+// disk, in order, read-only where asked, each request valid against the
+// API description.
+func TestBootWithDrives(t *testing.T) {
+	spec := testSpec(t)
+	for _, id := range []string{"zw-cache", "zw-source"} {
+		p := filepath.Join(spec.Dir, id+".img")
+		if err := os.WriteFile(p, make([]byte, 4096), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		spec.Drives = append(spec.Drives, vmm.Drive{ID: id, Path: p, ReadOnly: id == "zw-source"})
+	}
+	m, err := backend(t).Start(t.Context(), spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Kill()
+	recs := requests(t, spec.Dir)
+	wantSequence(t, recs, "PUT /machine-config", "PUT /boot-source", "PUT /drives/rootfs", "PUT /drives/zw-cache", "PUT /drives/zw-source",
+		"PUT /network-interfaces/eth0", "PUT /vsock", "PUT /actions InstanceStart")
+	src := body(t, recs[4])
+	if src["is_read_only"] != true || src["is_root_device"] != false || src["path_on_host"] != spec.Drives[1].Path {
+		t.Fatalf("source drive: %v", src)
+	}
+	spec.Drives = append(spec.Drives, vmm.Drive{ID: "Bad ID", Path: spec.Drives[0].Path})
+	if _, err := backend(t).Start(t.Context(), spec); err == nil || !strings.Contains(err.Error(), "drive id") {
+		t.Fatalf("bad drive id: %v", err)
+	}
+}
+
 // TestStopCtrlAltDel: a graceful stop sends Ctrl-Alt-Del and firecracker
 // exits by itself, well before the kill timeout.
 func TestStopCtrlAltDel(t *testing.T) {
