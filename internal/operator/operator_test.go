@@ -112,6 +112,13 @@ func newEnv(t testing.TB, configure ...func(*Config)) *env {
 		}
 	})
 	t.Cleanup(func() { cancel(); wg.Wait() })
+	// Tests start once every node is known (a loaded machine can delay
+	// the first heartbeats past a test's first node call).
+	e.eventually("every agent registered", func() bool {
+		var n int
+		_ = e.ops[0].pool.QueryRow(t.Context(), "SELECT count(*) FROM nodes").Scan(&n)
+		return n == len(e.agents)
+	})
 	return e
 }
 
