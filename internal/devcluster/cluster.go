@@ -261,6 +261,7 @@ func (c *Cluster) nodeAgent(i int, r *Region, n int) *Proc {
 			"KERNEL_DIR":          c.cfg.KernelDir,
 			"INSECURE_REGISTRIES": c.Registry.Addr,
 			"HEARTBEAT_INTERVAL":  "1s",
+			"BUILD_IMAGE_DIR":     filepath.Join(filepath.Dir(c.cfg.KernelDir), "builder"),
 			"BUILD_MEMORY_MIB":    "1024",
 			"BUILD_DISK_MIB":      "4096",
 		}, c.cfg.Env),

@@ -28,7 +28,8 @@ type BuildConfig struct {
 	MemoryMiB   int
 	DiskMiB     int
 	Egress      []egress.Endpoint
-	MaxSource   int64 // bytes of an unpacked source tree
+	MaxSource   int64  // bytes of an unpacked source tree
+	ImageDir    string // where the builder root disk is cached (default VM_WORK_DIR/builder)
 }
 
 // DefaultBuildEgress is where builds may connect unless BUILD_EGRESS says
@@ -49,6 +50,7 @@ func loadBuildConfig(l *envconfig.Loader) BuildConfig {
 		MemoryMiB:   l.Int("BUILD_MEMORY_MIB", 2048, 256, build.MaxMemoryMiB),
 		DiskMiB:     l.Int("BUILD_DISK_MIB", 10240, 256, build.MaxDiskMiB),
 		MaxSource:   int64(l.Int("BUILD_MAX_SOURCE_MIB", 2048, 1, 1<<20)) << 20,
+		ImageDir:    l.String("BUILD_IMAGE_DIR", ""),
 	}
 	for _, s := range l.List("BUILD_EGRESS", DefaultBuildEgress) {
 		e, err := egress.ParseEndpoint(s)
@@ -69,6 +71,10 @@ func (a *Agent) newBuilder(initBin string) (*builder.Builder, error) {
 	}
 	git := &gitsource.Fetcher{CacheDir: filepath.Join(a.cfg.WorkDir, "git"), MaxBytes: bc.MaxSource}
 	var diskMu sync.Mutex
+	imageDir := bc.ImageDir
+	if imageDir == "" {
+		imageDir = filepath.Join(a.cfg.WorkDir, "builder")
+	}
 	return builder.New(builder.Config{
 		WorkDir: filepath.Join(a.cfg.WorkDir, "build"), Concurrency: bc.Concurrency, VCPUs: bc.VCPUs,
 		MemoryMiB: bc.MemoryMiB, DiskMiB: bc.DiskMiB, Egress: bc.Egress, Insecure: a.cfg.Insecure,
@@ -77,7 +83,7 @@ func (a *Agent) newBuilder(initBin string) (*builder.Builder, error) {
 		RootDisk: func(ctx context.Context) (string, error) {
 			diskMu.Lock()
 			defer diskMu.Unlock()
-			return builderimage.Ensure(ctx, filepath.Join(a.cfg.WorkDir, "builder"), initBin)
+			return builderimage.Ensure(ctx, imageDir, initBin)
 		},
 		Source: func(ctx context.Context, src build.Source, w io.Writer) error {
 			if src.GitURL != "" {
