@@ -32,11 +32,24 @@ type gitServer struct {
 	url  string
 }
 
+// privateToken opens the repositories under /private/ (GitHub's style of
+// HTTPS token: basic auth as x-access-token).
+const privateToken = "ghs_e2eprivatetoken"
+
 func startGitServer(t *testing.T) *gitServer {
 	root := t.TempDir()
 	h := &cgi.Handler{Path: "/usr/lib/git-core/git-http-backend",
 		Env: []string{"GIT_PROJECT_ROOT=" + root, "GIT_HTTP_EXPORT_ALL=1"}}
-	srv := httptest.NewServer(h)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if strings.HasPrefix(r.URL.Path, "/private/") {
+			if u, p, ok := r.BasicAuth(); !ok || u != "x-access-token" || p != privateToken {
+				w.Header().Set("WWW-Authenticate", `Basic realm="git"`)
+				http.Error(w, "authentication required", http.StatusUnauthorized)
+				return
+			}
+		}
+		h.ServeHTTP(w, r)
+	}))
 	t.Cleanup(srv.Close)
 	return &gitServer{t: t, root: root, url: srv.URL}
 }
@@ -264,12 +277,59 @@ func TestBuildFromSource(t *testing.T) {
 	if code, body, _ := get(c, prodURL+"/"); code != 200 || !strings.Contains(body, "commit two") {
 		t.Fatalf("production after a failed build: %d %q", code, body)
 	}
+	// The working tree, uploaded: `zeitwork deploy --source DIR` follows
+	// the build's log, then the phases.
+	srcDir := t.TempDir()
+	files["Dockerfile"] = fmt.Sprintf(appDockerfile, base, "")
+	files["version.txt"] = "an uploaded tree"
+	for n, content := range files {
+		_ = os.MkdirAll(filepath.Dir(filepath.Join(srcDir, n)), 0o755)
+		if err := os.WriteFile(filepath.Join(srcDir, n), []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	code, out, errs = s.cli("deploy", "--project", "web", "--source", srcDir)
+	if code != 0 || !strings.Contains(errs, "STEP 1/") {
+		t.Fatalf("deploy --source: %d\n%s\n%s", code, out, errs)
+	}
+	s.waitBody(c, prodURL+"/", "hello from an uploaded tree", time.Minute)
+
+	// A private repository: the token is stored sealed and used for the
+	// fetch on the node, never inside the builder.
+	pr := gs.repo("private/api")
+	psha := pr.commit("private one", map[string]string{"Dockerfile": fmt.Sprintf(appDockerfile, base, ""), "version.txt": "a private repo"})
+	cmd := exec.Command(filepath.Join(s.bin, "zeitwork"), "projects", "create", "api", "--git-url", gs.url+"/private/api.git",
+		"--port", "8080", "--health-path", "/", "--min-instances", "1", "--git-token-stdin")
+	cmd.Env = append(os.Environ(), "ZEITWORK_CONFIG="+s.cfg, "NO_COLOR=1")
+	cmd.Stdin = strings.NewReader(privateToken + "\n")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("projects create api: %v\n%s", err, b)
+	}
+	if code, out, errs := s.cli("deploy", "--project", "api", "--commit", psha); code != 0 {
+		t.Fatalf("deploy --commit of a private repository: %d\n%s\n%s", code, out, errs)
+	}
+	s.waitBody(c, "https://api-demo.zeitwork.test/", "hello from a private repo", time.Minute)
+	if strings.Contains(s.allLogs(), privateToken) {
+		t.Fatal("the git token appears in a service log")
+	}
+
 	// A commit that is not in the repository fails with that reason.
 	s.pushHook("acme/web", strings.Repeat("ab", 20), "build-4")
 	d4 := s.deploymentOf("web", strings.Repeat("ab", 20), 3*time.Minute, "active", "failed")
 	if d4.Status != "failed" || !strings.Contains(d4.FailureReason, "not in repository") {
 		t.Fatalf("unknown commit: %s: %q", d4.Status, d4.FailureReason)
 	}
+}
+
+// allLogs is every service log of the cluster.
+func (s *suite) allLogs() string {
+	var b strings.Builder
+	logs, _ := filepath.Glob(filepath.Join(s.c.StateDir(), "logs", "*.log"))
+	for _, l := range logs {
+		c, _ := os.ReadFile(l)
+		b.Write(c)
+	}
+	return b.String()
 }
 
 // instanceIP is the VM address of a running instance on region 0's node,
