@@ -165,52 +165,30 @@ func (m *Manager) Rules() string {
 	var b bytes.Buffer
 	fmt.Fprintf(&b, "table inet %s\ndelete table inet %s\n", t, t)
 	fmt.Fprintf(&b, "table inet %s {\n", t)
+	m.mu.Lock()
 	// Host → guest: only each VM's app port (health checks, proxied
 	// requests) — no other process on the node reaches anything else.
-	fmt.Fprintf(&b, "  set apps {\n    type ipv4_addr . inet_service\n")
-	m.mu.Lock()
-	var elems []string
-	for _, l := range m.leases {
-		if l.Port > 0 {
-			elems = append(elems, fmt.Sprintf("%s . %d", l.GuestIP, l.Port))
+	m.set(&b, "apps", "ipv4_addr . inet_service", func(l *Lease) string {
+		if l.Port == 0 {
+			return ""
 		}
-	}
-	m.mu.Unlock()
-	sort.Strings(elems)
-	if len(elems) > 0 {
-		fmt.Fprintf(&b, "    elements = { %s }\n", strings.Join(elems, ", "))
-	}
-	fmt.Fprintf(&b, "  }\n")
+		return fmt.Sprintf("%s . %d", l.GuestIP, l.Port)
+	})
 	// Guest → its own host address on one port (a builder's egress proxy).
-	fmt.Fprintf(&b, "  set egress {\n    type ipv4_addr . ipv4_addr . inet_service\n")
-	m.mu.Lock()
-	elems = elems[:0]
-	for _, l := range m.leases {
-		if l.Egress > 0 {
-			elems = append(elems, fmt.Sprintf("%s . %s . %d", l.GuestIP, l.HostIP, l.Egress))
+	m.set(&b, "egress", "ipv4_addr . ipv4_addr . inet_service", func(l *Lease) string {
+		if l.Egress == 0 {
+			return ""
 		}
-	}
-	m.mu.Unlock()
-	sort.Strings(elems)
-	if len(elems) > 0 {
-		fmt.Fprintf(&b, "    elements = { %s }\n", strings.Join(elems, ", "))
-	}
-	fmt.Fprintf(&b, "  }\n")
+		return fmt.Sprintf("%s . %s . %d", l.GuestIP, l.HostIP, l.Egress)
+	})
 	// Guests with an egress port (builders) are forwarded nowhere, NAT or not.
-	fmt.Fprintf(&b, "  set sealed {\n    type ipv4_addr\n")
-	m.mu.Lock()
-	elems = elems[:0]
-	for _, l := range m.leases {
-		if l.Egress > 0 {
-			elems = append(elems, l.GuestIP)
+	m.set(&b, "sealed", "ipv4_addr", func(l *Lease) string {
+		if l.Egress == 0 {
+			return ""
 		}
-	}
+		return l.GuestIP
+	})
 	m.mu.Unlock()
-	sort.Strings(elems)
-	if len(elems) > 0 {
-		fmt.Fprintf(&b, "    elements = { %s }\n", strings.Join(elems, ", "))
-	}
-	fmt.Fprintf(&b, "  }\n")
 	fmt.Fprintf(&b, "  chain output {\n    type filter hook output priority 0; policy accept;\n")
 	fmt.Fprintf(&b, "    oifname %q ip daddr . tcp dport @apps accept\n", vm)
 	fmt.Fprintf(&b, "    oifname %q ct state established,related accept\n", vm)
@@ -240,6 +218,23 @@ func (m *Manager) Rules() string {
 	}
 	fmt.Fprintf(&b, "}\n")
 	return b.String()
+}
+
+// set writes an nftables set whose elements are elem of each lease
+// (leases for which it returns "" are left out). m.mu is held.
+func (m *Manager) set(b *bytes.Buffer, name, typ string, elem func(*Lease) string) {
+	var elems []string
+	for _, l := range m.leases {
+		if e := elem(l); e != "" {
+			elems = append(elems, e)
+		}
+	}
+	sort.Strings(elems)
+	fmt.Fprintf(b, "  set %s {\n    type %s\n", name, typ)
+	if len(elems) > 0 {
+		fmt.Fprintf(b, "    elements = { %s }\n", strings.Join(elems, ", "))
+	}
+	fmt.Fprintf(b, "  }\n")
 }
 
 func (m *Manager) installRules() error {
