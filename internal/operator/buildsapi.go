@@ -77,11 +77,7 @@ func (o *Operator) listBuilds(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	limit := 50
-	if l, err := strconv.Atoi(r.URL.Query().Get("limit")); err == nil && l > 0 && l <= 500 {
-		limit = l
-	}
-	rows, err := o.pool.Query(r.Context(), Q("BuildsOfProject"), p.ID, limit)
+	rows, err := o.pool.Query(r.Context(), Q("BuildsOfProject"), p.ID, listLimit(r))
 	if err != nil {
 		return err
 	}

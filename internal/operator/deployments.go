@@ -290,6 +290,14 @@ type newBuild struct {
 	sourceSHA string
 }
 
+// listLimit is a list's ?limit= (1..500, default 50).
+func listLimit(r *http.Request) int {
+	if l, err := strconv.Atoi(r.URL.Query().Get("limit")); err == nil && l > 0 && l <= 500 {
+		return l
+	}
+	return 50
+}
+
 // querier is what pgxpool.Pool and pgx.Tx have in common.
 type querier interface {
 	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
@@ -301,11 +309,7 @@ func (o *Operator) listDeployments(w http.ResponseWriter, r *http.Request) error
 	if err != nil {
 		return err
 	}
-	limit := 50
-	if l, err := strconv.Atoi(r.URL.Query().Get("limit")); err == nil && l > 0 && l <= 500 {
-		limit = l
-	}
-	rows, err := o.pool.Query(r.Context(), Q("DeploymentsList"), p.ID, limit)
+	rows, err := o.pool.Query(r.Context(), Q("DeploymentsList"), p.ID, listLimit(r))
 	if err != nil {
 		return err
 	}
