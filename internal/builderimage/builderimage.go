@@ -87,6 +87,7 @@ func Ensure(ctx context.Context, dir, initBinary string) (string, error) {
 	if err := os.Mkdir(debs, 0o777); err != nil {
 		return "", err
 	}
+	_ = os.Chmod(debs, 0o777) // past the umask, for the _apt user
 	if out, err := run(ctx, debs, "apt-get", append([]string{"download", "-q"}, pkgs...)...); err != nil {
 		return "", fmt.Errorf("apt-get download: %v: %s", err, tail(out))
 	}
