@@ -259,6 +259,13 @@ func TestBuildInMicroVM(t *testing.T) {
 		t.Fatalf("deadline: %s: %q", slow.State, slow.Error)
 	}
 	f.assertNothingLeft()
+	// Failed builds pushed nothing.
+	for _, ref := range []string{"acme/web:broken", "acme/web:nodockerfile", "acme/web:deadline", "acme/limits:disk", "acme/limits:oom"} {
+		r, _ := name.ParseReference(f.reg+"/"+ref, name.Insecure)
+		if _, err := remote.Head(r); err == nil {
+			t.Fatalf("a failed build left %s in the registry", ref)
+		}
+	}
 }
 
 // assertNothingLeft checks that no build left a VM, a tap, a lease or a
