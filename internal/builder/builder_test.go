@@ -74,7 +74,7 @@ func newFixture(t *testing.T) *fixture {
 	f := &fixture{t: t, reg: ocitest.Registry(t), sources: map[string][]byte{}, work: filepath.Join(dir, "work")}
 	f.base = f.reg + "/base/busybox:1"
 	ocitest.Push(ctx, t, f.base, ocitest.Busybox(t))
-	f.net, err = hostnet.New(hostnet.Config{Subnet: netip.MustParsePrefix("10.232.0.0/24"), StateDir: filepath.Join(dir, "net")})
+	f.net, err = hostnet.New(hostnet.Config{Subnet: netip.MustParsePrefix("10.236.0.0/24"), StateDir: filepath.Join(dir, "net")})
 	if err != nil {
 		t.Fatal(err)
 	}
