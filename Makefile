@@ -12,9 +12,9 @@ TEST_TIMEOUT ?= 45m
 # Debian packages the platform, its tests and its benchmarks need.
 APT_PACKAGES := postgresql qemu-system-x86 qemu-utils e2fsprogs iproute2 nftables cpio lz4 kmod \
 	haproxy nginx-light wrk nghttp2-client caddy ca-certificates curl git make gcc \
-	buildah docker-registry busybox-static
+	buildah docker-registry busybox-static prometheus
 
-.PHONY: all deps build test test-go lint dev install bench bench-lb bench-edge bench-vm bench-build clean
+.PHONY: all deps build test test-go lint dev observe install bench bench-lb bench-edge bench-vm bench-build clean
 
 all: build
 
@@ -24,7 +24,10 @@ deps:
 		echo "installing:$$missing"; \
 		if [ "$$(id -u)" != 0 ]; then SUDO=sudo; fi; \
 		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing && \
+		if [[ " $$missing " == *" prometheus "* && -d /run/systemd/system ]]; then \
+			$$SUDO systemctl disable --now prometheus.service >/dev/null 2>&1 || true; \
+		fi; \
 	fi
 	$(GO) mod download
 

@@ -38,6 +38,7 @@ import (
 	"github.com/zeitwork/zeitwork/internal/envconfig"
 	"github.com/zeitwork/zeitwork/internal/fsutil"
 	"github.com/zeitwork/zeitwork/internal/guestkernel"
+	"github.com/zeitwork/zeitwork/internal/hostmetrics"
 	"github.com/zeitwork/zeitwork/internal/hostnet"
 	"github.com/zeitwork/zeitwork/internal/httpjson"
 	"github.com/zeitwork/zeitwork/internal/rootfs"
@@ -236,6 +237,9 @@ func New(ctx context.Context, cfg Config, reg prometheus.Registerer, log *slog.L
 	}
 	if reg != nil {
 		reg.MustRegister(a.metrics.instances, a.metrics.bootTime)
+		// The host's CPU, memory, disk and network; VM taps (hostnet
+		// names them zw…) are left out: one series per VM is unbounded.
+		reg.MustRegister(hostmetrics.New(hostmetrics.Config{FilesystemPath: cfg.WorkDir, TapPrefixes: []string{"zw"}}))
 	}
 	a.adopt(ctx)
 	// The table is rewritten from what this process knows: whatever a

@@ -199,9 +199,16 @@ func (o *Operator) Handler(admin http.Handler) http.Handler {
 		writeErr(w, fmt.Errorf("%w: no route %s %s", errNotFound, r.Method, r.URL.Path))
 	})
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
 		rw := &statusWriter{ResponseWriter: w, code: 200}
-		mux.ServeHTTP(rw, r)
-		o.m.requests.WithLabelValues(strconv.Itoa(rw.code/100) + "xx").Inc()
+		mux.ServeHTTP(rw, r) // sets r.Pattern: the route, a bounded label
+		class := strconv.Itoa(rw.code/100) + "xx"
+		o.m.requests.WithLabelValues(class).Inc()
+		route := r.Pattern
+		if route == "" {
+			route = "unmatched"
+		}
+		o.m.latency.WithLabelValues(route, class).Observe(time.Since(start).Seconds())
 	})
 }
 

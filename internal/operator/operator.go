@@ -30,6 +30,7 @@ import (
 	"github.com/zeitwork/zeitwork/internal/operator/agents"
 	"github.com/zeitwork/zeitwork/internal/operator/builds"
 	"github.com/zeitwork/zeitwork/internal/operator/domains"
+	"github.com/zeitwork/zeitwork/internal/operator/monitoring"
 	"github.com/zeitwork/zeitwork/internal/operator/reconcile"
 	"github.com/zeitwork/zeitwork/internal/operator/routes"
 	"github.com/zeitwork/zeitwork/internal/operator/secrets"
@@ -55,6 +56,10 @@ type Config struct {
 	InsecureRegistries []string
 	Drain              time.Duration
 	AdminOrgs          []string
+	// SDFile, when set, is the Prometheus file_sd targets file this
+	// operator keeps listing every node agent (OBSERVABILITY_SD_FILE;
+	// internal/operator/monitoring).
+	SDFile string
 
 	// Builds from source (internal/operator/builds).
 	GitBaseURL     string        // GIT_BASE_URL: github_repo clones from GitBaseURL/owner/name.git
@@ -114,6 +119,7 @@ func LoadConfig(l *envconfig.Loader) Config {
 		BuildVCPUs:         l.Int("BUILD_VCPUS", 0, 0, 64),
 		BuildMemoryMiB:     l.Int("BUILD_MEMORY_MIB", 0, 0, build.MaxMemoryMiB),
 		BuildDiskMiB:       l.Int("BUILD_DISK_MIB", 0, 0, build.MaxDiskMiB),
+		SDFile:             l.String("OBSERVABILITY_SD_FILE", ""),
 	}
 	c.BootstrapToken = l.String("BOOTSTRAP_TOKEN", "")
 	c.BootstrapOrg = l.String("BOOTSTRAP_ORG", "")
@@ -179,6 +185,7 @@ type Operator struct {
 
 type metrics struct {
 	requests    *prometheus.CounterVec
+	latency     *prometheus.HistogramVec
 	deployments *prometheus.CounterVec
 	leader      prometheus.Gauge
 	passes      *prometheus.HistogramVec
@@ -198,6 +205,9 @@ func New(cfg Config, pool *pgxpool.Pool, reg prometheus.Registerer, log *slog.Lo
 		verify: domains.NewVerifier(cfg.DNSResolver, cfg.EdgeHostname, cfg.EdgeIPs)}
 	o.m = &metrics{
 		requests:    prometheus.NewCounterVec(prometheus.CounterOpts{Name: "zeitwork_operator_api_requests_total", Help: "API requests by status class."}, []string{"class"}),
+		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "zeitwork_operator_api_request_duration_seconds",
+			Help:    "API response time by route pattern and status class (long polls and log streams last as long as they wait).",
+			Buckets: []float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60}}, []string{"route", "code"}),
 		deployments: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "zeitwork_operator_deployments_total", Help: "Deployment transitions by status."}, []string{"status"}),
 		leader:      prometheus.NewGauge(prometheus.GaugeOpts{Name: "zeitwork_operator_leader", Help: "1 while this operator runs the background work."}),
 		passes: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "zeitwork_operator_reconcile_duration_seconds",
@@ -218,8 +228,20 @@ func New(cfg Config, pool *pgxpool.Pool, reg prometheus.Registerer, log *slog.Lo
 	o.rec = reconcile.New(reconcile.Config{DeployTimeout: cfg.DeployTimeout, Retention: cfg.Retention, NodeDownAfter: cfg.NodeDownAfter,
 		OrphanScanEvery: cfg.OrphanScanEvery, InsecureRegistries: cfg.InsecureRegistries}, pool, o.agents, s, log, o.m.deployments)
 	if reg != nil {
-		reg.MustRegister(o.m.requests, o.m.deployments, o.m.leader, o.m.passes, o.m.webhooks, o.m.routeBuilds)
+		reg.MustRegister(o.m.requests, o.m.latency, o.m.deployments, o.m.leader, o.m.passes, o.m.webhooks, o.m.routeBuilds)
 		reg.MustRegister(o.m.build.Collectors()...)
+		reg.MustRegister(monitoring.NewCollector(pool, o.Leading, log))
+		// Known label values start at 0, so rates and ratios exist before
+		// the first event.
+		for _, c := range []string{"2xx", "3xx", "4xx", "5xx"} {
+			o.m.requests.WithLabelValues(c)
+		}
+		for _, st := range []string{"pending", "building", "preparing", "starting", "healthy", "active", "failed", "superseded"} {
+			o.m.deployments.WithLabelValues(st)
+		}
+		for _, r := range []string{"succeeded", "failed", "canceled"} {
+			o.m.build.Results.WithLabelValues(r)
+		}
 	}
 	return o, nil
 }
@@ -230,6 +252,10 @@ func (o *Operator) Run(ctx context.Context) error {
 	var wg sync.WaitGroup
 	wg.Go(func() { o.listen(ctx) })
 	wg.Go(func() { o.lead(ctx) })
+	if o.cfg.SDFile != "" {
+		t := &monitoring.Targets{Path: o.cfg.SDFile, Pool: o.pool, Log: o.log}
+		wg.Go(func() { t.Run(ctx) })
+	}
 	wg.Wait()
 	return nil
 }
