@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/caddyserver/certmagic"
 	"go.uber.org/zap"
@@ -50,12 +51,15 @@ func loadACME(l *envconfig.Loader) ACMEConfig {
 type acmeManager struct {
 	cfg    *certmagic.Config
 	issuer *certmagic.ACMEIssuer
+	cache  *certmagic.Cache
+	routes *routetable.Client
 }
 
 // newACME sets up certmagic: storage in PostgreSQL, on-demand issuance
 // only for custom domains present in the route table (which lists only
-// verified ones).
-func newACME(ctx context.Context, c ACMEConfig, routes *routetable.Client, log *slog.Logger) (*acmeManager, error) {
+// verified ones). count is called with "obtained" or "failed" at the end
+// of every certificate order (first issue or renewal).
+func newACME(ctx context.Context, c ACMEConfig, routes *routetable.Client, log *slog.Logger, count func(result string)) (*acmeManager, error) {
 	pool, err := db.Open(ctx, c.DatabaseURL)
 	if err != nil {
 		return nil, err
@@ -80,6 +84,15 @@ func newACME(ctx context.Context, c ACMEConfig, routes *routetable.Client, log *
 	cfg = certmagic.New(cache, certmagic.Config{
 		Storage: &certstore.Store{Pool: pool},
 		Logger:  zap.NewNop(),
+		OnEvent: func(_ context.Context, event string, _ map[string]any) error {
+			switch event {
+			case "cert_obtained":
+				count("obtained")
+			case "cert_failed":
+				count("failed")
+			}
+			return nil
+		},
 		OnDemand: &certmagic.OnDemandConfig{DecisionFunc: func(ctx context.Context, name string) error {
 			r := routes.Table().Lookup(strings.ToLower(name))
 			if r == nil || r.Kind != "custom" {
@@ -95,7 +108,24 @@ func newACME(ctx context.Context, c ACMEConfig, routes *routetable.Client, log *
 	cfg.Issuers = []certmagic.Issuer{issuer}
 	go func() { <-ctx.Done(); cache.Stop(); pool.Close() }() // owned by ctx
 	log.Info("ACME on demand for verified custom domains", "directory", c.DirectoryURL)
-	return &acmeManager{cfg: cfg, issuer: issuer}, nil
+	return &acmeManager{cfg: cfg, issuer: issuer, cache: cache, routes: routes}, nil
+}
+
+// earliestExpiry is the NotAfter of the cached ACME certificate of a
+// custom domain in the route table that expires first.
+func (a *acmeManager) earliestExpiry() (time.Time, bool) {
+	var first time.Time
+	for _, r := range a.routes.Table().Routes {
+		if r.Kind != "custom" {
+			continue
+		}
+		for _, c := range a.cache.AllMatchingCertificates(r.Host) {
+			if c.Leaf != nil && (first.IsZero() || c.Leaf.NotAfter.Before(first)) {
+				first = c.Leaf.NotAfter
+			}
+		}
+	}
+	return first, !first.IsZero()
 }
 
 func (a *acmeManager) GetCertificate(h *tls.ClientHelloInfo) (*tls.Certificate, error) {

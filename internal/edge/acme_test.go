@@ -51,6 +51,7 @@ func TestACMEOnDemand(t *testing.T) {
 	op.table.Store(&routetable.Table{Version: "1", Routes: []routetable.Route{
 		{Host: "app.customer.test", Kind: "custom", DeploymentID: "d1", Instances: []routetable.Instance{{ID: "i1", NodeAddress: node.URL, Healthy: true}}},
 	}})
+	regs := map[string]*prometheus.Registry{}
 	start := func(name, httpsAddr, httpAddr string) string {
 		u, _ := urlParse(op.srv.URL)
 		cfg := ServiceConfig{
@@ -61,7 +62,8 @@ func TestACMEOnDemand(t *testing.T) {
 		}
 		cfg.Operators = append(cfg.Operators, u)
 		ctx, cancel := context.WithCancel(context.Background())
-		srv, err := NewServer(ctx, cfg, prometheus.NewRegistry(), service.NewHealth(name), slog.New(slog.DiscardHandler))
+		regs[name] = prometheus.NewRegistry()
+		srv, err := NewServer(ctx, cfg, regs[name], service.NewHealth(name), slog.New(slog.DiscardHandler))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -120,5 +122,17 @@ func TestACMEOnDemand(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode != 200 || resp.Header.Get("Strict-Transport-Security") == "" {
 		t.Fatalf("custom domain over HTTPS: %d %v", resp.StatusCode, resp.Header)
+	}
+	// /metrics: edge-1 ordered the certificate, edge-2 loaded it from the
+	// shared storage; both report when the one they serve expires.
+	exp, orders := expiries(t, regs["edge-1"])
+	if orders["obtained"] != 1 || orders["failed"] != 0 {
+		t.Errorf("edge-1 ACME orders: %v", orders)
+	}
+	if left := time.Until(leaf.NotAfter).Seconds(); exp["acme"] <= 0 || exp["acme"] > left+60 || exp["wildcard"] <= 0 {
+		t.Errorf("edge-1 expiry: %v (certificate: %.0fs left)", exp, left)
+	}
+	if exp, orders := expiries(t, regs["edge-2"]); orders["obtained"] != 0 || exp["acme"] <= 0 {
+		t.Errorf("edge-2: expiry %v, orders %v", exp, orders)
 	}
 }

@@ -121,7 +121,8 @@ type metrics struct {
 	proxyErr    prometheus.Counter // upstreamErr{kind="proxy"}
 	fast        prometheus.Counter
 	limited     prometheus.Counter
-	certExpiry  *prometheus.GaugeVec
+	certExpiry  *certExpiry
+	acme        *prometheus.CounterVec
 	staleness   prometheus.GaugeFunc
 }
 
@@ -145,15 +146,19 @@ func New(cfg Config, routes *routetable.Client, reg prometheus.Registerer, log *
 		latency:     prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "zeitwork_edge_proxy_request_duration_seconds", Help: "Time to response headers.", Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16)}, []string{"host_class"}),
 		upstreamErr: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "zeitwork_edge_proxy_upstream_errors_total", Help: "Upstream failures by kind."}, []string{"kind"}),
 		limited:     prometheus.NewCounter(prometheus.CounterOpts{Name: "zeitwork_edge_proxy_rate_limited_total", Help: "Requests answered 429."}),
-		certExpiry:  prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "zeitwork_edge_proxy_certificate_expiry_seconds", Help: "Seconds until a served certificate expires."}, []string{"name"}),
+		certExpiry:  newCertExpiry(),
+		acme: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "zeitwork_edge_proxy_acme_certificates_total",
+			Help: "ACME certificate orders (first issue and renewal) by result: obtained, failed."}, []string{"result"}),
 		staleness: prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "zeitwork_edge_proxy_route_table_staleness_seconds", Help: "Seconds since the route table was last synced (-1: never)."},
 			func() float64 { return routes.Staleness().Seconds() }),
 	}
 	p.m.fast = prometheus.NewCounter(prometheus.CounterOpts{Name: "zeitwork_edge_proxy_fast_path_requests_total", Help: "HTTP/1.1 requests served by the fast path (the rest by net/http)."})
+	p.m.acme.WithLabelValues("obtained")
+	p.m.acme.WithLabelValues("failed")
 	p.m.connectErr = p.m.upstreamErr.WithLabelValues("connect")
 	p.m.proxyErr = p.m.upstreamErr.WithLabelValues("proxy")
 	if reg != nil {
-		reg.MustRegister(p.m.requests, p.m.fast, p.m.latency, p.m.upstreamErr, p.m.limited, p.m.certExpiry, p.m.staleness)
+		reg.MustRegister(p.m.requests, p.m.fast, p.m.latency, p.m.upstreamErr, p.m.limited, p.m.certExpiry, p.m.acme, p.m.staleness)
 	}
 	p.up = newUpstream(newTransport())
 	p.rp = &httputil.ReverseProxy{
@@ -189,7 +194,7 @@ func (p *Proxy) Limiter() *ratelimit.Limiter { return p.limiter }
 
 // CertExpiry records a certificate's expiry for /metrics.
 func (p *Proxy) CertExpiry(name string, notAfter time.Time) {
-	p.m.certExpiry.WithLabelValues(name).Set(time.Until(notAfter).Seconds())
+	p.m.certExpiry.set(name, notAfter)
 }
 
 // hostOf returns the lower-case host without port.

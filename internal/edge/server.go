@@ -114,9 +114,10 @@ func NewServer(ctx context.Context, cfg ServiceConfig, reg *prometheus.Registry,
 		return nil, err
 	}
 	if cfg.ACME.Enabled() {
-		if s.acme, err = newACME(ctx, cfg.ACME, s.Routes, log); err != nil {
+		if s.acme, err = newACME(ctx, cfg.ACME, s.Routes, log, func(result string) { s.Proxy.m.acme.WithLabelValues(result).Inc() }); err != nil {
 			return nil, err
 		}
+		s.Proxy.m.certExpiry.setACME(s.acme.earliestExpiry)
 	}
 	s.admin = http.NewServeMux()
 	health.Register(s.admin, reg)
