@@ -15,6 +15,7 @@ package buildrunner
 import (
 	"archive/tar"
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -130,7 +131,11 @@ func Main() int {
 	defer fw.Close()
 	ctx := context.Background()
 	oomBefore := oomKills()
-	err = Build(ctx, job, p, os.Stdout)
+	full := &spotter{w: os.Stdout, text: []byte("no space left on device")}
+	err = Build(ctx, job, p, full)
+	if err != nil && full.seen {
+		err = fmt.Errorf("%w: %w", syscall.ENOSPC, err)
+	}
 	switch {
 	case err == nil:
 		unix.Sync()
@@ -144,6 +149,27 @@ func Main() int {
 	default:
 		return noSpace(err, ExitFailed, job)
 	}
+}
+
+// spotter passes output on and notes whether text went by (a message the
+// disk filled, which a later cleanup can hide from statfs).
+type spotter struct {
+	w    io.Writer
+	text []byte
+	tail []byte
+	seen bool
+}
+
+func (s *spotter) Write(p []byte) (int, error) {
+	if !s.seen {
+		buf := append(s.tail, p...)
+		s.seen = bytes.Contains(bytes.ToLower(buf), s.text)
+		if n := len(s.text); len(buf) > n {
+			buf = buf[len(buf)-n:]
+		}
+		s.tail = append(s.tail[:0], buf...)
+	}
+	return s.w.Write(p)
 }
 
 // noSpace turns a full disk into its own exit code (and message).

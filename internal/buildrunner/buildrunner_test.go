@@ -82,3 +82,19 @@ func TestWriteRegistries(t *testing.T) {
 		t.Fatalf("%s", b)
 	}
 }
+
+func TestSpotter(t *testing.T) {
+	var out bytes.Buffer
+	s := &spotter{w: &out, text: []byte("no space left on device")}
+	for _, chunk := range []string{"dd: error writing '/fill': No space", " left on device\nwrite /x: no space le", "ft on device\n"} {
+		s.Write([]byte(chunk))
+	}
+	if !s.seen || out.Len() == 0 {
+		t.Fatalf("seen=%v out=%q", s.seen, out.String())
+	}
+	s2 := &spotter{w: &out, text: []byte("no space left on device")}
+	s2.Write([]byte("all good\n"))
+	if s2.seen {
+		t.Fatal("false positive")
+	}
+}
