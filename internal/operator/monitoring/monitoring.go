@@ -56,7 +56,7 @@ type Collector struct {
 	dbUp, dbPing, dbPool, dbRecovery, dbStandbys, dbLag, dbLagKnown, dbLagBytes *prometheus.Desc
 
 	nodes, nodeState, nodeHeartbeat, capVCPUs, capMem, allocVCPUs, allocMem *prometheus.Desc
-	instances, depInfo, depInstances, depMin                                *prometheus.Desc
+	instances, depInfo, depInstances, depMin, depRestarts                   *prometheus.Desc
 	errors                                                                  *prometheus.CounterVec
 }
 
@@ -91,6 +91,8 @@ func NewCollector(pool *pgxpool.Pool, leading func() bool, log *slog.Logger) *Co
 			[]string{"deployment_id", "organisation", "project", "status"}, nil),
 		depInstances: d("zeitwork_deployment_instances", "Instances (microVMs) of a live deployment that should run, by region and health.",
 			[]string{"deployment_id", "organisation", "project", "region", "health"}, nil),
+		depRestarts: d("zeitwork_deployment_instance_restarts", "Restarts (crashes, failed health checks) of a live deployment's current instances, by region.",
+			[]string{"deployment_id", "organisation", "project", "region"}, nil),
 		depMin: d("zeitwork_deployment_min_instances", "Healthy instances an active deployment should have in each region with nodes (min_instances_per_region).",
 			[]string{"deployment_id", "organisation", "project", "region"}, nil),
 		errors: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "zeitwork_operator_monitoring_errors_total",
@@ -106,7 +108,7 @@ func NewCollector(pool *pgxpool.Pool, leading func() bool, log *slog.Logger) *Co
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.dbUp, c.dbPing, c.dbPool, c.dbRecovery, c.dbStandbys, c.dbLag, c.dbLagKnown, c.dbLagBytes,
 		c.nodes, c.nodeState, c.nodeHeartbeat, c.capVCPUs, c.capMem, c.allocVCPUs, c.allocMem,
-		c.instances, c.depInfo, c.depInstances, c.depMin} {
+		c.instances, c.depInfo, c.depInstances, c.depMin, c.depRestarts} {
 		ch <- d
 	}
 	c.errors.Describe(ch)
@@ -312,7 +314,7 @@ func (c *Collector) collectDeployments(ctx context.Context, gauge gaugeFunc) {
 		c.fail("deployments", err)
 		return
 	}
-	counts := map[string]map[string][2]int64{} // deployment id → region → healthy, unhealthy
+	counts := map[string]map[string][3]int64{} // deployment id → region → healthy, unhealthy, restarts
 	rows, err = c.pool.Query(ctx, q("MonDeploymentInstances"))
 	if err != nil {
 		c.fail("deployments", err)
@@ -320,14 +322,14 @@ func (c *Collector) collectDeployments(ctx context.Context, gauge gaugeFunc) {
 	}
 	for rows.Next() {
 		var id, region string
-		var n [2]int64
-		if err := rows.Scan(&id, &region, &n[0], &n[1]); err != nil {
+		var n [3]int64
+		if err := rows.Scan(&id, &region, &n[0], &n[1], &n[2]); err != nil {
 			rows.Close()
 			c.fail("deployments", err)
 			return
 		}
 		if counts[id] == nil {
-			counts[id] = map[string][2]int64{}
+			counts[id] = map[string][3]int64{}
 		}
 		counts[id][region] = n
 	}
@@ -352,6 +354,7 @@ func (c *Collector) collectDeployments(ctx context.Context, gauge gaugeFunc) {
 			n := counts[id][r]
 			gauge(c.depInstances, float64(n[0]), d.id, d.org, d.project, r, "healthy")
 			gauge(c.depInstances, float64(n[1]), d.id, d.org, d.project, r, "unhealthy")
+			gauge(c.depRestarts, float64(n[2]), d.id, d.org, d.project, r)
 			if d.status == "active" {
 				gauge(c.depMin, float64(d.min), d.id, d.org, d.project, r)
 			}
@@ -360,6 +363,7 @@ func (c *Collector) collectDeployments(ctx context.Context, gauge gaugeFunc) {
 			if !seen[r] {
 				gauge(c.depInstances, float64(n[0]), d.id, d.org, d.project, r, "healthy")
 				gauge(c.depInstances, float64(n[1]), d.id, d.org, d.project, r, "unhealthy")
+				gauge(c.depRestarts, float64(n[2]), d.id, d.org, d.project, r)
 			}
 		}
 	}

@@ -100,8 +100,8 @@ func TestCollector(t *testing.T) {
 	}
 	active, rolling, failed := dep("active"), dep("starting"), dep("failed")
 	inst := func(d, node, region uuid.UUID, state string, healthy bool, desired string) {
-		s.exec(`INSERT INTO instances (id, deployment_id, node_id, region_id, state, healthy, desired_state, vcpus, memory_mib)
-		        VALUES ($1, $2, $3, $4, $5, $6, $7, 1, 128)`, uuid.New(), d, node, region, state, healthy, desired)
+		s.exec(`INSERT INTO instances (id, deployment_id, node_id, region_id, state, healthy, desired_state, vcpus, memory_mib, restarts)
+		        VALUES ($1, $2, $3, $4, $5, $6, $7, 1, 128, 2)`, uuid.New(), d, node, region, state, healthy, desired)
 	}
 	inst(active, n1, east, "running", true, "running")
 	inst(active, n2, east, "running", false, "running")
@@ -138,6 +138,8 @@ func TestCollector(t *testing.T) {
 		`zeitwork_deployment_instances{deployment_id="` + a + `",health="healthy",organisation="acme",project="web",region="eu-west"}`:   0,
 		`zeitwork_deployment_instances{deployment_id="` + r + `",health="unhealthy",organisation="acme",project="web",region="us-east"}`: 1,
 		`zeitwork_deployment_min_instances{deployment_id="` + a + `",organisation="acme",project="web",region="us-east"}`:                2,
+		`zeitwork_deployment_instance_restarts{deployment_id="` + a + `",organisation="acme",project="web",region="us-east"}`:            4,
+		`zeitwork_deployment_instance_restarts{deployment_id="` + a + `",organisation="acme",project="web",region="eu-west"}`:            0,
 		`zeitwork_deployment_min_instances{deployment_id="` + a + `",organisation="acme",project="web",region="eu-west"}`:                2,
 		`zeitwork_operator_monitoring_errors_total{part="nodes"}`:                                                                        0,
 	}

@@ -30,7 +30,8 @@ WHERE d.deleted_at IS NULL AND p.deleted_at IS NULL
 -- name: MonDeploymentInstances
 SELECT i.deployment_id::text, r.name,
        count(*) FILTER (WHERE i.state = 'running' AND i.healthy),
-       count(*) FILTER (WHERE NOT (i.state = 'running' AND i.healthy))
+       count(*) FILTER (WHERE NOT (i.state = 'running' AND i.healthy)),
+       coalesce(sum(i.restarts), 0)::bigint
 FROM instances i JOIN regions r ON r.id = i.region_id JOIN deployments d ON d.id = i.deployment_id
 WHERE i.deleted_at IS NULL AND i.desired_state = 'running' AND d.deleted_at IS NULL
   AND d.status IN ('pending', 'building', 'preparing', 'starting', 'healthy', 'active', 'superseded')
