@@ -336,3 +336,11 @@ func TestPaths(t *testing.T) {
 		t.Fatalf("%+v", p)
 	}
 }
+
+// TestProcessStart: this process started before now and after boot.
+func TestProcessStart(t *testing.T) {
+	st, ok := processStart(os.Getpid())
+	if !ok || st.After(time.Now().Add(time.Second)) || time.Since(st) > time.Hour {
+		t.Fatalf("processStart = %v %v", st, ok)
+	}
+}

@@ -282,7 +282,14 @@ func spawn(ctx context.Context, sp Spawn, p Paths) (int, error) {
 			sp.Log.Info("data plane started", "pid", pid, "addr", sp.Addr, "version", Version())
 			return pid, nil
 		}
-		if Reap(pid) || time.Now().After(deadline) || ctx.Err() != nil {
+		exited := Reap(pid)
+		if !exited && ctx.Err() != nil {
+			// The agent is stopping while its new data plane comes up:
+			// leave it serving, as it outlives the agent anyway.
+			sp.Log.Info("data plane started; the agent is stopping", "pid", pid, "addr", sp.Addr)
+			return pid, nil
+		}
+		if exited || time.Now().After(deadline) {
 			_ = syscall.Kill(pid, syscall.SIGKILL)
 			Reap(pid)
 			return 0, fmt.Errorf("the data plane did not come up; its log ends:\n%s", tail(p.Log, 10))
@@ -314,7 +321,51 @@ func RunningPID(workDir string) int {
 	if err != nil || !bytes.Contains(cmdline, []byte("\x00"+strings.Join(Args, "\x00")+"\x00")) {
 		return 0
 	}
+	// A data plane that started after the pid file was written is another
+	// one that got a recycled pid (pid_max may be as low as 32768), not
+	// this directory's.
+	if fi, err := os.Stat(PathsFor(workDir).PID); err == nil {
+		if started, ok := processStart(pid); ok && started.After(fi.ModTime().Add(2*time.Second)) {
+			return 0
+		}
+	}
 	return pid
+}
+
+// processStart is when pid started, from /proc/<pid>/stat (field 22,
+// clock ticks after boot) and the boot time in /proc/stat.
+func processStart(pid int) (time.Time, bool) {
+	st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return time.Time{}, false
+	}
+	i := bytes.LastIndexByte(st, ')')
+	if i < 0 {
+		return time.Time{}, false
+	}
+	f := strings.Fields(string(st[i+1:]))
+	if len(f) < 20 { // state is field 3, starttime field 22
+		return time.Time{}, false
+	}
+	ticks, err := strconv.ParseInt(f[19], 10, 64)
+	if err != nil {
+		return time.Time{}, false
+	}
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return time.Time{}, false
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "btime "); ok {
+			boot, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+			if err != nil {
+				return time.Time{}, false
+			}
+			const hz = 100 // USER_HZ on Linux
+			return time.Unix(boot, 0).Add(time.Duration(ticks) * time.Second / hz), true
+		}
+	}
+	return time.Time{}, false
 }
 
 // Stop stops the work directory's data plane: SIGTERM (it drains), then
