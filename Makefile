@@ -12,7 +12,7 @@ TEST_TIMEOUT ?= 45m
 # Debian packages the platform, its tests and its benchmarks need.
 APT_PACKAGES := postgresql qemu-system-x86 qemu-utils e2fsprogs iproute2 nftables cpio lz4 kmod \
 	haproxy nginx-light wrk nghttp2-client caddy ca-certificates curl git make gcc \
-	buildah docker-registry busybox-static prometheus
+	buildah docker-registry busybox-static prometheus chromium
 
 .PHONY: all deps build test test-go lint dev observe install bench bench-lb bench-edge bench-vm bench-build clean
 

@@ -195,9 +195,10 @@ func (o *Operator) Handler(admin http.Handler) http.Handler {
 	mux.Handle("/health", admin)
 	mux.Handle("/health/", admin)
 	mux.Handle("/metrics", admin)
-	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+	mux.HandleFunc("/api/", func(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, fmt.Errorf("%w: no route %s %s", errNotFound, r.Method, r.URL.Path))
 	})
+	mux.Handle("/", o.console()) // the web console (internal/console)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
 		rw := &statusWriter{ResponseWriter: w, code: 200}
