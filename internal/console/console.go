@@ -146,7 +146,7 @@ func New(cfg Config, backend Backend, pool *pgxpool.Pool, log *slog.Logger) *Con
 	user("GET /projects", c.projectsPage)
 	user("POST /projects", c.createProject)
 	user("GET /projects/{project}", c.projectPage)
-	user("GET /projects/{project}/deployments", c.deploymentsFragment)
+	user(fragmentRoute, c.deploymentsFragment)
 	user("POST /projects/{project}/deployments", c.deploy)
 	user("POST /projects/{project}/rollback", c.rollback)
 	user("POST /projects/{project}/deployments/{id}/promote", c.promote)
@@ -319,9 +319,12 @@ func (c *Console) static(w http.ResponseWriter, r *http.Request) {
 	_, _ = w.Write(a.body)
 }
 
-func isFragment(r *http.Request) bool {
-	return strings.HasSuffix(r.URL.Path, "/deployments") && r.Method == http.MethodGet
-}
+// fragmentRoute is the route of the deployments fragment the project page
+// polls: its errors are plain text (the script reads the status), and a
+// signed-out poll gets a 401 rather than the sign-in page.
+const fragmentRoute = "GET /projects/{project}/deployments"
+
+func isFragment(r *http.Request) bool { return r.Pattern == fragmentRoute }
 
 // projectPath is the console path of a project (by name: readable and
 // stable, since projects cannot be renamed).

@@ -15,8 +15,9 @@ import (
 	"github.com/zeitwork/zeitwork/internal/apiclient"
 )
 
-// deploymentsShown is how many deployments the project page lists.
-const deploymentsShown = 20
+// deploymentsShown is how many deployments the project page lists (and
+// polls: each costs the API's queries of one deployment document).
+const deploymentsShown = 10
 
 // projectRow is a line of the projects list.
 type projectRow struct {
@@ -194,10 +195,11 @@ type deploymentsView struct {
 	Items       []deploymentView
 	Live        *deploymentView
 	CanRollBack bool // an earlier healthy deployment exists
+	More        bool // older deployments are not shown
 }
 
 func newDeploymentsView(project string, s *session, ds []apiclient.DeploymentDetail) deploymentsView {
-	v := deploymentsView{Project: project, CSRF: s.csrf}
+	v := deploymentsView{Project: project, CSRF: s.csrf, More: len(ds) >= deploymentsShown}
 	var live *apiclient.DeploymentDetail
 	for i := range ds {
 		if ds[i].Active {

@@ -25,10 +25,18 @@
     if (s < 172800) return Math.floor(s / 3600) + ' h ago';
     return Math.floor(s / 86400) + ' d ago';
   }
+  // Times of day: the server writes UTC; the browser knows the reader's zone.
+  function clock(ms) {
+    var d = new Date(ms), today = new Date().toDateString() === d.toDateString();
+    var opts = today ? { hour: '2-digit', minute: '2-digit', second: '2-digit' }
+      : { month: 'short', day: 'numeric', hour: '2-digit', minute: '2-digit' };
+    return d.toLocaleString([], opts);
+  }
   function refreshAges(root) {
-    root.querySelectorAll('time[data-age]').forEach(function (el) {
+    root.querySelectorAll('time[data-age], time[data-clock]').forEach(function (el) {
       var t = Date.parse(el.getAttribute('datetime'));
-      if (!isNaN(t)) el.textContent = ago(t);
+      if (isNaN(t)) return;
+      el.textContent = el.hasAttribute('data-age') ? ago(t) : clock(t);
     });
   }
 
