@@ -222,10 +222,13 @@ func (b *tab) do(what string, steps ...chromedp.Action[chromedp.Void]) {
 	}
 }
 
-// submit clicks a form's button and waits for the page it leads to.
+// submit clicks a form's button and waits (up to 45 s) for the page it
+// leads to.
 func (b *tab) submit(what, button string) {
 	b.t.Helper()
-	if _, err := chromedp.Run(b.ctx, chromedp.WaitEvent(page.LoadEventFired, nil, chromedp.Click(chromedp.CSS(button)))); err != nil {
+	ctx, cancel := context.WithTimeout(b.ctx, 45*time.Second)
+	defer cancel()
+	if _, err := chromedp.Run(ctx, chromedp.WaitEvent(page.LoadEventFired, nil, chromedp.Click(chromedp.CSS(button)))); err != nil {
 		b.t.Fatalf("%s: %v", what, err)
 	}
 }

@@ -21,6 +21,7 @@ import (
 	"io/fs"
 	"log/slog"
 	"net/http"
+	"net/url"
 	"strings"
 	"time"
 
@@ -180,6 +181,8 @@ func New(cfg Config, backend Backend, pool *pgxpool.Pool, log *slog.Logger) *Con
 const contentSecurityPolicy = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; " +
 	"form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 
+// ServeHTTP serves a console request with the security headers of every
+// answer.
 func (c *Console) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h := w.Header()
 	h.Set("Content-Security-Policy", contentSecurityPolicy)
@@ -206,7 +209,7 @@ func (c *Console) authed(h func(http.ResponseWriter, *http.Request, *session) er
 		}
 		if s == nil {
 			if r.Method == http.MethodGet && !isFragment(r) {
-				http.Redirect(w, r, "/signin?next="+urlQueryEscape(r.URL.RequestURI()), http.StatusSeeOther)
+				http.Redirect(w, r, "/signin?next="+url.QueryEscape(r.URL.RequestURI()), http.StatusSeeOther)
 				return
 			}
 			c.clearCookie(w, r, sessionCookie)
@@ -329,9 +332,9 @@ func isFragment(r *http.Request) bool { return r.Pattern == fragmentRoute }
 // projectPath is the console path of a project (by name: readable and
 // stable, since projects cannot be renamed).
 func projectPath(name string, rest ...string) string {
-	p := "/projects/" + urlPathEscape(name)
+	p := "/projects/" + url.PathEscape(name)
 	for _, s := range rest {
-		p += "/" + urlPathEscape(s)
+		p += "/" + url.PathEscape(s)
 	}
 	return p
 }

@@ -519,6 +519,31 @@ func TestProjectPage(t *testing.T) {
 	}
 }
 
+// TestBuildFromSource shows a deployment's build: its state and, when it
+// failed, why (this operator has no BUILD_REGISTRY, so builds fail at once).
+func TestBuildFromSource(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	u := e.user()
+	u.signIn(acmeToken)
+	if resp, _ := u.post("/projects", url.Values{"name": {"api"}, "github_repo": {"acme/api"}, "min_instances": {"1"}}); resp.StatusCode != http.StatusSeeOther {
+		t.Fatalf("create project: %d", resp.StatusCode)
+	}
+	_, page := u.get("/projects/api")
+	if !strings.Contains(page, `name="commit_sha"`) || !strings.Contains(page, "built from the repository") {
+		t.Fatal("a project that builds from source offers no commit field")
+	}
+	sha := strings.Repeat("3f2a", 10)
+	if resp, page := u.post("/projects/api/deployments", url.Values{"commit_sha": {sha}}); resp.StatusCode != http.StatusSeeOther {
+		t.Fatalf("deploy a commit: %d %s", resp.StatusCode, page)
+	}
+	e.eventually("the failed build on the page", func() bool {
+		_, page := u.get("/projects/api/deployments")
+		return strings.Contains(page, `class="badge b-failed"`) && strings.Contains(page, "build failed") &&
+			strings.Contains(page, sha[:12]) && strings.Contains(page, "Build output")
+	})
+}
+
 func apiStatus(t *testing.T, e *env, token, method, path string) int {
 	t.Helper()
 	req, _ := http.NewRequest(method, e.url+path, nil)

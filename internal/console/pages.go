@@ -357,7 +357,7 @@ func (c *Console) confirmed(w http.ResponseWriter, r *http.Request, s *session, 
 		}
 	}
 	c.render(w, r, http.StatusOK, "confirm", &view{Title: "Confirm", Session: s,
-		Data: map[string]any{"Question": question, "Button": button, "Action": r.URL.Path, "Fields": fields, "Back": back}})
+		Data: map[string]any{"Question": question, "Button": button, "Action": r.URL.EscapedPath(), "Fields": fields, "Back": back}})
 	return false
 }
 

@@ -188,6 +188,3 @@ func (c *Console) takeFlash(w http.ResponseWriter, r *http.Request) string {
 	}
 	return string(b)
 }
-
-func urlQueryEscape(s string) string { return url.QueryEscape(s) }
-func urlPathEscape(s string) string  { return url.PathEscape(s) }
