@@ -204,7 +204,7 @@ func New(cfg Config, pool *pgxpool.Pool, reg prometheus.Registerer, log *slog.Lo
 		kick: make(chan struct{}, 1), uploads: make(chan struct{}, 4),
 		verify: domains.NewVerifier(cfg.DNSResolver, cfg.EdgeHostname, cfg.EdgeIPs)}
 	o.m = &metrics{
-		requests:    prometheus.NewCounterVec(prometheus.CounterOpts{Name: "zeitwork_operator_api_requests_total", Help: "API requests by status class."}, []string{"class"}),
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "zeitwork_operator_api_requests_total", Help: "API requests by status class."}, []string{"class"}),
 		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "zeitwork_operator_api_request_duration_seconds",
 			Help:    "API response time by route pattern and status class (long polls and log streams last as long as they wait).",
 			Buckets: []float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60}}, []string{"route", "code"}),
