@@ -568,12 +568,9 @@ func describe(s build.Source) string {
 	return "(uploaded archive)"
 }
 
-// localTag names the image inside the VM (a name buildah accepts that
-// does not depend on the registry's address).
-func localTag(spec build.Spec) string {
-	tag := spec.Image[strings.LastIndex(spec.Image, ":")+1:]
-	return "localhost/zeitwork-build:" + tag
-}
+// localTag names the image inside the VM: one name per project cache
+// (each build's image takes it over), independent of the registry.
+func localTag(build.Spec) string { return "localhost/zeitwork-build:latest" }
 
 // writeSource stores the source tar at path, padded to whole sectors.
 func (b *Builder) writeSource(ctx context.Context, src build.Source, path string) error {

@@ -35,7 +35,7 @@ var Packages = []string{"buildah"}
 const InitPath = "/usr/local/bin/zeitwork-init"
 
 // format changes when the image layout changes, so old caches are rebuilt.
-const format = "1"
+const format = "2"
 
 // Ensure returns the builder root disk in dir, building it when absent.
 // Concurrent callers (several agents or test binaries) are serialised with
@@ -101,7 +101,13 @@ func Ensure(ctx context.Context, dir, initBinary string) (string, error) {
 			return "", fmt.Errorf("dpkg-deb -x %s: %v: %s", filepath.Base(f), err, tail(out))
 		}
 	}
-	if err := finish(tree, initBytes); err != nil {
+	version := "buildah"
+	for _, p := range pkgs {
+		if v, ok := strings.CutPrefix(p, "buildah="); ok {
+			version = "buildah " + v
+		}
+	}
+	if err := finish(tree, initBytes, version); err != nil {
 		return "", err
 	}
 	// The loader's cache, so every library directory of the image is found.
@@ -169,7 +175,7 @@ func parseSimulation(out []byte) ([]string, error) {
 
 // finish completes the unpacked tree: init, mount points, configuration,
 // and nothing a build never reads (documentation, manuals, locales).
-func finish(tree string, initBytes []byte) error {
+func finish(tree string, initBytes []byte, version string) error {
 	for _, d := range []string{"usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale"} {
 		if err := os.RemoveAll(filepath.Join(tree, d)); err != nil {
 			return err
@@ -189,6 +195,7 @@ func finish(tree string, initBytes []byte) error {
 		"etc/hosts":                  "127.0.0.1\tlocalhost\n",
 		"etc/resolv.conf":            "",
 		"etc/nsswitch.conf":          "passwd: files\ngroup: files\nhosts: files\n",
+		"etc/zeitwork-builder":       version + "\n",
 	}
 	for name, content := range files {
 		p := filepath.Join(tree, name)

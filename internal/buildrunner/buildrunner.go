@@ -89,7 +89,7 @@ func Main() int {
 		say("cannot read the build job: %v", err)
 		return ExitSetup
 	}
-	say("builder VM up (buildah %s)", buildahVersion())
+	say("builder VM up (%s)", builderVersion())
 	drives, err := findDrives()
 	if err != nil {
 		say("%v", err)
@@ -200,8 +200,15 @@ func Build(ctx context.Context, job Job, p Paths, out io.Writer) error {
 		return err
 	}
 	global := []string{"--root", p.Storage, "--runroot", p.RunRoot, "--storage-driver", "overlay"}
-	// Containers a killed build left in the cache are of no use.
-	_ = buildah(ctx, p, io.Discard, append(append([]string{}, global...), "rm", "--all")...)
+	// Containers a killed build left in the cache are of no use; a cache
+	// disk three quarters full drops the images no tag or step uses.
+	if b, err := os.ReadFile(filepath.Join(p.Storage, "overlay-containers", "containers.json")); err == nil && bytes.Contains(b, []byte(`"id"`)) {
+		_ = buildah(ctx, p, io.Discard, append(append([]string{}, global...), "rm", "--all")...)
+	}
+	var st unix.Statfs_t
+	if unix.Statfs(p.Storage, &st) == nil && st.Blocks > 0 && st.Bavail*4 < st.Blocks {
+		_ = buildah(ctx, p, io.Discard, append(append([]string{}, global...), "rmi", "--prune")...)
+	}
 	args := append(append([]string{}, global...), "build", "--isolation", "chroot", "--layers", "--force-rm", "--network", "host",
 		"--file", df, "--tag", job.Tag)
 	keys := make([]string, 0, len(job.BuildArgs))
@@ -228,9 +235,8 @@ func Build(ctx context.Context, job Job, p Paths, out io.Writer) error {
 	if err := copyFile(archive, p.Output); err != nil {
 		return fmt.Errorf("cannot write the image to the output drive: %w", err)
 	}
-	// Keep the cache lean: drop the tag (its layers stay as cache) and
-	// anything no build can reuse.
-	_ = buildah(ctx, p, io.Discard, append(append([]string{}, global...), "rmi", job.Tag)...)
+	// The tag stays: the next build's image takes it over, and this one
+	// stays in the cache until a full disk prunes it.
 	return nil
 }
 
@@ -399,16 +405,16 @@ func oomKills() int {
 	return 0
 }
 
-func buildahVersion() string {
-	out, err := exec.Command("buildah", "--version").Output()
+// VersionFile names the builder image's version line (written by
+// internal/builderimage), read without starting buildah.
+const VersionFile = "/etc/zeitwork-builder"
+
+func builderVersion() string {
+	b, err := os.ReadFile(VersionFile)
 	if err != nil {
-		return "unknown"
+		return "buildah"
 	}
-	f := strings.Fields(string(out))
-	if len(f) >= 3 {
-		return f[2]
-	}
-	return strings.TrimSpace(string(out))
+	return strings.TrimSpace(string(b))
 }
 
 // say prints one of the platform's own log lines.
