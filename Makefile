@@ -50,6 +50,14 @@ test: deps build lint test-go
 dev: deps build
 	./bin/zeitwork dev
 
+# Prometheus (Debian's binary) with deployments/observability against the
+# `make dev` platform (run it in a second terminal); data in .dev/prometheus.
+OBSERVE_ADDR ?= 127.0.0.1:9090
+observe: deps
+	@echo "==> Prometheus on http://$(OBSERVE_ADDR) (targets: deployments/observability/targets; docs/operations.md)"
+	prometheus --config.file=deployments/observability/prometheus.yml --storage.tsdb.path=.dev/prometheus \
+		--web.listen-address=$(OBSERVE_ADDR) --web.enable-lifecycle --log.level=warn
+
 install: build
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)/etc/zeitwork $(DESTDIR)/etc/systemd/system
 	for b in $(BINARIES); do install -m 0755 bin/$$b $(DESTDIR)$(PREFIX)/bin/$$b; done
