@@ -18,6 +18,10 @@ APT_PACKAGES := postgresql qemu-system-x86 qemu-utils e2fsprogs iproute2 nftable
 
 all: build
 
+# prometheus is installed for its binaries (promtool and prometheus: the
+# observability tests, make observe). Where systemd runs, the service its
+# package enables and starts is turned off again; without systemd (CI, the
+# development machines) its postinst starts nothing.
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
