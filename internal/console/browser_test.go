@@ -16,6 +16,8 @@ import (
 
 	"github.com/chromedp/cdproto/page"
 	"github.com/chromedp/chromedp"
+
+	"github.com/zeitwork/zeitwork/internal/operator/agents/agenttest"
 )
 
 // screenshots is where the browser test leaves pictures of the main pages
@@ -33,7 +35,7 @@ func TestBrowser(t *testing.T) {
 		t.Skip("starts chromium")
 	}
 	bin := chromium(t)
-	e := newEnv(t)
+	e := newBuildEnv(t)
 	foreign := apiCreateProject(t, e, otherToken, "secret-plans")
 	started := time.Now()
 
@@ -155,6 +157,40 @@ func TestBrowser(t *testing.T) {
 		return d !== null && d.textContent.includes("CNAME") && d.textContent.includes("edge.zeitwork.test"); })()`)
 	b.do("scroll up", chromedp.Evaluate[chromedp.Void](`window.scrollTo(0, 0)`))
 	b.shot("project", true)
+
+	// A build's log, live: lines appear while the build runs, without a
+	// reload; markup in a line is text; the filter hides what lacks it.
+	b.do("open the projects for a second project", chromedp.Navigate(e.url+"/projects"))
+	b.do("fill in a project built from source", chromedp.SetValue(chromedp.ID("p-name"), "api"), chromedp.SetValue(chromedp.ID("p-repo"), "acme/api"),
+		chromedp.SetValue(chromedp.ID("p-min"), "1"))
+	b.submit("create the project", `form[action="/projects"] button[type="submit"]`)
+	b.waitJS("the project page", `location.pathname === "/projects/api"`)
+	b.do("enter a commit", chromedp.SetValue(chromedp.ID("commit"), strings.Repeat("5e", 20)))
+	b.submit("deploy the commit", `form[action="/projects/api/deployments"] button[type="submit"]`)
+	depID, buildID := waitBuild(t, e, "api")
+	b.waitJS("the build log link", `document.getElementById("buildlog-`+depID+`") !== null`)
+	b.submit("open the build log", "#buildlog-"+depID)
+	b.waitJS("the first line", `document.querySelectorAll("#log .logline").length >= 1`)
+	b.do("mark the log page", chromedp.Evaluate[chromedp.Void](`window.zwLogPage = true`))
+	evil := `<script>alert("log")</script>`
+	if err := e.agents[0].Log(buildID, "STEP 1/3: FROM docker.io/library/golang:1.26", "go: downloading github.com/acme/api v1.4.2", evil,
+		"STEP 2/3: RUN go build -o /app ./cmd/api", "STEP 3/3: COPY --from=0 /app /app"); err != nil {
+		t.Fatal(err)
+	}
+	b.waitJS("the new lines without a reload", `window.zwLogPage === true && document.querySelectorAll("#log .logline").length >= 6`)
+	if got := b.text("the markup line", `Array.from(document.querySelectorAll("#log .ll")).map(function (e) { return e.textContent; }).join("\n")`); !strings.Contains(got, evil) {
+		t.Errorf("the markup line shows as %q", got)
+	}
+	if n := b.text("scripts on the log page", `String(document.scripts.length + document.querySelectorAll("#log script").length)`); n != "1" {
+		t.Errorf("%s scripts on the log page, want only the console's", n)
+	}
+	b.do("type a filter", chromedp.SendKeys(chromedp.ID("log-filter"), "step"))
+	b.waitJS("lines without it hidden", `document.querySelectorAll("#log .logline:not([hidden])").length === 3 && document.querySelectorAll("#log .logline[hidden]").length === 3`)
+	b.shot("logs", false)
+	if err := e.agents[0].FinishBuild(buildID, agenttest.BuildResult{Error: "boom"}); err != nil {
+		t.Fatal(err)
+	}
+	b.waitJS("the log's end", `document.getElementById("log").dataset.ended === "1"`)
 
 	// The same page at phone width.
 	b.do("phone width", chromedp.EmulateViewport(390, 844, chromedp.EmulateScale(2)), chromedp.Navigate(e.url+"/projects/web"))

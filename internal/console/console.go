@@ -18,6 +18,7 @@ import (
 	"embed"
 	"encoding/hex"
 	"errors"
+	"io"
 	"io/fs"
 	"log/slog"
 	"net/http"
@@ -97,6 +98,13 @@ type Backend interface {
 	VerifyDomain(ctx context.Context, p Principal, domain string) (*apiclient.Domain, error)
 	RemoveDomain(ctx context.Context, p Principal, domain string) error
 
+	// Logs writes a deployment's log to w as NDJSON, one
+	// {"time","stream","line",...} per line: kind "build" is its build's
+	// log (the API's builds/{id}/logs), "app" its instances' output (the
+	// API's deployments/{id}/logs). follow keeps the stream open, a build's
+	// until the build ends. An error comes before the first line.
+	Logs(ctx context.Context, p Principal, deployment, kind string, follow bool, w io.Writer) error
+
 	Tokens(ctx context.Context, p Principal) ([]Token, error)
 	CreateToken(ctx context.Context, p Principal, name string) (*apiclient.NewToken, error)
 	RevokeToken(ctx context.Context, p Principal, id string) error
@@ -152,6 +160,9 @@ func New(cfg Config, backend Backend, pool *pgxpool.Pool, log *slog.Logger) *Con
 	user("POST /projects/{project}/rollback", c.rollback)
 	user("POST /projects/{project}/deployments/{id}/promote", c.promote)
 	user("POST /projects/{project}/deployments/{id}/stop", c.stop)
+	user("GET /projects/{project}/deployments/{id}/logs/{kind}", c.logsPage)
+	user(streamRoute, c.logsStream)
+	user("GET /projects/{project}/deployments/{id}/logs/{kind}/text", c.logsText)
 	user("POST /projects/{project}/env", c.setEnv)
 	user("POST /projects/{project}/env/{name}/delete", c.unsetEnv)
 	user("POST /projects/{project}/domains", c.addDomain)
@@ -327,7 +338,11 @@ func (c *Console) static(w http.ResponseWriter, r *http.Request) {
 // signed-out poll gets a 401 rather than the sign-in page.
 const fragmentRoute = "GET /projects/{project}/deployments"
 
-func isFragment(r *http.Request) bool { return r.Pattern == fragmentRoute }
+// streamRoute is the route of a followed log (NDJSON, read by the log
+// page's script): like the fragment, a signed-out read gets a 401.
+const streamRoute = "GET /projects/{project}/deployments/{id}/logs/{kind}/stream"
+
+func isFragment(r *http.Request) bool { return r.Pattern == fragmentRoute || r.Pattern == streamRoute }
 
 // projectPath is the console path of a project (by name: readable and
 // stable, since projects cannot be renamed).

@@ -46,9 +46,29 @@ type env struct {
 	pool   *pgxpool.Pool
 	dns    *dnstest.Server
 	images map[string]string // tag → pushed reference (by digest)
+	agents []*agenttest.Agent
 }
 
-func newEnv(t testing.TB) *env {
+// newEnv starts the operator; builds from source fail at once (no
+// BUILD_REGISTRY).
+func newEnv(t testing.TB) *env { t.Helper(); return startEnv(t, false) }
+
+// newBuildEnv starts the operator with a registry for built images and
+// one build slot on the first node: a build runs there until the test
+// ends it (agenttest's FinishBuild).
+func newBuildEnv(t testing.TB) *env {
+	t.Helper()
+	e := startEnv(t, true)
+	e.agents[0].SetMaxBuilds(1)
+	e.eventually("the node reports its build slot", func() bool {
+		var n int
+		_ = e.pool.QueryRow(t.Context(), "SELECT coalesce(sum(max_builds), 0) FROM nodes").Scan(&n)
+		return n == 1
+	})
+	return e
+}
+
+func startEnv(t testing.TB, builds bool) *env {
 	t.Helper()
 	dbURL := pgtest.URL(t)
 	pool, err := db.Open(t.Context(), dbURL)
@@ -61,6 +81,12 @@ func newEnv(t testing.TB) *env {
 		AppsDomain: "zeitwork.test", EdgeHostname: "edge.zeitwork.test", DNSResolver: e.dns.Addr, DeployTimeout: time.Minute,
 		Retention: time.Hour, NodeDownAfter: 15 * time.Second, ReconcileEvery: 200 * time.Millisecond, DomainRecheck: time.Hour,
 		OrphanScanEvery: time.Minute}
+	reg := httptest.NewServer(registry.New(registry.Logger(log.New(io.Discard, "", 0))))
+	t.Cleanup(reg.Close)
+	host := strings.TrimPrefix(reg.URL, "http://")
+	if builds {
+		cfg.BuildRegistry = host + "/built"
+	}
 	op, err := operator.New(cfg, pool, nil, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
 		t.Fatal(err)
@@ -80,9 +106,6 @@ func newEnv(t testing.TB) *env {
 		}
 	}
 
-	reg := httptest.NewServer(registry.New(registry.Logger(log.New(io.Discard, "", 0))))
-	t.Cleanup(reg.Close)
-	host := strings.TrimPrefix(reg.URL, "http://")
 	for _, v := range []string{"v1", "v2"} {
 		l, _ := ib.Layer(ib.Entry{Name: "version", Data: []byte(v)})
 		img, _ := ib.Image(ib.Config{Cmd: []string{"/app"}}, l)
@@ -93,10 +116,10 @@ func newEnv(t testing.TB) *env {
 		e.images[v] = ref
 	}
 
-	var agents []*agenttest.Agent
 	for _, region := range []string{"eu-west", "us-east"} {
-		agents = append(agents, agenttest.Start(t, region, e.url, clusterToken, func(string) bool { return false }))
+		e.agents = append(e.agents, agenttest.Start(t, region, e.url, clusterToken, func(string) bool { return false }))
 	}
+	agents := e.agents
 	hctx, hcancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	wg.Go(func() {

@@ -89,8 +89,12 @@ func TestTemplatesEscape(t *testing.T) {
 		v := &view{Title: evil, Error: evil, Flash: evil, CSRF: evil, c: &Console{assets: loadAssets()},
 			Data: map[string]any{"Question": evil, "Button": evil, "Action": "/x", "Back": "/y", "Fields": map[string]string{evil: evil},
 				"Next": evil, "Projects": []projectRow{}, "Form": map[string]string{"name": evil}, "Tokens": []tokenRow{{Token: Token{Name: evil}}}}}
-		if name == "error" {
+		switch name {
+		case "error":
 			v.Data = &Error{Status: 404, Message: evil}
+		case "logs":
+			v.Data = &logsView{Project: evil, Name: evil, Kind: "build", Stream: "/s", Text: "/t", Other: "/o",
+				Deployment: &apiclient.DeploymentDetail{Deployment: apiclient.Deployment{Status: evil, Build: &apiclient.DeploymentBuild{State: evil}}}}
 		}
 		if err := tpl.ExecuteTemplate(&b, "layout", v); err != nil {
 			t.Fatalf("%s: %v", name, err)

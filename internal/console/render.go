@@ -61,7 +61,7 @@ func statusNote(status string) string {
 var pages = func() map[string]*template.Template {
 	base := template.Must(template.New("").Funcs(funcs).ParseFS(files, "templates/layout.html", "templates/partials.html"))
 	out := map[string]*template.Template{}
-	for _, name := range []string{"signin", "projects", "project", "org", "confirm", "error"} {
+	for _, name := range []string{"signin", "projects", "project", "logs", "org", "confirm", "error"} {
 		out[name] = template.Must(template.Must(base.Clone()).ParseFS(files, "templates/"+name+".html"))
 	}
 	return out

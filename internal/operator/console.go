@@ -55,6 +55,20 @@ func (b *bufferWriter) WriteHeader(code int) {
 // JSON body given, and decodes its answer into out (nil: discard).
 func (c consoleBackend) call(ctx context.Context, p console.Principal, h func(http.ResponseWriter, *http.Request) error,
 	method, query string, path map[string]string, body, out any) error {
+	w := &bufferWriter{header: http.Header{}}
+	if err := c.run(ctx, p, h, method, query, path, body, w); err != nil {
+		return err
+	}
+	if out == nil || w.body.Len() == 0 {
+		return nil
+	}
+	return json.Unmarshal(w.body.Bytes(), out)
+}
+
+// run runs the API handler h for principal p, its answer going to w; an
+// error becomes a *console.Error as writeErr would answer it.
+func (c consoleBackend) run(ctx context.Context, p console.Principal, h func(http.ResponseWriter, *http.Request) error,
+	method, query string, path map[string]string, body any, w http.ResponseWriter) error {
 	var rd io.Reader
 	if body != nil {
 		b, err := json.Marshal(body)
@@ -71,7 +85,6 @@ func (c consoleBackend) call(ctx context.Context, p console.Principal, h func(ht
 	for k, v := range path {
 		r.SetPathValue(k, v)
 	}
-	w := &bufferWriter{header: http.Header{}}
 	if err := h(w, r); err != nil {
 		// writeErr is the one place errors become statuses and messages.
 		ew := &bufferWriter{header: http.Header{}}
@@ -84,10 +97,50 @@ func (c consoleBackend) call(ctx context.Context, p console.Principal, h func(ht
 		}
 		return ce
 	}
-	if out == nil || w.body.Len() == 0 {
-		return nil
+	return nil
+}
+
+// streamWriter passes a streaming handler's answer on to w as it comes,
+// flushing after each write; the handler's status and headers are the
+// console's to set.
+type streamWriter struct {
+	header http.Header
+	w      io.Writer
+}
+
+func (s *streamWriter) Header() http.Header { return s.header }
+func (s *streamWriter) WriteHeader(int)     {}
+func (s *streamWriter) Write(p []byte) (int, error) {
+	n, err := s.w.Write(p)
+	if f, ok := s.w.(http.Flusher); ok {
+		f.Flush()
 	}
-	return json.Unmarshal(w.body.Bytes(), out)
+	return n, err
+}
+func (s *streamWriter) Flush() {}
+
+// Logs streams a deployment's build log or app log through the API's own
+// handlers (buildLogs, deploymentLogs): the same scoping, the same lines.
+func (c consoleBackend) Logs(ctx context.Context, p console.Principal, deployment, kind string, follow bool, w io.Writer) error {
+	q := ""
+	if follow {
+		q = "follow=1"
+	}
+	sw := &streamWriter{header: http.Header{}, w: w}
+	switch kind {
+	case "build":
+		d, err := c.Deployment(ctx, p, deployment)
+		if err != nil {
+			return err
+		}
+		if d.Build == nil {
+			return &console.Error{Status: http.StatusNotFound, Code: "not_found", Message: "This deployment was not built from source: it has no build log."}
+		}
+		return c.run(ctx, p, c.o.buildLogs, "GET", q, map[string]string{"id": d.Build.ID}, nil, sw)
+	case "app":
+		return c.run(ctx, p, c.o.deploymentLogs, "GET", q, map[string]string{"id": deployment}, nil, sw)
+	}
+	return &console.Error{Status: http.StatusNotFound, Code: "not_found", Message: "There is no such log."}
 }
 
 func (c consoleBackend) Authenticate(ctx context.Context, token string) (console.Principal, error) {

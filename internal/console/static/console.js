@@ -40,8 +40,26 @@
     });
   }
 
+  // Copy buttons: the clipboard API where the page may use it, else the
+  // value selected in a text field for the reader's own copy key.
+  function fallbackCopy(b, text) {
+    var field = b.parentNode.querySelector('input.copy-text');
+    if (!field) {
+      field = document.createElement('input');
+      field.className = 'copy-text mono';
+      field.readOnly = true;
+      field.setAttribute('aria-label', 'Value to copy');
+      b.parentNode.insertBefore(field, b.nextSibling);
+    }
+    field.value = text;
+    field.focus();
+    field.select();
+    var ok = false;
+    try { ok = document.execCommand('copy'); } catch (e) { ok = false; }
+    b.textContent = ok ? 'Copied' : 'Press Ctrl+C';
+    setTimeout(function () { b.textContent = 'Copy'; }, 2000);
+  }
   function enableCopy(root) {
-    if (!navigator.clipboard || !window.isSecureContext) return;
     root.querySelectorAll('button.copy').forEach(function (b) {
       b.hidden = false;
       if (b.dataset.bound) return;
@@ -54,7 +72,8 @@
           src.select();
         }
         var done = function () { b.textContent = 'Copied'; setTimeout(function () { b.textContent = 'Copy'; }, 2000); };
-        navigator.clipboard.writeText(text).then(done, function () {});
+        if (!navigator.clipboard || !window.isSecureContext) return fallbackCopy(b, text);
+        navigator.clipboard.writeText(text).then(done, function () { fallbackCopy(b, text); });
       });
     });
   }
@@ -117,12 +136,93 @@
     schedule();
   }
 
+  // A log page follows its log: NDJSON lines read as they come (fetch and
+  // a stream reader), each shown as text (never markup) with its time and
+  // stream. The filter hides lines that lack its text; follow keeps the
+  // newest line in view.
+  function logs(box) {
+    var filter = document.getElementById('log-filter');
+    var follow = document.getElementById('log-follow');
+    var status = document.getElementById('log-status');
+    var controls = document.querySelector('.log-controls');
+    if (controls) controls.hidden = false;
+    var count = 0;
+    function shows(row) {
+      var q = filter.value.toLowerCase();
+      return !q || row.dataset.text.indexOf(q) >= 0;
+    }
+    function refilter() {
+      box.querySelectorAll('.logline').forEach(function (row) { row.hidden = !shows(row); });
+      scroll();
+    }
+    function scroll() { if (follow.checked) box.scrollTop = box.scrollHeight; }
+    function span(cls, text) {
+      var s = document.createElement('span');
+      s.className = cls;
+      s.textContent = text;
+      return s;
+    }
+    function add(l) {
+      var row = document.createElement('div');
+      row.className = 'logline';
+      var t = Date.parse(l.time);
+      var when = isNaN(t) ? '' : new Date(t).toLocaleTimeString([], { hour12: false });
+      var stream = (l.region ? l.region + '/' : '') + (l.stream || '');
+      var time = span('lt', when);
+      if (!isNaN(t)) time.title = new Date(t).toISOString();
+      row.appendChild(time);
+      row.appendChild(span('ls s-' + (l.stream || ''), stream));
+      row.appendChild(span('ll', l.line || ''));
+      row.dataset.text = (stream + ' ' + (l.line || '')).toLowerCase();
+      row.hidden = !shows(row);
+      box.appendChild(row);
+      count++;
+    }
+    filter.addEventListener('input', refilter);
+    follow.addEventListener('change', scroll);
+    status.textContent = 'Following…';
+    fetch(box.dataset.log, { headers: { 'Accept': 'application/x-ndjson' }, cache: 'no-store', credentials: 'same-origin', redirect: 'error' })
+      .then(function (r) {
+        if (r.status === 401) { status.textContent = 'Your session has ended. Sign in again.'; return null; }
+        if (!r.ok || !r.body) { status.textContent = 'The log cannot be read (' + r.status + ').'; return null; }
+        var reader = r.body.getReader(), dec = new TextDecoder(), buf = '';
+        function lines(final) {
+          var i, any = false;
+          while ((i = buf.indexOf('\n')) >= 0 || (final && buf)) {
+            var text = i >= 0 ? buf.slice(0, i) : buf;
+            buf = i >= 0 ? buf.slice(i + 1) : '';
+            if (!text) continue;
+            try { add(JSON.parse(text)); any = true; } catch (e) { /* a torn line: skip */ }
+          }
+          if (any) scroll();
+        }
+        function pump() {
+          return reader.read().then(function (res) {
+            if (res.done) {
+              buf += dec.decode();
+              lines(true);
+              status.textContent = 'The log ended (' + count + (count === 1 ? ' line' : ' lines') + ').';
+              box.dataset.ended = '1';
+              return null;
+            }
+            buf += dec.decode(res.value, { stream: true });
+            lines(false);
+            return pump();
+          });
+        }
+        return pump();
+      })
+      .catch(function () { status.textContent = 'The log stream broke off. Reload to follow it again.'; });
+  }
+
   function start() {
     refreshAges(document);
     enableCopy(document);
     setInterval(function () { refreshAges(document); }, 10000);
     var section = document.querySelector('[data-poll]');
     if (section && window.fetch) live(section);
+    var log = document.querySelector('[data-log]');
+    if (log && window.fetch && window.ReadableStream && window.TextDecoder) logs(log);
   }
   if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', start);
   else start();
