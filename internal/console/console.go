@@ -105,6 +105,10 @@ type Backend interface {
 	// until the build ends. An error comes before the first line.
 	Logs(ctx context.Context, p Principal, deployment, kind string, follow bool, w io.Writer) error
 
+	// Nodes lists the worker nodes (the deployment view names the node of
+	// each instance).
+	Nodes(ctx context.Context, p Principal) ([]apiclient.Node, error)
+
 	Tokens(ctx context.Context, p Principal) ([]Token, error)
 	CreateToken(ctx context.Context, p Principal, name string) (*apiclient.NewToken, error)
 	RevokeToken(ctx context.Context, p Principal, id string) error

@@ -416,6 +416,15 @@ func TestProjectPage(t *testing.T) {
 	if tag == "" || strings.Contains(page, "<html") || !strings.Contains(page, "Production runs") {
 		t.Fatalf("fragment: ETag %q", tag)
 	}
+	// Its instances by region and node: the node's hostname, state, health.
+	table := regexp.MustCompile(`(?s)<table class="list compact instances" id="instances-` + first + `">.*?</table>`).FindString(page)
+	for _, a := range e.agents {
+		row := regexp.MustCompile(`(?s)<td data-label="Region">` + a.Region + `</td>\s*<td data-label="Node" class="mono" title="` + a.ID + `">h-` + a.ID[:8] +
+			`</td>\s*<td data-label="State">running</td>\s*<td data-label="Health"><span class="badge st-active">healthy</span>`)
+		if !row.MatchString(table) {
+			t.Fatalf("no healthy instance in %s on node h-%s: %s", a.Region, a.ID[:8], table)
+		}
+	}
 	req, _ := http.NewRequest("GET", e.url+"/projects/web/deployments", nil)
 	req.Header.Set("If-None-Match", tag)
 	if resp, _ := u.do(req); resp.StatusCode != http.StatusNotModified {

@@ -136,6 +136,7 @@ type deploymentView struct {
 	Name       string // the versioned host's first label
 	Phases     []phase
 	Regions    []regionView
+	Instances  []instanceView // by region, then node
 	InProgress bool
 	Promote    bool // newer than production and healthy: may go live
 	RollBack   bool // older than production and was healthy: may go back
@@ -188,6 +189,12 @@ type regionView struct {
 	apiclient.RegionInstances
 }
 
+// instanceView is an instance of a deployment with its node's name.
+type instanceView struct {
+	apiclient.Instance
+	Node string // the node's hostname, or its id when it is not known
+}
+
 // deploymentsView is the live part of the project page.
 type deploymentsView struct {
 	Project     string
@@ -198,7 +205,27 @@ type deploymentsView struct {
 	More        bool // older deployments are not shown
 }
 
-func newDeploymentsView(project string, s *session, ds []apiclient.DeploymentDetail) deploymentsView {
+// nodeNames maps node ids to hostnames when a deployment has instances
+// (one query more; none when nothing runs).
+func (c *Console) nodeNames(r *http.Request, s *session, ds []apiclient.DeploymentDetail) (map[string]string, error) {
+	out := map[string]string{}
+	for _, d := range ds {
+		if len(d.Instances) == 0 {
+			continue
+		}
+		ns, err := c.backend.Nodes(r.Context(), s.Principal)
+		if err != nil {
+			return nil, err
+		}
+		for _, n := range ns {
+			out[n.ID] = n.Hostname
+		}
+		break
+	}
+	return out, nil
+}
+
+func newDeploymentsView(project string, s *session, ds []apiclient.DeploymentDetail, nodes map[string]string) deploymentsView {
 	v := deploymentsView{Project: project, CSRF: s.csrf, More: len(ds) >= deploymentsShown}
 	var live *apiclient.DeploymentDetail
 	for i := range ds {
@@ -215,6 +242,22 @@ func newDeploymentsView(project string, s *session, ds []apiclient.DeploymentDet
 			desired += ri.Desired
 		}
 		slices.SortFunc(dv.Regions, func(a, b regionView) int { return strings.Compare(a.Name, b.Name) })
+		for _, in := range d.Instances {
+			node := nodes[in.NodeID]
+			if node == "" {
+				node = in.NodeID
+			}
+			dv.Instances = append(dv.Instances, instanceView{Instance: in, Node: node})
+		}
+		slices.SortFunc(dv.Instances, func(a, b instanceView) int {
+			if c := strings.Compare(a.Region, b.Region); c != 0 {
+				return c
+			}
+			if c := strings.Compare(a.Node, b.Node); c != 0 {
+				return c
+			}
+			return strings.Compare(a.ID, b.ID)
+		})
 		dv.InProgress = !d.Active && inProgress(d.Status)
 		wasHealthy := d.HealthyAt != nil && (d.Status == "healthy" || d.Status == "superseded")
 		if !d.Active && !d.Preview && wasHealthy {
@@ -289,7 +332,11 @@ func (c *Console) showProject(w http.ResponseWriter, r *http.Request, s *session
 	if form.Values == nil {
 		form.Values = map[string]string{}
 	}
-	v := &projectView{Project: p, Deployments: newDeploymentsView(p.Name, s, ds), Env: env, Domains: doms, Form: form,
+	nodes, err := c.nodeNames(r, s, ds)
+	if err != nil {
+		return err
+	}
+	v := &projectView{Project: p, Deployments: newDeploymentsView(p.Name, s, ds, nodes), Env: env, Domains: doms, Form: form,
 		PollMS: c.cfg.Poll.Milliseconds()}
 	c.render(w, r, status, "project", &view{Title: p.Name, Nav: "projects", Session: s, Flash: c.takeFlash(w, r), Data: v})
 	return nil
@@ -305,7 +352,11 @@ func (c *Console) deploymentsFragment(w http.ResponseWriter, r *http.Request, s 
 	if err != nil {
 		return err
 	}
-	v := newDeploymentsView(p.Name, s, ds)
+	nodes, err := c.nodeNames(r, s, ds)
+	if err != nil {
+		return err
+	}
+	v := newDeploymentsView(p.Name, s, ds, nodes)
 	tag := v.ETag()
 	w.Header().Set("ETag", tag)
 	if r.Header.Get("If-None-Match") == tag {

@@ -272,6 +272,13 @@ func (c consoleBackend) RemoveDomain(ctx context.Context, p console.Principal, d
 	return c.call(ctx, p, c.o.removeDomain, "DELETE", "", map[string]string{"id": domain}, nil, nil)
 }
 
+func (c consoleBackend) Nodes(ctx context.Context, p console.Principal) ([]apiclient.Node, error) {
+	var out struct {
+		Nodes []apiclient.Node `json:"nodes"`
+	}
+	return out.Nodes, c.call(ctx, p, c.o.listNodes, "GET", "", nil, nil, &out)
+}
+
 func (c consoleBackend) Tokens(ctx context.Context, p console.Principal) ([]console.Token, error) {
 	var out struct {
 		Tokens []console.Token `json:"tokens"`
