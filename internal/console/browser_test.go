@@ -155,6 +155,12 @@ func TestBrowser(t *testing.T) {
 	b.submit("add the domain", `form[action="/projects/web/domains"] button[type="submit"]`)
 	b.waitJS("the DNS records", `(function () { var d = document.getElementById("domain-www.example.test");
 		return d !== null && d.textContent.includes("CNAME") && d.textContent.includes("edge.zeitwork.test"); })()`)
+	// Each record's value has a copy button (the clipboard, or a selected
+	// field to copy from where the page may not use it).
+	b.do("copy the CNAME value", chromedp.Click(chromedp.CSS(`[id="domain-www.example.test"] button.copy`)))
+	b.waitJS("the value copied", `(function () { var c = document.querySelector('[id="domain-www.example.test"] button.copy');
+		var f = c.parentNode.querySelector("input.copy-text");
+		return c.dataset.copied === "clipboard" || (f !== null && f.value === "edge.zeitwork.test"); })()`)
 	b.do("scroll up", chromedp.Evaluate[chromedp.Void](`window.scrollTo(0, 0)`))
 	b.shot("project", true)
 

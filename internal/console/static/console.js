@@ -57,6 +57,7 @@
     var ok = false;
     try { ok = document.execCommand('copy'); } catch (e) { ok = false; }
     b.textContent = ok ? 'Copied' : 'Press Ctrl+C';
+    b.dataset.copied = ok ? 'field' : 'select';
     setTimeout(function () { b.textContent = 'Copy'; }, 2000);
   }
   function enableCopy(root) {
@@ -71,7 +72,7 @@
           text = src.value;
           src.select();
         }
-        var done = function () { b.textContent = 'Copied'; setTimeout(function () { b.textContent = 'Copy'; }, 2000); };
+        var done = function () { b.textContent = 'Copied'; b.dataset.copied = 'clipboard'; setTimeout(function () { b.textContent = 'Copy'; }, 2000); };
         if (!navigator.clipboard || !window.isSecureContext) return fallbackCopy(b, text);
         navigator.clipboard.writeText(text).then(done, function () { fallbackCopy(b, text); });
       });
