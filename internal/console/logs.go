@@ -79,20 +79,9 @@ func (c *Console) logsPage(w http.ResponseWriter, r *http.Request, s *session) e
 
 // flushWriter flushes each write: a followed log reaches the browser line
 // by line.
-type flushWriter struct {
-	w     http.ResponseWriter
-	wrote bool
-}
+type flushWriter struct{ w http.ResponseWriter }
 
-func (f *flushWriter) Write(p []byte) (int, error) {
-	if !f.wrote {
-		f.wrote = true
-		h := f.w.Header()
-		h.Set("Content-Type", "application/x-ndjson")
-		h.Set("Cache-Control", "no-store")
-		h.Set("X-Accel-Buffering", "no")
-		f.w.WriteHeader(http.StatusOK)
-	}
+func (f flushWriter) Write(p []byte) (int, error) {
 	n, err := f.w.Write(p)
 	if fl, ok := f.w.(http.Flusher); ok {
 		fl.Flush()
@@ -101,24 +90,27 @@ func (f *flushWriter) Write(p []byte) (int, error) {
 }
 
 // logsStream follows a deployment's log as NDJSON, in-process from the
-// API's handlers: the page's script reads it with fetch.
+// API's handlers: the page's script reads it with fetch. The deployment is
+// checked first, so the status and headers go out at once (a queued build
+// has no lines yet, and the browser should not wait for headers).
 func (c *Console) logsStream(w http.ResponseWriter, r *http.Request, s *session) error {
 	_, d, err := c.logDeployment(r, s)
 	if err != nil {
 		return err
 	}
-	fw := &flushWriter{w: w}
-	err = c.backend.Logs(r.Context(), s.Principal, d.ID, r.PathValue("kind"), true, fw)
-	if err != nil && fw.wrote {
-		return nil // the stream has begun: its end says it all
+	h := w.Header()
+	h.Set("Content-Type", "application/x-ndjson")
+	h.Set("Cache-Control", "no-store")
+	h.Set("X-Accel-Buffering", "no")
+	w.WriteHeader(http.StatusOK)
+	if fl, ok := w.(http.Flusher); ok {
+		fl.Flush()
 	}
-	if err == nil && !fw.wrote {
-		fw.wrote = true
-		w.Header().Set("Content-Type", "application/x-ndjson")
-		w.Header().Set("Cache-Control", "no-store")
-		w.WriteHeader(http.StatusOK)
+	if err := c.backend.Logs(r.Context(), s.Principal, d.ID, r.PathValue("kind"), true, flushWriter{w}); err != nil && r.Context().Err() == nil {
+		// The status is sent: the stream's end is all the reader learns.
+		c.log.Warn("console log stream failed", "deployment", d.ID, "kind", r.PathValue("kind"), "err", err)
 	}
-	return err
+	return nil
 }
 
 // logsText is the log so far as plain text, one "time stream line" a
