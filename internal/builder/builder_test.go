@@ -283,7 +283,8 @@ func (f *fixture) assertNothingLeft() {
 	if strings.Contains(string(out), f.net.TapPrefix()) {
 		f.t.Fatalf("taps left:\n%s", out)
 	}
-	out, _ = exec.Command("pgrep", "-f", "zeitwork-b-").Output()
+	// This test's builder VMs only (other suites may be building too).
+	out, _ = exec.Command("pgrep", "-f", filepath.Join(f.work, "builds")).Output()
 	if len(bytes.TrimSpace(out)) > 0 {
 		f.t.Fatalf("builder VMs left: %s", out)
 	}
