@@ -10,7 +10,10 @@
 // and scheduling on the saturated CPU 0 then set every proxy's tail). The
 // proxies are measured in alternating rounds (-rounds), so that load from
 // other processes on a shared machine falls on all alike; each figure
-// keeps the best round of each proxy.
+// keeps the best round of each proxy. The Zeitwork edge is also measured
+// under the plain-HTTP load without and with a /metrics scrape once a
+// second (what Prometheus costs it; -only scrape measures and records just
+// that part).
 package main
 
 import (
@@ -85,6 +88,7 @@ var (
 	rounds      = flag.Int("rounds", 5, "alternating measurement rounds per proxy (each metric keeps the best)")
 	backendKind = flag.String("backend-server", "nginx", "the backend: nginx (return 200, one worker) or go (net/http, whose own GC and scheduling then set every proxy's tail)")
 	only        = flag.String("proxies", "zeitwork,nginx,caddy", "comma-separated proxies to measure; the table and summary need all three")
+	onlyPart    = flag.String("only", "", "scrape: measure only what a 1 s /metrics scrape costs the Zeitwork edge and record that part")
 )
 
 func run() error {
@@ -210,6 +214,24 @@ http://%[1]s:19232 {
 			return c
 		}},
 	}
+	switch *onlyPart {
+	case "":
+	case "scrape":
+		z := proxies[0]
+		sc, err := measureScrape(z.cmd, z.httpAddr, z.httpsAddr)
+		if err != nil {
+			return err
+		}
+		block := sc.doc()
+		fmt.Println(block)
+		if err := recordScrape(block); err != nil {
+			log.Printf("cannot record results: %v", err)
+		}
+		fmt.Printf("bench-edge: %s\n", sc.summary())
+		return nil
+	default:
+		return fmt.Errorf("-only: %q is not scrape", *onlyPart)
+	}
 	results := make([]result, len(proxies))
 	chosen := strings.Split(*only, ",")
 	for _, c := range chosen {
@@ -233,6 +255,11 @@ http://%[1]s:19232 {
 	if len(chosen) != len(proxies) {
 		return nil // partial runs only log their rounds
 	}
+	z := proxies[0]
+	sc, err := measureScrape(z.cmd, z.httpAddr, z.httpsAddr)
+	if err != nil {
+		return err
+	}
 	zw, ng, cd := results[0], results[1], results[2]
 	var tb strings.Builder
 	fmt.Fprintf(&tb, "## Edge proxy (make bench-edge)\n\nRun %s, %d alternating rounds, best round of each proxy kept for each figure. Each proxy pinned to CPU 1 with one worker (nginx `worker_processes 1`, Caddy and Zeitwork `GOMAXPROCS=1`); backend (%s answering 128 bytes) and load generators on CPU 0. nginx and Caddy send the backend the same headers as Zeitwork (X-Forwarded-For/Proto/Host, X-Real-IP, X-Request-Id, two instance headers) and return X-Request-Id. wrk: 1 thread, %d keep-alive connections, %s per figure. HTTP/2: h2load, 16 connections × 10 streams, 6 s. Handshakes: 16 Go clients opening a new TLS connection (no resumption) per request.\n\n", time.Now().UTC().Format("2006-01-02"), *rounds, backendName(), conns, duration)
@@ -242,12 +269,13 @@ http://%[1]s:19232 {
 	}
 	fmt.Fprintf(&tb, "| Zeitwork ÷ nginx | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f |\n", zw.rps/ng.rps, zw.httpsRPS/ng.httpsRPS, zw.p50/ng.p50, zw.p99/ng.p99, zw.h2RPS/ng.h2RPS, zw.handshakes/ng.handshakes)
 	fmt.Fprintf(&tb, "| Zeitwork ÷ Caddy | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f |\n", zw.rps/cd.rps, zw.httpsRPS/cd.httpsRPS, zw.p50/cd.p50, zw.p99/cd.p99, zw.h2RPS/cd.h2RPS, zw.handshakes/cd.handshakes)
+	fmt.Fprintf(&tb, "\n%s\n", sc.doc())
 	fmt.Print(tb.String())
 	if err := benchdoc.Write("edge", tb.String()); err != nil {
 		log.Printf("cannot record results: %v", err)
 	}
-	fmt.Printf("bench-edge: rps_ratio_vs_nginx=%.2f rps_ratio_vs_caddy=%.2f p99_ratio_vs_nginx=%.2f tls_handshake_ratio_vs_nginx=%.2f\n",
-		zw.httpsRPS/ng.httpsRPS, zw.httpsRPS/cd.httpsRPS, zw.p99/ng.p99, zw.handshakes/ng.handshakes)
+	fmt.Printf("bench-edge: rps_ratio_vs_nginx=%.2f rps_ratio_vs_caddy=%.2f p99_ratio_vs_nginx=%.2f tls_handshake_ratio_vs_nginx=%.2f %s\n",
+		zw.httpsRPS/ng.httpsRPS, zw.httpsRPS/cd.httpsRPS, zw.p99/ng.p99, zw.handshakes/ng.handshakes, sc.summary())
 	return nil
 }
 
@@ -259,11 +287,28 @@ func backendName() string {
 }
 
 func measure(name string, cmd *exec.Cmd, httpAddr, httpsAddr string) (result, error) {
+	stop, err := start(name, cmd, httpAddr, httpsAddr)
+	if err != nil {
+		return result{}, err
+	}
+	defer stop()
+	r := result{name: name}
+	r.rps, _, _ = wrk("http://" + httpAddr + "/")
+	r.httpsRPS, r.p50, r.p99 = wrk("https://" + httpsAddr + "/")
+	r.h2RPS = h2load("https://" + httpsAddr + "/")
+	r.handshakes = handshakes(httpsAddr)
+	log.Printf("%-8s http %.0f rps, https %.0f rps p50 %.2fms p99 %.2fms, h2 %.0f rps, %.0f handshakes/s", name, r.rps, r.httpsRPS, r.p50, r.p99, r.h2RPS, r.handshakes)
+	return r, nil
+}
+
+// start starts a proxy, waits until it proxies the bench host and returns
+// the function that stops it.
+func start(name string, cmd *exec.Cmd, httpAddr, httpsAddr string) (func(), error) {
 	cmd.Stdout, cmd.Stderr = io.Discard, os.Stderr
 	if err := cmd.Start(); err != nil {
-		return result{}, fmt.Errorf("start %s: %w", name, err)
+		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
-	defer func() {
+	stop := func() {
 		_ = cmd.Process.Signal(syscall.SIGTERM)
 		done := make(chan struct{})
 		go func() { _ = cmd.Wait(); close(done) }()
@@ -272,7 +317,7 @@ func measure(name string, cmd *exec.Cmd, httpAddr, httpsAddr string) (result, er
 		case <-time.After(10 * time.Second):
 			_ = cmd.Process.Kill()
 		}
-	}()
+	}
 	waitPort(httpAddr)
 	waitPort(httpsAddr)
 	// Warm up and check the route works.
@@ -289,17 +334,12 @@ func measure(name string, cmd *exec.Cmd, httpAddr, httpsAddr string) (result, er
 			}
 		}
 		if i > 100 {
-			return result{}, fmt.Errorf("%s does not proxy: status %d, %v", name, status, err)
+			stop()
+			return nil, fmt.Errorf("%s does not proxy: status %d, %v", name, status, err)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	r := result{name: name}
-	r.rps, _, _ = wrk("http://" + httpAddr + "/")
-	r.httpsRPS, r.p50, r.p99 = wrk("https://" + httpsAddr + "/")
-	r.h2RPS = h2load("https://" + httpsAddr + "/")
-	r.handshakes = handshakes(httpsAddr)
-	log.Printf("%-8s http %.0f rps, https %.0f rps p50 %.2fms p99 %.2fms, h2 %.0f rps, %.0f handshakes/s", name, r.rps, r.httpsRPS, r.p50, r.p99, r.h2RPS, r.handshakes)
-	return r, nil
+	return stop, nil
 }
 
 var (
@@ -396,4 +436,226 @@ func waitPort(addr string) {
 		}
 		time.Sleep(25 * time.Millisecond)
 	}
+}
+
+// scrapeResult is what a Prometheus scrape once a second costs the
+// Zeitwork edge under the plain-HTTP wrk load.
+type scrapeResult struct {
+	plain, scraped float64         // best wrk rps of the rounds without and with the scrape loop
+	scrapes        []time.Duration // every scrape that started and ended under load
+	failed         int             // scrapes under load that failed or did not answer 200
+	size           int             // bytes of the last scrape's exposition
+	cpuMS          float64         // the edge's CPU time per scrape, idle edge, ms
+}
+
+// costPct is the throughput lost to scraping, in percent of the plain
+// rounds' best; negative when noise outweighs it.
+func (s scrapeResult) costPct() float64 {
+	if s.plain == 0 {
+		return 0
+	}
+	return (1 - s.scraped/s.plain) * 100
+}
+
+// latency returns the median and the longest scrape, in milliseconds.
+func (s scrapeResult) latency() (p50, maxMS float64) {
+	if len(s.scrapes) == 0 {
+		return 0, 0
+	}
+	d := slices.Clone(s.scrapes)
+	slices.Sort(d)
+	ms := func(t time.Duration) float64 { return float64(t) / float64(time.Millisecond) }
+	return ms(d[len(d)/2]), ms(d[len(d)-1])
+}
+
+func (s scrapeResult) summary() string {
+	p50, maxMS := s.latency()
+	return fmt.Sprintf("scrape_cost_pct=%.2f scrape_p50_ms=%.1f scrape_max_ms=%.1f scrape_failed=%d scrape_cpu_ms=%.2f", s.costPct(), p50, maxMS, s.failed, s.cpuMS)
+}
+
+const (
+	scrapeBegin = "<!-- bench:edge-scrape:begin -->"
+	scrapeEnd   = "<!-- bench:edge-scrape:end -->"
+)
+
+// doc is the scrape part of the edge section, between its own markers so
+// that -only scrape can replace it alone.
+func (s scrapeResult) doc() string {
+	p50, maxMS := s.latency()
+	var b strings.Builder
+	fmt.Fprintf(&b, "%s\n**Prometheus scrape cost** (run %s; `taskset -c 0 go run ./bench/edge -only scrape` measures this part alone): Zeitwork's HTTP/1.1 keep-alive wrk load as above, in %d alternating rounds without and with a goroutine that GETs the edge's `/metrics` (on its HTTP port, as Prometheus scrapes :8083) once per second during the round only; the edge is started afresh for each round and the best round of each kind is kept. Scrape latency is over every scrape that ran under load, taken on the loaded CPU 0 beside wrk. Edge CPU per scrape: the edge process's user+system time over %d back-to-back scrapes of an idle edge, divided by their number; at one scrape a second on the edge's one saturated core, it is the share of throughput the scrape takes (%.2f ms ≈ %.2f %%), a figure the round-to-round noise of a shared machine does not blur.\n\n", scrapeBegin, time.Now().UTC().Format("2006-01-02"), *rounds, cpuScrapes, s.cpuMS, s.cpuMS/10)
+	fmt.Fprintf(&b, "| Zeitwork HTTP/1.1 rps, no scrape | with a 1 s scrape | throughput cost | scrapes under load (failed) | scrape p50 (ms) | scrape max (ms) | exposition size (bytes) | edge CPU per scrape (ms) |\n|---|---|---|---|---|---|---|---|\n")
+	fmt.Fprintf(&b, "| %.0f | %.0f | %.2f %% | %d (%d) | %.1f | %.1f | %d | %.2f |\n%s", s.plain, s.scraped, s.costPct(), len(s.scrapes), s.failed, p50, maxMS, s.size, s.cpuMS, scrapeEnd)
+	return b.String()
+}
+
+// measureScrape runs the Zeitwork edge under the plain-HTTP wrk load in
+// alternating rounds without and with a 1 s /metrics scrape loop, which
+// runs only while that round's wrk does.
+func measureScrape(cmd func() *exec.Cmd, httpAddr, httpsAddr string) (scrapeResult, error) {
+	var s scrapeResult
+	for round := range *rounds {
+		order := []bool{false, true}
+		if round%2 == 1 {
+			order = []bool{true, false} // neither kind always runs first
+		}
+		for _, scrape := range order {
+			stop, err := start("zeitwork", cmd(), httpAddr, httpsAddr)
+			if err != nil {
+				return s, err
+			}
+			ctx, cancel := context.WithCancel(context.Background())
+			var wg sync.WaitGroup
+			var durs []time.Duration
+			var failed, size int
+			if scrape {
+				wg.Go(func() { durs, failed, size = scrapeLoop(ctx, "http://"+httpAddr+"/metrics") })
+			}
+			rps, _, _ := wrk("http://" + httpAddr + "/")
+			cancel()
+			wg.Wait()
+			stop()
+			if scrape {
+				s.scraped = max(s.scraped, rps)
+				s.scrapes = append(s.scrapes, durs...)
+				s.failed += failed
+				if size > 0 {
+					s.size = size
+				}
+				log.Printf("scrape round %d/%d: with scrape %.0f rps, %d scrapes (%d failed)", round+1, *rounds, rps, len(durs), failed)
+			} else {
+				s.plain = max(s.plain, rps)
+				log.Printf("scrape round %d/%d: without scrape %.0f rps", round+1, *rounds, rps)
+			}
+		}
+	}
+	c := cmd()
+	stop, err := start("zeitwork", c, httpAddr, httpsAddr)
+	if err != nil {
+		return s, err
+	}
+	s.cpuMS, err = scrapeCPU(c.Process.Pid, "http://"+httpAddr+"/metrics")
+	stop()
+	if err != nil {
+		return s, err
+	}
+	log.Printf("scrape: %s", s.summary())
+	return s, nil
+}
+
+const cpuScrapes = 200
+
+// promAccept is the Accept header of a Prometheus scrape (which also asks
+// for gzip, as Go's client does by default).
+const promAccept = "application/openmetrics-text;version=1.0.0;q=0.9,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+
+// scrapeCPU returns the CPU time, in milliseconds, that process pid (the
+// edge; taskset execs it in place) spends per scrape of url, over
+// cpuScrapes back-to-back scrapes.
+func scrapeCPU(pid int, url string) (float64, error) {
+	cpu := func() (float64, error) {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			return 0, err
+		}
+		_, rest, _ := strings.Cut(string(b), ") ")
+		f := strings.Fields(rest) // from field 3 (state): utime is field 14, stime 15
+		if len(f) < 13 {
+			return 0, fmt.Errorf("/proc/%d/stat: %q", pid, b)
+		}
+		u, _ := strconv.ParseFloat(f[11], 64)
+		st, _ := strconv.ParseFloat(f[12], 64)
+		return (u + st) * 10, nil // USER_HZ 100: ticks of 10 ms
+	}
+	before, err := cpu()
+	if err != nil {
+		return 0, err
+	}
+	for range cpuScrapes {
+		req, _ := http.NewRequest("GET", url, nil)
+		req.Header.Set("Accept", promAccept)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			return 0, err
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+	}
+	after, err := cpu()
+	if err != nil {
+		return 0, err
+	}
+	return (after - before) / cpuScrapes, nil
+}
+
+// scrapeLoop GETs url once a second, as Prometheus does, until ctx ends,
+// and returns the durations of the scrapes (request to last body byte)
+// that ended before ctx, how many of those failed, and the last size.
+func scrapeLoop(ctx context.Context, url string) (durs []time.Duration, failed, size int) {
+	client := &http.Client{Timeout: 10 * time.Second} // Prometheus' default scrape_timeout
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		req, _ := http.NewRequestWithContext(ctx, "GET", url, nil)
+		req.Header.Set("Accept", promAccept)
+		t0 := time.Now()
+		resp, err := client.Do(req)
+		n := 0
+		if err == nil {
+			var b []byte
+			b, err = io.ReadAll(resp.Body)
+			resp.Body.Close()
+			n = len(b)
+			if err == nil && (resp.StatusCode != 200 || !strings.Contains(string(b), "zeitwork_edge")) {
+				err = fmt.Errorf("status %d, %d bytes", resp.StatusCode, n)
+			}
+		}
+		d := time.Since(t0)
+		if ctx.Err() != nil {
+			return // the round ended during this scrape
+		}
+		if err != nil {
+			log.Printf("scrape %s: %v", url, err)
+			failed++
+			continue
+		}
+		durs, size = append(durs, d), n
+	}
+}
+
+// recordScrape replaces the scrape part of the edge section of
+// docs/benchmarks.md, keeping the rest of the section as the last full
+// run wrote it (and appending the part if that run had none).
+func recordScrape(block string) error {
+	dir, _ := os.Getwd()
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			break
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return fmt.Errorf("cannot find the repository root")
+		}
+		dir = parent
+	}
+	doc, err := os.ReadFile(filepath.Join(dir, "docs", "benchmarks.md"))
+	if err != nil {
+		return err
+	}
+	_, rest, ok1 := strings.Cut(string(doc), "<!-- bench:edge:begin -->")
+	body, _, ok2 := strings.Cut(rest, "<!-- bench:edge:end -->")
+	if !ok1 || !ok2 {
+		return fmt.Errorf("docs/benchmarks.md has no edge section: run the whole bench")
+	}
+	if i, j := strings.Index(body, scrapeBegin), strings.Index(body, scrapeEnd); i >= 0 && j > i {
+		body = body[:i] + block + body[j+len(scrapeEnd):]
+	} else {
+		body = strings.TrimSpace(body) + "\n\n" + block
+	}
+	return benchdoc.Write("edge", body)
 }
