@@ -4,11 +4,12 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
-	"strconv"
 	"strings"
 	"testing"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/zeitwork/zeitwork/internal/metricstest"
 )
 
 const statFixture = `cpu  4705 356 584 3699 23 23 0 7 11 0
@@ -138,35 +139,9 @@ func TestCollector(t *testing.T) {
 }
 
 // gather collects c through a pedantic registry and returns every sample
-// as name{labels} → value.
+// gather collects c: name{labels} → value.
 func gather(t *testing.T, c prometheus.Collector) map[string]float64 {
-	t.Helper()
-	reg := prometheus.NewPedanticRegistry()
-	reg.MustRegister(c)
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	out := map[string]float64{}
-	for _, mf := range mfs {
-		for _, m := range mf.GetMetric() {
-			key := mf.GetName()
-			if len(m.GetLabel()) > 0 {
-				var ls []string
-				for _, l := range m.GetLabel() {
-					ls = append(ls, l.GetName()+"="+strconv.Quote(l.GetValue()))
-				}
-				key += "{" + strings.Join(ls, ",") + "}"
-			}
-			switch {
-			case m.Counter != nil:
-				out[key] = m.Counter.GetValue()
-			case m.Gauge != nil:
-				out[key] = m.Gauge.GetValue()
-			}
-		}
-	}
-	return out
+	return metricstest.Gather(t, c)
 }
 
 // TestRealHost reads this machine: every family is there and the

@@ -17,39 +17,14 @@ import (
 
 	"github.com/zeitwork/zeitwork/internal/db"
 	"github.com/zeitwork/zeitwork/internal/embeddedpg"
+	"github.com/zeitwork/zeitwork/internal/metricstest"
 	"github.com/zeitwork/zeitwork/internal/observability"
 	"github.com/zeitwork/zeitwork/internal/pgtest"
 )
 
-// gather collects c through a pedantic registry: name{labels} → value.
+// gather collects c: name{labels} → value.
 func gather(t *testing.T, c prometheus.Collector) map[string]float64 {
-	t.Helper()
-	reg := prometheus.NewPedanticRegistry()
-	reg.MustRegister(c)
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	out := map[string]float64{}
-	for _, mf := range mfs {
-		for _, m := range mf.GetMetric() {
-			key := mf.GetName()
-			if len(m.GetLabel()) > 0 {
-				var ls []string
-				for _, l := range m.GetLabel() {
-					ls = append(ls, l.GetName()+"="+strconv.Quote(l.GetValue()))
-				}
-				key += "{" + strings.Join(ls, ",") + "}"
-			}
-			switch {
-			case m.Counter != nil:
-				out[key] = m.Counter.GetValue()
-			case m.Gauge != nil:
-				out[key] = m.Gauge.GetValue()
-			}
-		}
-	}
-	return out
+	return metricstest.Gather(t, c)
 }
 
 type seed struct {
