@@ -7,7 +7,6 @@ import (
 	"io"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -17,6 +16,7 @@ import (
 	"github.com/chromedp/cdproto/page"
 	"github.com/chromedp/chromedp"
 
+	"github.com/zeitwork/zeitwork/internal/console/browsertest"
 	"github.com/zeitwork/zeitwork/internal/operator/agents/agenttest"
 )
 
@@ -34,32 +34,11 @@ func TestBrowser(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts chromium")
 	}
-	bin := chromium(t)
 	e := newBuildEnv(t)
 	foreign := apiCreateProject(t, e, otherToken, "secret-plans")
 	started := time.Now()
 
-	opts := append(chromedp.DefaultExecAllocatorOptions[:],
-		chromedp.ExecPath(bin),
-		chromedp.NoSandbox,
-		chromedp.DisableGPU,
-		chromedp.UserDataDir(t.TempDir()),
-		// The machine has no internet: nothing in the background may try.
-		chromedp.Flag("disable-background-networking", true),
-		chromedp.Flag("disable-component-update", true),
-		chromedp.Flag("disable-sync", true),
-		chromedp.Flag("no-first-run", true),
-		chromedp.Flag("no-pings", true),
-		chromedp.Flag("disable-domain-reliability", true),
-		chromedp.WindowSize(1280, 900),
-	)
-	alloc, cancelAlloc := chromedp.NewExecAllocator(context.Background(), opts...)
-	defer cancelAlloc()
-	browser, cancelBrowser := chromedp.NewContext(alloc)
-	defer cancelBrowser()
-	if err := chromedp.Do(browser); err != nil {
-		t.Fatalf("cannot start chromium: %v", err)
-	}
+	browser := browsertest.Start(t)
 	ctx, cancel := context.WithTimeout(browser, 3*time.Minute)
 	defer cancel()
 	b := &tab{t: t, ctx: ctx, base: e.url}
@@ -312,17 +291,6 @@ func (b *tab) shot(name string, full bool) {
 	if err := os.WriteFile(filepath.Join(screenshots, name+".png"), png, 0o644); err != nil {
 		b.t.Fatal(err)
 	}
-}
-
-// chromium finds Debian's chromium (`make deps` installs it).
-func chromium(t *testing.T) string {
-	for _, name := range []string{"chromium", "chromium-browser"} {
-		if p, err := exec.LookPath(name); err == nil {
-			return p
-		}
-	}
-	t.Fatal("chromium is not installed (make deps installs it)")
-	return ""
 }
 
 // apiCreateProject creates a project through the HTTP API and returns its id.
