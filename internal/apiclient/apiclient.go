@@ -158,6 +158,7 @@ type Deployment struct {
 	ProductionURL string                     `json:"production_url"`
 	Image         string                     `json:"image"`
 	CommitSHA     string                     `json:"commit_sha"`
+	CommitMessage string                     `json:"commit_message"`
 	Preview       bool                       `json:"preview"`
 	Active        bool                       `json:"active"`
 	FailureReason string                     `json:"failure_reason"`

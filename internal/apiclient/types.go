@@ -52,11 +52,12 @@ type ProjectSpec struct {
 // project's repository when it has no template; or an uploaded source
 // archive (SourceID) to build.
 type DeployRequest struct {
-	Image     string `json:"image,omitempty"`
-	CommitSHA string `json:"commit_sha,omitempty"`
-	Branch    string `json:"branch,omitempty"`
-	Preview   bool   `json:"preview,omitempty"`
-	SourceID  string `json:"source_id,omitempty"`
+	Image         string `json:"image,omitempty"`
+	CommitSHA     string `json:"commit_sha,omitempty"`
+	CommitMessage string `json:"commit_message,omitempty"`
+	Branch        string `json:"branch,omitempty"`
+	Preview       bool   `json:"preview,omitempty"`
+	SourceID      string `json:"source_id,omitempty"`
 }
 
 // Source is an uploaded source archive.

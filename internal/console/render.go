@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"html/template"
 	"net/http"
+	"strings"
 	"time"
 )
 
@@ -44,6 +45,11 @@ var funcs = template.FuncMap{
 	},
 	"project": projectPath,
 	"note":    statusNote,
+	// firstline is a commit message's subject.
+	"firstline": func(s string) string {
+		s, _, _ = strings.Cut(strings.TrimSpace(s), "\n")
+		return strings.TrimSpace(s)
+	},
 }
 
 // statusNote describes the newest deployment of a project in a list.

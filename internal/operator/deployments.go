@@ -37,6 +37,7 @@ type Deployment struct {
 	Image         string                     `json:"image"`
 	ImageDigest   string                     `json:"image_digest,omitempty"`
 	CommitSHA     string                     `json:"commit_sha,omitempty"`
+	CommitMessage string                     `json:"commit_message,omitempty"`
 	Branch        string                     `json:"branch,omitempty"`
 	Preview       bool                       `json:"preview"`
 	Active        bool                       `json:"active"`
@@ -88,7 +89,8 @@ func (o *Operator) deployment(ctx context.Context, org principal, id string) (*D
 	var buildState, buildError *string
 	err := o.pool.QueryRow(ctx, Q("DeploymentGet"), org.OrgID, id).Scan(&d.ID, &d.ProjectID, &d.Project, &d.Status, &d.Hostname,
 		&d.Image, &d.ImageDigest, &d.CommitSHA, &d.Branch, &d.Preview, &d.FailureReason, &d.CreatedAt, &d.PreparingAt,
-		&d.StartingAt, &d.HealthyAt, &d.ActiveAt, &d.FinishedAt, &d.Active, &d.BuildingAt, &buildID, &buildState, &buildError)
+		&d.StartingAt, &d.HealthyAt, &d.ActiveAt, &d.FinishedAt, &d.Active, &d.BuildingAt, &buildID, &buildState, &buildError,
+		&d.CommitMessage)
 	if isNoRows(err) {
 		return nil, notFound("deployment " + id)
 	}
@@ -138,11 +140,12 @@ func (o *Operator) instancesOf(ctx context.Context, deploymentID uuid.UUID) ([]I
 }
 
 type deployRequest struct {
-	Image     string `json:"image"`
-	CommitSHA string `json:"commit_sha"`
-	Branch    string `json:"branch"`
-	Preview   bool   `json:"preview"`
-	SourceID  string `json:"source_id"` // an uploaded archive to build
+	Image         string `json:"image"`
+	CommitSHA     string `json:"commit_sha"`
+	CommitMessage string `json:"commit_message"` // stored bounded (webhook.Message)
+	Branch        string `json:"branch"`
+	Preview       bool   `json:"preview"`
+	SourceID      string `json:"source_id"` // an uploaded archive to build
 }
 
 func (o *Operator) createDeployment(w http.ResponseWriter, r *http.Request) error {
@@ -184,6 +187,7 @@ func (o *Operator) createDeployment(w http.ResponseWriter, r *http.Request) erro
 // archive or idempotency key returns the existing one.
 func (o *Operator) newDeployment(ctx context.Context, q querier, org principal, p *Project, req deployRequest, idemKey string) (uuid.UUID, error) {
 	req.Image = strings.TrimSpace(req.Image)
+	req.CommitMessage = webhook.Message(req.CommitMessage)
 	if req.CommitSHA != "" && !webhook.ValidSHA(req.CommitSHA) {
 		return uuid.Nil, invalid("commit_sha %q is not a hex commit id", req.CommitSHA)
 	}
@@ -241,7 +245,7 @@ func (o *Operator) newDeployment(ctx context.Context, q querier, org principal, 
 		id := newID()
 		host := names.VersionedLabel(p.Name, names.NanoID(), org.OrgName) + "." + o.cfg.AppsDomain
 		tag, err := q.Exec(ctx, Q("DeploymentInsert"), id, p.ID, org.OrgID, host, req.Image, req.CommitSHA, req.Branch, req.Preview, key,
-			store.Interval(o.cfg.DeployTimeout))
+			store.Interval(o.cfg.DeployTimeout), req.CommitMessage)
 		if err != nil {
 			return uuid.Nil, err
 		}

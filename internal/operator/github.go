@@ -88,7 +88,7 @@ func (o *Operator) webhook(w http.ResponseWriter, r *http.Request) {
 			// one the commit is built from source.
 			pr := &Project{ID: p.id, Name: p.name, ImageTemplate: p.tmpl, GithubRepo: p.repo, GitURL: p.gitURL}
 			id, err := o.newDeployment(ctx, tx, principal{OrgID: p.org, OrgName: p.orgName}, pr,
-				deployRequest{CommitSHA: ev.After, Branch: ev.Branch(), Preview: ev.Branch() != p.branch}, "")
+				deployRequest{CommitSHA: ev.After, CommitMessage: ev.CommitMessage(), Branch: ev.Branch(), Preview: ev.Branch() != p.branch}, "")
 			if err != nil {
 				return err
 			}

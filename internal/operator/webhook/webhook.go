@@ -23,6 +23,36 @@ type Push struct {
 	Repository struct {
 		FullName string `json:"full_name"`
 	} `json:"repository"`
+	// HeadCommit is null for a branch deletion and for some tag pushes.
+	HeadCommit *struct {
+		Message string `json:"message"`
+	} `json:"head_commit"`
+}
+
+// MaxMessage bounds a stored commit message, in characters.
+const MaxMessage = 1000
+
+// CommitMessage is the head commit's message, bounded (Message), or "".
+func (p *Push) CommitMessage() string {
+	if p.HeadCommit == nil {
+		return ""
+	}
+	return Message(p.HeadCommit.Message)
+}
+
+// Message makes a commit message storable: valid UTF-8 without NUL bytes
+// (PostgreSQL text rejects them), at most MaxMessage characters.
+func Message(s string) string {
+	s = strings.ToValidUTF8(s, "\uFFFD")
+	s = strings.ReplaceAll(s, "\x00", "")
+	n := 0
+	for i := range s {
+		if n == MaxMessage {
+			return s[:i]
+		}
+		n++
+	}
+	return s
 }
 
 // Branch is the pushed branch, or "" for tags and other refs.

@@ -4,16 +4,17 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"unicode/utf8"
 )
 
 func TestParseGitHubExamples(t *testing.T) {
 	for _, tc := range []struct {
-		file, repo, branch, after string
-		deploys                   bool
+		file, repo, branch, after, message string
+		deploys                            bool
 	}{
-		{"testdata/push-branch.json", "octocat/Hello-World", "main", "0d1a26e67d8f5eaf1f6ba5c57fc3c7d91ac0fd1c", true},
+		{"testdata/push-branch.json", "octocat/Hello-World", "main", "0d1a26e67d8f5eaf1f6ba5c57fc3c7d91ac0fd1c", "Update README.md", true},
 		// GitHub's documented example is a tag deletion: never a deployment.
-		{"testdata/push.json", "Codertocat/Hello-World", "", ZeroSHA, false},
+		{"testdata/push.json", "Codertocat/Hello-World", "", ZeroSHA, "", false},
 	} {
 		body, err := os.ReadFile(tc.file)
 		if err != nil {
@@ -23,7 +24,8 @@ func TestParseGitHubExamples(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%s: %v", tc.file, err)
 		}
-		if p.Repository.FullName != tc.repo || p.Branch() != tc.branch || p.After != tc.after || p.Deploys() != tc.deploys {
+		if p.Repository.FullName != tc.repo || p.Branch() != tc.branch || p.After != tc.after || p.Deploys() != tc.deploys ||
+			p.CommitMessage() != tc.message {
 			t.Errorf("%s: %+v branch=%q deploys=%v", tc.file, p, p.Branch(), p.Deploys())
 		}
 	}
@@ -39,6 +41,28 @@ func TestParsePushRejects(t *testing.T) {
 		if _, err := ParsePush([]byte(body)); err == nil {
 			t.Errorf("ParsePush(%s) accepted", body)
 		}
+	}
+}
+
+func TestMessage(t *testing.T) {
+	long := strings.Repeat("é", MaxMessage+5)
+	for _, tc := range []struct{ in, want string }{
+		{"", ""},
+		{"fix: a\n\nbody", "fix: a\n\nbody"},
+		{"a\x00b", "ab"},
+		{"a\xffb", "a\uFFFDb"},
+		{long, strings.Repeat("é", MaxMessage)},
+	} {
+		if got := Message(tc.in); got != tc.want {
+			t.Errorf("Message(%q) = %q, want %q", tc.in, got, tc.want)
+		}
+	}
+	p, err := ParsePush([]byte(`{"ref":"refs/heads/main","after":"abc1234","repository":{"full_name":"a/b"},"head_commit":{"message":"` + long + `"}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := p.CommitMessage(); got != strings.Repeat("é", MaxMessage) {
+		t.Errorf("CommitMessage has %d characters", utf8.RuneCountInString(got))
 	}
 }
 
@@ -88,6 +112,9 @@ func FuzzParsePush(f *testing.F) {
 		}
 		if p.Deploys() && (!ValidSHA(p.After) || p.Branch() == "") {
 			t.Fatalf("deploys %+v", p)
+		}
+		if m := p.CommitMessage(); !utf8.ValidString(m) || utf8.RuneCountInString(m) > MaxMessage || strings.ContainsRune(m, 0) {
+			t.Fatalf("unbounded commit message %q", m)
 		}
 	})
 }

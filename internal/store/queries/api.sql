@@ -100,8 +100,8 @@ DELETE FROM project_env_vars WHERE project_id = $1 AND name = $2;
 
 -- name: DeploymentInsert
 INSERT INTO deployments (id, project_id, organisation_id, hostname, image_ref, commit_sha, branch, preview,
-                         idempotency_key, deadline_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now() + $10::interval)
+                         idempotency_key, deadline_at, commit_message)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now() + $10::interval, left($11::text, 1000))
 ON CONFLICT DO NOTHING;
 
 -- name: DeploymentByIdempotency
@@ -115,7 +115,7 @@ SELECT id FROM deployments WHERE project_id = $1 AND commit_sha = $2 AND deleted
 -- name: DeploymentGet
 SELECT d.id, d.project_id, p.name, d.status, d.hostname, d.image_ref, coalesce(i.digest, ''), d.commit_sha, d.branch,
        d.preview, d.failure_reason, d.created_at, d.preparing_at, d.starting_at, d.healthy_at, d.active_at, d.finished_at,
-       p.active_deployment_id IS NOT DISTINCT FROM d.id, d.building_at, b.id, b.state, b.error
+       p.active_deployment_id IS NOT DISTINCT FROM d.id, d.building_at, b.id, b.state, b.error, d.commit_message
 FROM deployments d JOIN projects p ON p.id = d.project_id
 LEFT JOIN images i ON i.id = d.image_id
 LEFT JOIN builds b ON b.deployment_id = d.id
