@@ -138,15 +138,24 @@ type DNSRecord struct {
 
 // Domain is a custom domain of a project.
 type Domain struct {
-	ID            string      `json:"id"`
-	ProjectID     string      `json:"project_id"`
-	Name          string      `json:"name"`
-	Verified      bool        `json:"verified"`
-	VerifiedAt    *time.Time  `json:"verified_at"`
-	LastCheckedAt *time.Time  `json:"last_checked_at"`
-	LastError     string      `json:"last_error"`
-	CreatedAt     time.Time   `json:"created_at"`
-	DNSRecords    []DNSRecord `json:"dns_records"`
+	ID            string             `json:"id"`
+	ProjectID     string             `json:"project_id"`
+	Name          string             `json:"name"`
+	Verified      bool               `json:"verified"`
+	VerifiedAt    *time.Time         `json:"verified_at"`
+	LastCheckedAt *time.Time         `json:"last_checked_at"`
+	LastError     string             `json:"last_error"`
+	CreatedAt     time.Time          `json:"created_at"`
+	DNSRecords    []DNSRecord        `json:"dns_records"`
+	Certificate   *DomainCertificate `json:"certificate"`
+}
+
+// DomainCertificate is the state of a domain's TLS certificate in the
+// edges' storage: none, issued or expired.
+type DomainCertificate struct {
+	State    string     `json:"state"`
+	NotAfter *time.Time `json:"not_after"`
+	Issuer   string     `json:"issuer"`
 }
 
 // Node is a worker node.

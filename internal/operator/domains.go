@@ -18,15 +18,16 @@ import (
 
 // Domain is the API's custom domain document.
 type Domain struct {
-	ID                uuid.UUID        `json:"id"`
-	ProjectID         uuid.UUID        `json:"project_id"`
-	Name              string           `json:"name"`
-	Verified          bool             `json:"verified"`
-	VerifiedAt        *time.Time       `json:"verified_at,omitempty"`
-	LastCheckedAt     *time.Time       `json:"last_checked_at,omitempty"`
-	LastError         string           `json:"last_error,omitempty"`
-	CreatedAt         time.Time        `json:"created_at"`
-	DNSRecords        []domains.Record `json:"dns_records"`
+	ID                uuid.UUID          `json:"id"`
+	ProjectID         uuid.UUID          `json:"project_id"`
+	Name              string             `json:"name"`
+	Verified          bool               `json:"verified"`
+	VerifiedAt        *time.Time         `json:"verified_at,omitempty"`
+	LastCheckedAt     *time.Time         `json:"last_checked_at,omitempty"`
+	LastError         string             `json:"last_error,omitempty"`
+	CreatedAt         time.Time          `json:"created_at"`
+	DNSRecords        []domains.Record   `json:"dns_records"`
+	Certificate       *DomainCertificate `json:"certificate"`
 	verificationToken string
 }
 
@@ -61,6 +62,9 @@ func (o *Operator) addDomain(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	d.DNSRecords = o.records(d)
+	if d.Certificate, err = o.certificate(r.Context(), d.Name); err != nil {
+		return err
+	}
 	httpjson.Write(w, 201, d)
 	return nil
 }
@@ -88,6 +92,11 @@ func (o *Operator) listDomains(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
+	for _, d := range out {
+		if d.Certificate, err = o.certificate(r.Context(), d.Name); err != nil {
+			return err
+		}
+	}
 	httpjson.Write(w, 200, map[string]any{"domains": out})
 	return nil
 }
@@ -104,6 +113,10 @@ func (o *Operator) domain(r *http.Request) (*Domain, error) {
 	}
 	d.Verified = d.VerifiedAt != nil
 	d.DNSRecords = o.records(d)
+	d.Certificate, err = o.certificate(r.Context(), d.Name)
+	if err != nil {
+		return nil, err
+	}
 	return d, nil
 }
 

@@ -161,6 +161,14 @@ SELECT d.id, d.project_id, d.name, d.verification_token, d.verified_at, d.last_c
 FROM domains d JOIN projects p ON p.id = d.project_id
 WHERE d.organisation_id = $1 AND d.deleted_at IS NULL AND p.deleted_at IS NULL AND (d.id::text = $2 OR d.name = $2);
 
+-- name: DomainCertificates
+-- A domain's certificates in certmagic's storage, under any issuer:
+-- certificates/<issuer key>/<domain>/<domain>.crt ($1 is the key component).
+SELECT value FROM acme_storage
+WHERE key LIKE 'certificates/%' AND split_part(key, '/', 3) = $1
+  AND key = 'certificates/' || split_part(key, '/', 2) || '/' || $1 || '/' || $1 || '.crt'
+LIMIT 10;
+
 -- name: DomainSetVerified
 UPDATE domains SET verified_at = CASE WHEN $2 THEN coalesce(verified_at, now()) ELSE NULL END,
        last_checked_at = now(), last_error = $3
