@@ -3,14 +3,12 @@ package e2e
 import (
 	"context"
 	"fmt"
-	"os"
 	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/chromedp/cdproto/page"
 	"github.com/chromedp/chromedp"
 
 	"github.com/zeitwork/zeitwork/internal/console/browsertest"
@@ -33,7 +31,7 @@ func TestConsoleOnPlatform(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(browsertest.Start(t), 6*time.Minute)
 	defer cancel()
-	b := &consolePage{t: t, ctx: ctx}
+	b := &browsertest.Tab{T: t, Ctx: ctx, Shots: filepath.Join("..", "docs", "console")}
 
 	// Script errors and CSP violations on the real operator's pages fail
 	// the test.
@@ -57,33 +55,33 @@ func TestConsoleOnPlatform(t *testing.T) {
 	})
 
 	base := s.c.OperatorURL
-	b.do("open the console", chromedp.Navigate(base+"/projects"))
-	b.waitJS("the sign-in form", `location.pathname === "/signin" && document.getElementById("token") !== null`, 45*time.Second)
-	b.do("enter the token", chromedp.SetValue(chromedp.ID("token"), s.token))
-	b.submit("sign in", `form[action="/signin"] button[type="submit"]`)
-	b.waitJS("the projects page", `location.pathname === "/projects" && document.querySelector("h1").textContent === "Projects"`, 45*time.Second)
+	b.Do("open the console", chromedp.Navigate(base+"/projects"))
+	b.WaitJS("the sign-in form", `location.pathname === "/signin" && document.getElementById("token") !== null`, 45*time.Second)
+	b.Do("enter the token", chromedp.SetValue(chromedp.ID("token"), s.token))
+	b.Submit("sign in", `form[action="/signin"] button[type="submit"]`)
+	b.WaitJS("the projects page", `location.pathname === "/projects" && document.querySelector("h1").textContent === "Projects"`, 45*time.Second)
 
-	b.do("fill in the project", chromedp.SetValue(chromedp.ID("p-name"), "hello"), chromedp.SetValue(chromedp.ID("p-port"), "8080"),
+	b.Do("fill in the project", chromedp.SetValue(chromedp.ID("p-name"), "hello"), chromedp.SetValue(chromedp.ID("p-port"), "8080"),
 		chromedp.SetValue(chromedp.ID("p-health"), "/healthz"), chromedp.SetValue(chromedp.ID("p-min"), "1"))
-	b.submit("create the project", `form[action="/projects"] button[type="submit"]`)
-	b.waitJS("the project page", `location.pathname === "/projects/hello"`, 45*time.Second)
-	prodURL := b.text("the production URL", `document.querySelector("p.sub a").href.replace(/\/$/, "")`)
+	b.Submit("create the project", `form[action="/projects"] button[type="submit"]`)
+	b.WaitJS("the project page", `location.pathname === "/projects/hello"`, 45*time.Second)
+	prodURL := b.Text("the production URL", `document.querySelector("p.sub a").href.replace(/\/$/, "")`)
 
 	// Deploy through the page; the deployment list follows the phases of
 	// the real rollout (image to root file system, microVM boot, health
 	// checks) by itself: the marker shows the page never reloaded.
-	b.do("enter the image", chromedp.SetValue(chromedp.ID("image"), v1))
-	b.submit("deploy", `form[action="/projects/hello/deployments"] button[type="submit"]`)
-	b.waitJS("the deployment listed", `document.querySelector("#deployments-list li.dep") !== null`, 45*time.Second)
-	b.do("mark the page", chromedp.Evaluate[chromedp.Void](`window.zwSamePage = true`))
+	b.Do("enter the image", chromedp.SetValue(chromedp.ID("image"), v1))
+	b.Submit("deploy", `form[action="/projects/hello/deployments"] button[type="submit"]`)
+	b.WaitJS("the deployment listed", `document.querySelector("#deployments-list li.dep") !== null`, 45*time.Second)
+	b.Do("mark the page", chromedp.Evaluate[chromedp.Void](`window.zwSamePage = true`))
 	deployed := time.Now()
-	b.waitJS("the deployment active without a reload", `window.zwSamePage === true &&
+	b.WaitJS("the deployment active without a reload", `window.zwSamePage === true &&
 		document.querySelector('#deployments-list li.dep[data-status="active"]') !== null`, 3*time.Minute)
 	t.Logf("the page showed the deployment active %s after the deploy", time.Since(deployed).Round(time.Millisecond))
-	if st := b.text("failed deployments", `String(document.querySelectorAll('#deployments-list li.dep[data-status="failed"]').length)`); st != "0" {
+	if st := b.Text("failed deployments", `String(document.querySelectorAll('#deployments-list li.dep[data-status="failed"]').length)`); st != "0" {
 		t.Fatalf("%s failed deployments on the page", st)
 	}
-	id := b.text("the deployment's id", `document.querySelector('#deployments-list li.dep[data-status="active"]').dataset.id`)
+	id := b.Text("the deployment's id", `document.querySelector('#deployments-list li.dep[data-status="active"]').dataset.id`)
 
 	// The production URL the page shows serves the app through the load
 	// balancer, the edge and the microVM.
@@ -94,27 +92,27 @@ func TestConsoleOnPlatform(t *testing.T) {
 
 	// The app log: the line the app wrote at start inside the VM shows up
 	// on the page; a filter hides what lacks it.
-	b.submit("open the app log", "#applog-"+id)
-	b.waitJS("the log page", `document.getElementById("log") !== null && document.getElementById("log-filter") !== null`, 45*time.Second)
+	b.Submit("open the app log", "#applog-"+id)
+	b.WaitJS("the log page", `document.getElementById("log") !== null && document.getElementById("log-filter") !== null`, 45*time.Second)
 	const started1 = "hello v1 listening on :8080"
-	b.waitJS("the app's start line", fmt.Sprintf(`Array.from(document.querySelectorAll("#log .logline .ll")).some(function (e) { return e.textContent.includes(%q); })`, started1), 2*time.Minute)
-	b.do("type a filter", chromedp.SendKeys(chromedp.ID("log-filter"), "listening"))
-	b.waitJS("only lines with it shown", `(function () {
+	b.WaitJS("the app's start line", fmt.Sprintf(`Array.from(document.querySelectorAll("#log .logline .ll")).some(function (e) { return e.textContent.includes(%q); })`, started1), 2*time.Minute)
+	b.Do("type a filter", chromedp.SendKeys(chromedp.ID("log-filter"), "listening"))
+	b.WaitJS("only lines with it shown", `(function () {
 		var shown = Array.from(document.querySelectorAll("#log .logline:not([hidden])"));
 		return shown.length >= 1 && shown.every(function (r) { return r.textContent.includes("listening"); }) &&
 			document.querySelectorAll("#log .logline[hidden]").length === document.querySelectorAll("#log .logline").length - shown.length; })()`, 45*time.Second)
-	b.shot("platform-logs")
-	b.do("narrow the filter", chromedp.SendKeys(chromedp.ID("log-filter"), " nowhere"))
-	b.waitJS("every line hidden", `document.querySelectorAll("#log .logline:not([hidden])").length === 0 &&
+	b.Shot("platform-logs", false)
+	b.Do("narrow the filter", chromedp.SendKeys(chromedp.ID("log-filter"), " nowhere"))
+	b.WaitJS("every line hidden", `document.querySelectorAll("#log .logline:not([hidden])").length === 0 &&
 		document.querySelectorAll("#log .logline[hidden]").length >= 1`, 45*time.Second)
 
 	// Sign out: the console is closed until the next sign-in.
-	b.do("back to the projects", chromedp.Navigate(base+"/projects"))
-	b.waitJS("the projects list", `document.querySelector('form[action="/signout"]') !== null`, 45*time.Second)
-	b.submit("sign out", `form[action="/signout"] button[type="submit"]`)
-	b.waitJS("signed out", `location.pathname === "/signin"`, 45*time.Second)
-	b.do("open the project again", chromedp.Navigate(base+"/projects/hello"))
-	b.waitJS("the sign-in form again", `location.pathname === "/signin"`, 45*time.Second)
+	b.Do("back to the projects", chromedp.Navigate(base+"/projects"))
+	b.WaitJS("the projects list", `document.querySelector('form[action="/signout"]') !== null`, 45*time.Second)
+	b.Submit("sign out", `form[action="/signout"] button[type="submit"]`)
+	b.WaitJS("signed out", `location.pathname === "/signin"`, 45*time.Second)
+	b.Do("open the project again", chromedp.Navigate(base+"/projects/hello"))
+	b.WaitJS("the sign-in form again", `location.pathname === "/signin"`, 45*time.Second)
 
 	cancel()
 	wg.Wait()
@@ -124,68 +122,4 @@ func TestConsoleOnPlatform(t *testing.T) {
 		t.Errorf("script errors or CSP violations: %q", problems)
 	}
 	t.Logf("the browser part took %s", time.Since(started).Round(time.Millisecond))
-}
-
-// consolePage is the browser tab TestConsoleOnPlatform drives.
-type consolePage struct {
-	t   *testing.T
-	ctx context.Context
-}
-
-func (b *consolePage) do(what string, steps ...chromedp.Action[chromedp.Void]) {
-	b.t.Helper()
-	if err := chromedp.Do(b.ctx, steps...); err != nil {
-		b.t.Fatalf("%s: %v", what, err)
-	}
-}
-
-// submit clicks a form's button (or a link) and waits (up to 45 s) for the
-// page it leads to.
-func (b *consolePage) submit(what, button string) {
-	b.t.Helper()
-	ctx, cancel := context.WithTimeout(b.ctx, 45*time.Second)
-	defer cancel()
-	if _, err := chromedp.Run(ctx, chromedp.WaitEvent(page.LoadEventFired, nil, chromedp.Click(chromedp.CSS(button)))); err != nil {
-		b.t.Fatalf("%s: %v", what, err)
-	}
-}
-
-// waitJS waits until a JavaScript condition holds, for up to within.
-func (b *consolePage) waitJS(what, cond string, within time.Duration) {
-	b.t.Helper()
-	_, err := chromedp.Run(b.ctx, chromedp.Poll[bool](cond, chromedp.WithPollingInterval(200*time.Millisecond),
-		chromedp.WithPollingTimeout(within)))
-	if err != nil {
-		url, _ := chromedp.Run(b.ctx, chromedp.Evaluate[string](`location.href`))
-		body, _ := chromedp.Run(b.ctx, chromedp.Evaluate[string](`document.body ? document.body.innerText : ""`))
-		if len(body) > 3000 {
-			body = body[:3000]
-		}
-		b.t.Fatalf("waiting for %s (at %s): %v\npage text:\n%s", what, url, err, body)
-	}
-}
-
-func (b *consolePage) text(what, expr string) string {
-	b.t.Helper()
-	s, err := chromedp.Run(b.ctx, chromedp.Evaluate[string](expr))
-	if err != nil {
-		b.t.Fatalf("%s: %v", what, err)
-	}
-	return s
-}
-
-// shot writes a PNG of the viewport to docs/console.
-func (b *consolePage) shot(name string) {
-	b.t.Helper()
-	png, err := chromedp.Run(b.ctx, chromedp.CaptureScreenshot())
-	if err != nil {
-		b.t.Fatalf("screenshot %s: %v", name, err)
-	}
-	dir := filepath.Join("..", "docs", "console")
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		b.t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(dir, name+".png"), png, 0o644); err != nil {
-		b.t.Fatal(err)
-	}
 }

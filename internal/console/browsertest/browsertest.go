@@ -5,9 +5,13 @@ package browsertest
 
 import (
 	"context"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"testing"
+	"time"
 
+	"github.com/chromedp/cdproto/page"
 	"github.com/chromedp/chromedp"
 )
 
@@ -51,4 +55,78 @@ func chromium(t testing.TB) string {
 	}
 	t.Fatal("chromium is not installed (make deps installs it)")
 	return ""
+}
+
+// Tab is a browser tab a test drives; each helper fails the test with
+// what it was doing.
+type Tab struct {
+	T   testing.TB
+	Ctx context.Context
+	// Shots is where Shot writes PNGs (docs/console, relative to the
+	// test's package directory).
+	Shots string
+}
+
+// Do runs steps.
+func (b *Tab) Do(what string, steps ...chromedp.Action[chromedp.Void]) {
+	b.T.Helper()
+	if err := chromedp.Do(b.Ctx, steps...); err != nil {
+		b.T.Fatalf("%s: %v", what, err)
+	}
+}
+
+// Submit clicks a form's button (or a link) and waits, up to 45 s, for
+// the page it leads to.
+func (b *Tab) Submit(what, button string) {
+	b.T.Helper()
+	ctx, cancel := context.WithTimeout(b.Ctx, 45*time.Second)
+	defer cancel()
+	if _, err := chromedp.Run(ctx, chromedp.WaitEvent(page.LoadEventFired, nil, chromedp.Click(chromedp.CSS(button)))); err != nil {
+		b.T.Fatalf("%s: %v", what, err)
+	}
+}
+
+// WaitJS waits until a JavaScript condition holds, for up to within; on
+// failure it reports the page's address and text.
+func (b *Tab) WaitJS(what, cond string, within time.Duration) {
+	b.T.Helper()
+	_, err := chromedp.Run(b.Ctx, chromedp.Poll[bool](cond, chromedp.WithPollingInterval(100*time.Millisecond),
+		chromedp.WithPollingTimeout(within)))
+	if err != nil {
+		url, _ := chromedp.Run(b.Ctx, chromedp.Evaluate[string](`location.href`))
+		body, _ := chromedp.Run(b.Ctx, chromedp.Evaluate[string](`document.body ? document.body.innerText : ""`))
+		if len(body) > 3000 {
+			body = body[:3000]
+		}
+		b.T.Fatalf("waiting for %s (at %s): %v\npage text:\n%s", what, url, err, body)
+	}
+}
+
+// Text evaluates a JavaScript string expression.
+func (b *Tab) Text(what, expr string) string {
+	b.T.Helper()
+	s, err := chromedp.Run(b.Ctx, chromedp.Evaluate[string](expr))
+	if err != nil {
+		b.T.Fatalf("%s: %v", what, err)
+	}
+	return s
+}
+
+// Shot writes a PNG of the viewport, or of the whole page, to Shots.
+func (b *Tab) Shot(name string, full bool) {
+	b.T.Helper()
+	act := chromedp.CaptureScreenshot()
+	if full {
+		act = chromedp.FullScreenshot(100)
+	}
+	png, err := chromedp.Run(b.Ctx, act)
+	if err != nil {
+		b.T.Fatalf("screenshot %s: %v", name, err)
+	}
+	if err := os.MkdirAll(b.Shots, 0o755); err != nil {
+		b.T.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(b.Shots, name+".png"), png, 0o644); err != nil {
+		b.T.Fatal(err)
+	}
 }
