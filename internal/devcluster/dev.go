@@ -87,6 +87,7 @@ func RunDev(ctx context.Context, args []string, log *slog.Logger) error {
 Zeitwork is running.
 
   operator API      %s   (token: %s)
+  web console       %s   (sign in with the token)
   dev CA            %s
   versioned URL     %s
   production URL    %s
@@ -99,9 +100,11 @@ Through the load balancer (HTTPS on %s:8082, HTTP on %s:8085):
 Use the CLI:
   zeitwork login --api-url %s --token %s
   zeitwork deploy --project hello --image <your image>
+  zeitwork projects create web --git-url <repository> && zeitwork deploy --project web --commit <sha>
+  zeitwork deploy --project web --source .     (builds the Dockerfile in a builder microVM)
 
 Logs: %s/logs.  Ctrl-C stops everything.
-`, c.OperatorURL, token, ca, d.URL, d.ProductionURL, r.IP, r.IP,
+`, c.OperatorURL, token, c.OperatorURL+"/", ca, d.URL, d.ProductionURL, r.IP, r.IP,
 		ca, versioned, r.IP, versioned, ca, prod, r.IP, prod, prod, r.IP,
 		c.OperatorURL, token, abs)
 	<-ctx.Done()
