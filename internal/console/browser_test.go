@@ -2,10 +2,7 @@ package console_test
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
-	"io"
-	"net/http"
 	"strings"
 	"sync"
 	"testing"
@@ -14,6 +11,7 @@ import (
 	"github.com/chromedp/cdproto/page"
 	"github.com/chromedp/chromedp"
 
+	"github.com/zeitwork/zeitwork/internal/apiclient"
 	"github.com/zeitwork/zeitwork/internal/console/browsertest"
 	"github.com/zeitwork/zeitwork/internal/operator/agents/agenttest"
 )
@@ -233,19 +231,13 @@ func TestBrowser(t *testing.T) {
 // apiCreateProject creates a project through the HTTP API and returns its id.
 func apiCreateProject(t *testing.T, e *env, token, name string) string {
 	t.Helper()
-	req, _ := http.NewRequest("POST", e.url+"/api/v1/projects", strings.NewReader(`{"name":"`+name+`","min_instances_per_region":1}`))
-	req.Header.Set("Authorization", "Bearer "+token)
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
 	var p struct {
 		ID string `json:"id"`
 	}
-	if resp.StatusCode != http.StatusCreated || json.Unmarshal(b, &p) != nil {
-		t.Fatalf("create project through the API: %d %s", resp.StatusCode, b)
+	err := apiclient.New(e.url, token).Do(t.Context(), "POST", "/api/v1/projects",
+		map[string]any{"name": name, "min_instances_per_region": 1}, &p)
+	if err != nil {
+		t.Fatalf("create project through the API: %v", err)
 	}
 	return p.ID
 }

@@ -1,14 +1,14 @@
 package console_test
 
 import (
-	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
 	"net/url"
 	"regexp"
 	"strings"
 	"testing"
+
+	"github.com/zeitwork/zeitwork/internal/apiclient"
 )
 
 // sessionCookie returns the Set-Cookie of the console session in resp.
@@ -568,20 +568,13 @@ func apiStatus(t *testing.T, e *env, token, method, path string) int {
 // apiDeploy starts a deployment through the HTTP API and returns its id.
 func apiDeploy(t testing.TB, e *env, token, project, image string) string {
 	t.Helper()
-	body, _ := json.Marshal(map[string]string{"image": image})
-	req, _ := http.NewRequest("POST", e.url+"/api/v1/projects/"+project+"/deployments", strings.NewReader(string(body)))
-	req.Header.Set("Authorization", "Bearer "+token)
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
 	var d struct {
 		ID string `json:"id"`
 	}
-	if resp.StatusCode != http.StatusAccepted || json.Unmarshal(b, &d) != nil {
-		t.Fatalf("deploy through the API: %d %s", resp.StatusCode, b)
+	err := apiclient.New(e.url, token).Do(t.Context(), "POST", "/api/v1/projects/"+project+"/deployments",
+		map[string]string{"image": image}, &d)
+	if err != nil {
+		t.Fatalf("deploy through the API: %v", err)
 	}
 	return d.ID
 }
