@@ -165,18 +165,9 @@ func eventually(t *testing.T, what string, timeout time.Duration, cond func() er
 }
 
 func get(ctx context.Context, u string) ([]byte, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
-	if err != nil {
-		return nil, err
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err == nil && resp.StatusCode != 200 {
-		err = fmt.Errorf("GET %s: %d %s", u, resp.StatusCode, b)
+	status, b, err := fetch(ctx, u)
+	if err == nil && status != 200 {
+		err = fmt.Errorf("GET %s: %d %s", u, status, b)
 	}
 	return b, err
 }

@@ -129,17 +129,7 @@ type Sample struct {
 // server rejects (syntax, type) is an error; the result is a vector (a
 // scalar becomes a one-element vector).
 func (p *Prometheus) Query(ctx context.Context, expr string) ([]Sample, error) {
-	u := p.URL + "/api/v1/query?" + url.Values{"query": {expr}}.Encode()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
-	if err != nil {
-		return nil, err
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+	status, body, err := fetch(ctx, p.URL+"/api/v1/query?"+url.Values{"query": {expr}}.Encode())
 	if err != nil {
 		return nil, err
 	}
@@ -153,7 +143,7 @@ func (p *Prometheus) Query(ctx context.Context, expr string) ([]Sample, error) {
 		} `json:"data"`
 	}
 	if err := json.Unmarshal(body, &doc); err != nil {
-		return nil, fmt.Errorf("query %q: %d %s", expr, resp.StatusCode, bytes.TrimSpace(body))
+		return nil, fmt.Errorf("query %q: %d %s", expr, status, bytes.TrimSpace(body))
 	}
 	if doc.Status != "success" {
 		return nil, fmt.Errorf("query %q: %s: %s", expr, doc.ErrorType, doc.Error)
@@ -195,6 +185,21 @@ func (p *Prometheus) Query(ctx context.Context, expr string) ([]Sample, error) {
 	}
 }
 
+// fetch GETs u and returns the status and the body (at most 16 MiB).
+func fetch(ctx context.Context, u string) (int, []byte, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		return 0, nil, err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0, nil, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+	return resp.StatusCode, body, err
+}
+
 // Target is one entry of /api/v1/targets.
 type Target struct {
 	Job       string
@@ -206,15 +211,10 @@ type Target struct {
 
 // Targets lists the active scrape targets.
 func (p *Prometheus) Targets(ctx context.Context) ([]Target, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, p.URL+"/api/v1/targets?state=active", nil)
+	_, body, err := fetch(ctx, p.URL+"/api/v1/targets?state=active")
 	if err != nil {
 		return nil, err
 	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
 	var doc struct {
 		Data struct {
 			ActiveTargets []struct {
@@ -226,7 +226,7 @@ func (p *Prometheus) Targets(ctx context.Context) ([]Target, error) {
 			} `json:"activeTargets"`
 		} `json:"data"`
 	}
-	if err := json.NewDecoder(resp.Body).Decode(&doc); err != nil {
+	if err := json.Unmarshal(body, &doc); err != nil {
 		return nil, err
 	}
 	var out []Target
@@ -239,15 +239,10 @@ func (p *Prometheus) Targets(ctx context.Context) ([]Target, error) {
 // RuleHealth lists every loaded rule whose last evaluation failed, as
 // "group/name: error".
 func (p *Prometheus) RuleHealth(ctx context.Context) (rules int, bad []string, err error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, p.URL+"/api/v1/rules", nil)
+	_, body, err := fetch(ctx, p.URL+"/api/v1/rules")
 	if err != nil {
 		return 0, nil, err
 	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return 0, nil, err
-	}
-	defer resp.Body.Close()
 	var doc struct {
 		Data struct {
 			Groups []struct {
@@ -261,7 +256,7 @@ func (p *Prometheus) RuleHealth(ctx context.Context) (rules int, bad []string, e
 			} `json:"groups"`
 		} `json:"data"`
 	}
-	if err := json.NewDecoder(resp.Body).Decode(&doc); err != nil {
+	if err := json.Unmarshal(body, &doc); err != nil {
 		return 0, nil, err
 	}
 	for _, g := range doc.Data.Groups {
