@@ -104,11 +104,11 @@ func run() error {
 	defer srv.Close()
 	reg := ln.Addr().String()
 	log.Printf("pushing base images (busybox, and a Go toolchain image from %s)", goroot())
-	bbLayer, err := busybox()
+	bbLayer, err := ib.BusyboxLayer()
 	if err != nil {
 		return err
 	}
-	bb, err := ib.Image(ib.Config{Env: []string{"PATH=/bin"}, Cmd: []string{"/bin/sh"}}, bbLayer)
+	bb, err := ib.Image(ib.BusyboxConfig, bbLayer)
 	if err != nil {
 		return err
 	}
@@ -279,27 +279,6 @@ func goroot() string {
 		return "/usr/local/go"
 	}
 	return strings.TrimSpace(string(out))
-}
-
-// busybox is a layer of Debian's static busybox with its applet links.
-func busybox() (v1.Layer, error) {
-	bin, err := os.ReadFile("/bin/busybox")
-	if err != nil {
-		return nil, fmt.Errorf("busybox-static is needed (make deps installs it): %w", err)
-	}
-	out, err := exec.Command("/bin/busybox", "--list").Output()
-	if err != nil {
-		return nil, err
-	}
-	entries := []ib.Entry{{Name: "bin", Type: tar.TypeDir}, {Name: "etc", Type: tar.TypeDir}, {Name: "tmp", Type: tar.TypeDir, Mode: 0o1777},
-		{Name: "root", Type: tar.TypeDir}, {Name: "bin/busybox", Mode: 0o755, Data: bin},
-		{Name: "etc/passwd", Data: []byte("root:x:0:0:root:/root:/bin/sh\n")}, {Name: "etc/group", Data: []byte("root:x:0:\n")}}
-	for _, a := range strings.Fields(string(out)) {
-		if a != "busybox" {
-			entries = append(entries, ib.Entry{Name: "bin/" + a, Type: tar.TypeSymlink, Linkname: "busybox"})
-		}
-	}
-	return ib.Layer(entries...)
 }
 
 // goToolchain is a layer of the host's Go toolchain: what `go build` of a

@@ -166,7 +166,7 @@ func (b *Builder) Start(spec build.Spec) (build.Status, error) {
 		return build.Status{}, fmt.Errorf("%w: the node agent is shutting down", ErrConflict)
 	}
 	j := &job{spec: spec, st: build.Status{ID: spec.ID, DeploymentID: spec.DeploymentID, State: build.StateQueued, CreatedAt: time.Now().UTC()},
-		max: b.cfg.MaxLog, changed: make(chan struct{})}
+		max: b.cfg.MaxLog, changed: make(chan struct{}), done: make(chan struct{})}
 	j.ctx, j.cancel = context.WithTimeout(b.ctx, time.Duration(spec.TimeoutS)*time.Second)
 	b.builds[spec.ID] = j
 	b.wg.Go(func() { b.run(j) })
@@ -194,17 +194,6 @@ func (b *Builder) List() []build.Status {
 	return out
 }
 
-// Running counts builds that hold or wait for a slot.
-func (b *Builder) Running() int {
-	n := 0
-	for _, s := range b.List() {
-		if !build.Terminal(s.State) {
-			n++
-		}
-	}
-	return n
-}
-
 // Cancel stops a build; a finished build stays as it ended.
 func (b *Builder) Cancel(id string) (build.Status, error) {
 	j, err := b.job(id)
@@ -229,7 +218,7 @@ func (b *Builder) Delete(id string) error {
 	j.canceled = true
 	j.mu.Unlock()
 	j.cancel()
-	<-j.finished()
+	<-j.done
 	b.mu.Lock()
 	delete(b.builds, id)
 	b.mu.Unlock()
@@ -271,7 +260,7 @@ type job struct {
 	max      int
 	changed  chan struct{}
 	canceled bool
-	end      chan struct{}
+	done     chan struct{} // closed when run has returned (cleanup included)
 }
 
 func (j *job) status() build.Status {
@@ -280,28 +269,9 @@ func (j *job) status() build.Status {
 	return j.st
 }
 
-func (j *job) finished() <-chan struct{} {
-	j.mu.Lock()
-	defer j.mu.Unlock()
-	if j.end == nil {
-		j.end = make(chan struct{})
-		if build.Terminal(j.st.State) {
-			close(j.end)
-		}
-	}
-	return j.end
-}
-
 func (j *job) update(f func(*build.Status)) {
 	j.mu.Lock()
 	f(&j.st)
-	if build.Terminal(j.st.State) && j.end != nil {
-		select {
-		case <-j.end:
-		default:
-			close(j.end)
-		}
-	}
 	close(j.changed)
 	j.changed = make(chan struct{})
 	j.mu.Unlock()
@@ -361,6 +331,7 @@ func vmID(buildID string) string { return "b-" + buildID }
 
 // run owns one build from queue to cleanup.
 func (b *Builder) run(j *job) {
+	defer close(j.done)
 	defer j.cancel()
 	select {
 	case b.slots <- struct{}{}:
@@ -455,7 +426,7 @@ func (b *Builder) execute(j *job) (*string, error) {
 		return nil, err
 	}
 	routes, hosts := egress.Routes(allow)
-	rjob := buildrunner.Job{Dockerfile: spec.Dockerfile, Context: spec.Context, BuildArgs: spec.BuildArgs, Tag: localTag(spec),
+	rjob := buildrunner.Job{Dockerfile: spec.Dockerfile, Context: spec.Context, BuildArgs: spec.BuildArgs, Tag: localTag,
 		Proxy: proxy.Addr().String(), Routes: routes, Hosts: hosts, Insecure: insecure, MemoryMiB: spec.MemoryMiB, DiskMiB: spec.DiskMiB}
 	jb, _ := json.Marshal(rjob)
 
@@ -570,7 +541,7 @@ func describe(s build.Source) string {
 
 // localTag names the image inside the VM: one name per project cache
 // (each build's image takes it over), independent of the registry.
-func localTag(build.Spec) string { return "localhost/zeitwork-build:latest" }
+const localTag = "localhost/zeitwork-build:latest"
 
 // writeSource stores the source tar at path, padded to whole sectors.
 func (b *Builder) writeSource(ctx context.Context, src build.Source, path string) error {

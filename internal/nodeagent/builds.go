@@ -101,6 +101,7 @@ func (a *Agent) fetchArchive(ctx context.Context, path string, w io.Writer) erro
 	if len(a.cfg.Operators) == 0 {
 		return errors.New("no OPERATOR_URL to fetch the source archive from")
 	}
+	client := &http.Client{Timeout: 10 * time.Minute}
 	var lastErr error
 	for _, op := range a.cfg.Operators {
 		req, err := http.NewRequestWithContext(ctx, http.MethodGet, op.JoinPath(path).String(), nil)
@@ -108,7 +109,6 @@ func (a *Agent) fetchArchive(ctx context.Context, path string, w io.Writer) erro
 			return err
 		}
 		req.Header.Set("Authorization", "Bearer "+a.cfg.Token)
-		client := &http.Client{Timeout: 10 * time.Minute}
 		resp, err := client.Do(req)
 		if err != nil {
 			lastErr = err
