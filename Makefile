@@ -5,23 +5,24 @@ GO ?= go
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 COMMIT ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 LDFLAGS := -s -w -X github.com/zeitwork/zeitwork/internal/buildinfo.Version=$(VERSION) -X github.com/zeitwork/zeitwork/internal/buildinfo.Commit=$(COMMIT)
-BINARIES := zeitwork-operator zeitwork-node-agent zeitwork-load-balancer zeitwork-edge-proxy zeitwork zeitwork-init
+BINARIES := zeitwork-operator zeitwork-node-agent zeitwork-load-balancer zeitwork-edge-proxy zeitwork-dns zeitwork zeitwork-init
 PREFIX ?= /usr/local
 TEST_TIMEOUT ?= 45m
 
 # Debian packages the platform, its tests and its benchmarks need.
 APT_PACKAGES := postgresql qemu-system-x86 qemu-utils e2fsprogs iproute2 nftables cpio lz4 kmod \
 	haproxy nginx-light wrk nghttp2-client caddy ca-certificates curl git make gcc \
-	buildah docker-registry busybox-static prometheus chromium
+	buildah docker-registry busybox-static prometheus chromium unbound
 
 .PHONY: all deps build test test-go lint dev observe install bench bench-lb bench-edge bench-vm bench-build clean
 
 all: build
 
 # prometheus is installed for its binaries (promtool and prometheus: the
-# observability tests, make observe). Where systemd runs, the service its
-# package enables and starts is turned off again; without systemd (CI, the
-# development machines) its postinst starts nothing.
+# observability tests, make observe), unbound for the GeoDNS resolver test
+# (it would hold :53, which zeitwork-dns serves). Where systemd runs, the
+# services their packages enable and start are turned off again; without
+# systemd (CI, the development machines) their postinst starts nothing.
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -32,12 +33,15 @@ deps:
 		if [[ " $$missing " == *" prometheus "* && -d /run/systemd/system ]]; then \
 			$$SUDO systemctl disable --now prometheus.service >/dev/null 2>&1 || true; \
 		fi; \
+		if [[ " $$missing " == *" unbound "* && -d /run/systemd/system ]]; then \
+			$$SUDO systemctl disable --now unbound.service >/dev/null 2>&1 || true; \
+		fi; \
 	fi
 	$(GO) mod download
 
 build:
 	@mkdir -p bin
-	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/ ./cmd/zeitwork-operator ./cmd/zeitwork-node-agent ./cmd/zeitwork-load-balancer ./cmd/zeitwork-edge-proxy ./cmd/zeitwork
+	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/ ./cmd/zeitwork-operator ./cmd/zeitwork-node-agent ./cmd/zeitwork-load-balancer ./cmd/zeitwork-edge-proxy ./cmd/zeitwork-dns ./cmd/zeitwork
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/zeitwork-init ./cmd/zeitwork-init
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '-s -w' -o bin/examples/hello ./examples/hello
 
