@@ -14,6 +14,7 @@ type metrics struct {
 	truncated prometheus.Counter
 	reloads   *prometheus.CounterVec
 	panics    prometheus.Counter
+	malformed prometheus.Counter
 
 	regionHealthy *prometheus.Desc
 	lbUp          *prometheus.Desc
@@ -43,6 +44,10 @@ func newMetrics(s *Server) *metrics {
 			Name: "zeitwork_dns_handler_panics_total",
 			Help: "Queries whose handling panicked (answered SERVFAIL).",
 		}),
+		malformed: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "zeitwork_dns_malformed_total",
+			Help: "Packets that did not parse as a DNS query (answered FORMERR when the header parsed, else dropped).",
+		}),
 		regionHealthy: prometheus.NewDesc("zeitwork_dns_region_healthy",
 			"1 when at least one of the region's load balancers passes its health check, else 0 (the region is not answered).", []string{"region"}, nil),
 		lbUp: prometheus.NewDesc("zeitwork_dns_load_balancer_up",
@@ -53,7 +58,7 @@ func newMetrics(s *Server) *metrics {
 }
 
 func (m *metrics) register(reg prometheus.Registerer) error {
-	for _, c := range []prometheus.Collector{m.queries, m.geo, m.truncated, m.reloads, m, m.panics} {
+	for _, c := range []prometheus.Collector{m.queries, m.geo, m.truncated, m.reloads, m, m.panics, m.malformed} {
 		if err := reg.Register(c); err != nil {
 			return err
 		}

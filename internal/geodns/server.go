@@ -128,14 +128,14 @@ func (s *Server) Run(ctx context.Context) error {
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return s.checker.Run(gctx) })
 	g.Go(func() error {
-		return serve(gctx, &dns.Server{PacketConn: s.udp, Handler: s, UDPSize: ednsUDPSize}, "udp")
+		return serve(gctx, &dns.Server{PacketConn: s.udp, Handler: s, UDPSize: ednsUDPSize, MsgInvalidFunc: s.invalid}, "udp")
 	})
 	g.Go(func() error {
 		return serve(gctx, &dns.Server{
 			Listener: s.tcp, Handler: s,
 			ReadTimeout: 5 * time.Second, WriteTimeout: 5 * time.Second,
 			IdleTimeout:   func() time.Duration { return 10 * time.Second },
-			MaxTCPQueries: 256,
+			MaxTCPQueries: 256, MsgInvalidFunc: s.invalid,
 		}, "tcp")
 	})
 	return g.Wait()
@@ -166,6 +166,10 @@ func serve(ctx context.Context, srv *dns.Server, network string) error {
 	}
 	return nil
 }
+
+// invalid counts a packet that did not parse (answered FORMERR when its
+// header did, else dropped).
+func (s *Server) invalid([]byte, error) { s.metrics.malformed.Inc() }
 
 // ServeDNS answers one query.
 func (s *Server) ServeDNS(w dns.ResponseWriter, req *dns.Msg) {
