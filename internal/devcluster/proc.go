@@ -133,6 +133,15 @@ func (p *Proc) Kill() {
 	<-p.done
 }
 
+// Signal sends sig to the process (not its group); it does nothing when
+// the process is not running.
+func (p *Proc) Signal(sig os.Signal) error {
+	if !p.Running() {
+		return nil
+	}
+	return p.cmd.Process.Signal(sig)
+}
+
 // Done is closed when the process exits.
 func (p *Proc) Done() <-chan struct{} { return p.done }
 
