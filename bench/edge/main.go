@@ -68,6 +68,7 @@ type result struct {
 	rps, httpsRPS float64
 	p50, p99      float64 // ms, HTTPS keep-alive
 	h2RPS         float64
+	h2P99         float64 // ms, from h2load's per-request log
 	handshakes    float64
 }
 
@@ -80,6 +81,9 @@ func (r result) better(o result) result {
 		r.p50, r.p99 = o.p50, o.p99
 	}
 	r.h2RPS = max(r.h2RPS, o.h2RPS)
+	if r.h2P99 == 0 || (o.h2P99 != 0 && o.h2P99 < r.h2P99) {
+		r.h2P99 = o.h2P99
+	}
 	r.handshakes = max(r.handshakes, o.handshakes)
 	return r
 }
@@ -262,20 +266,20 @@ http://%[1]s:19232 {
 	}
 	zw, ng, cd := results[0], results[1], results[2]
 	var tb strings.Builder
-	fmt.Fprintf(&tb, "## Edge proxy (make bench-edge)\n\nRun %s, %d alternating rounds, best round of each proxy kept for each figure. Each proxy pinned to CPU 1 with one worker (nginx `worker_processes 1`, Caddy and Zeitwork `GOMAXPROCS=1`); backend (%s answering 128 bytes) and load generators on CPU 0. nginx and Caddy send the backend the same headers as Zeitwork (X-Forwarded-For/Proto/Host, X-Real-IP, X-Request-Id, two instance headers) and return X-Request-Id. wrk: 1 thread, %d keep-alive connections, %s per figure. HTTP/2: h2load, 16 connections × 10 streams, 6 s. Handshakes: 16 Go clients opening a new TLS connection (no resumption) per request.\n\n", time.Now().UTC().Format("2006-01-02"), *rounds, backendName(), conns, duration)
-	fmt.Fprintf(&tb, "| proxy | HTTP/1.1 keep-alive rps | HTTPS rps | HTTPS p50 (ms) | HTTPS p99 (ms) | HTTP/2 rps | new TLS handshakes/s |\n|---|---|---|---|---|---|---|\n")
+	fmt.Fprintf(&tb, "## Edge proxy (make bench-edge)\n\nRun %s, %d alternating rounds, best round of each proxy kept for each figure. Each proxy pinned to CPU 1 with one worker (nginx `worker_processes 1`, Caddy and Zeitwork `GOMAXPROCS=1`); backend (%s answering 128 bytes) and load generators on CPU 0. nginx and Caddy send the backend the same headers as Zeitwork (X-Forwarded-For/Proto/Host, X-Real-IP, X-Request-Id, two instance headers) and return X-Request-Id. wrk: 1 thread, %d keep-alive connections, %s per figure. HTTP/2: h2load, 16 connections × 10 streams, 6 s; its p99 from h2load's per-request log. Handshakes: 16 Go clients opening a new TLS connection (no resumption) per request.\n\n", time.Now().UTC().Format("2006-01-02"), *rounds, backendName(), conns, duration)
+	fmt.Fprintf(&tb, "| proxy | HTTP/1.1 keep-alive rps | HTTPS rps | HTTPS p50 (ms) | HTTPS p99 (ms) | HTTP/2 rps | HTTP/2 p99 (ms) | new TLS handshakes/s |\n|---|---|---|---|---|---|---|---|\n")
 	for _, r := range results {
-		fmt.Fprintf(&tb, "| %s | %.0f | %.0f | %.2f | %.2f | %.0f | %.0f |\n", r.name, r.rps, r.httpsRPS, r.p50, r.p99, r.h2RPS, r.handshakes)
+		fmt.Fprintf(&tb, "| %s | %.0f | %.0f | %.2f | %.2f | %.0f | %.2f | %.0f |\n", r.name, r.rps, r.httpsRPS, r.p50, r.p99, r.h2RPS, r.h2P99, r.handshakes)
 	}
-	fmt.Fprintf(&tb, "| Zeitwork ÷ nginx | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f |\n", zw.rps/ng.rps, zw.httpsRPS/ng.httpsRPS, zw.p50/ng.p50, zw.p99/ng.p99, zw.h2RPS/ng.h2RPS, zw.handshakes/ng.handshakes)
-	fmt.Fprintf(&tb, "| Zeitwork ÷ Caddy | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f |\n", zw.rps/cd.rps, zw.httpsRPS/cd.httpsRPS, zw.p50/cd.p50, zw.p99/cd.p99, zw.h2RPS/cd.h2RPS, zw.handshakes/cd.handshakes)
+	fmt.Fprintf(&tb, "| Zeitwork ÷ nginx | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f |\n", zw.rps/ng.rps, zw.httpsRPS/ng.httpsRPS, zw.p50/ng.p50, zw.p99/ng.p99, zw.h2RPS/ng.h2RPS, zw.h2P99/ng.h2P99, zw.handshakes/ng.handshakes)
+	fmt.Fprintf(&tb, "| Zeitwork ÷ Caddy | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f |\n", zw.rps/cd.rps, zw.httpsRPS/cd.httpsRPS, zw.p50/cd.p50, zw.p99/cd.p99, zw.h2RPS/cd.h2RPS, zw.h2P99/cd.h2P99, zw.handshakes/cd.handshakes)
 	fmt.Fprintf(&tb, "\n%s\n", sc.doc())
 	fmt.Print(tb.String())
 	if err := benchdoc.Write("edge", tb.String()); err != nil {
 		log.Printf("cannot record results: %v", err)
 	}
-	fmt.Printf("bench-edge: rps_ratio_vs_nginx=%.2f rps_ratio_vs_caddy=%.2f p99_ratio_vs_nginx=%.2f tls_handshake_ratio_vs_nginx=%.2f %s\n",
-		zw.httpsRPS/ng.httpsRPS, zw.httpsRPS/cd.httpsRPS, zw.p99/ng.p99, zw.handshakes/ng.handshakes, sc.summary())
+	fmt.Printf("bench-edge: rps_ratio_vs_nginx=%.2f rps_ratio_vs_caddy=%.2f p99_ratio_vs_nginx=%.2f tls_handshake_ratio_vs_nginx=%.2f h2_rps_ratio_vs_nginx=%.2f h2_p99_ratio_vs_nginx=%.2f %s\n",
+		zw.httpsRPS/ng.httpsRPS, zw.httpsRPS/cd.httpsRPS, zw.p99/ng.p99, zw.handshakes/ng.handshakes, zw.h2RPS/ng.h2RPS, zw.h2P99/ng.h2P99, sc.summary())
 	return nil
 }
 
@@ -295,9 +299,9 @@ func measure(name string, cmd *exec.Cmd, httpAddr, httpsAddr string) (result, er
 	r := result{name: name}
 	r.rps, _, _ = wrk("http://" + httpAddr + "/")
 	r.httpsRPS, r.p50, r.p99 = wrk("https://" + httpsAddr + "/")
-	r.h2RPS = h2load("https://" + httpsAddr + "/")
+	r.h2RPS, r.h2P99 = h2load("https://" + httpsAddr + "/")
 	r.handshakes = handshakes(httpsAddr)
-	log.Printf("%-8s http %.0f rps, https %.0f rps p50 %.2fms p99 %.2fms, h2 %.0f rps, %.0f handshakes/s", name, r.rps, r.httpsRPS, r.p50, r.p99, r.h2RPS, r.handshakes)
+	log.Printf("%-8s http %.0f rps, https %.0f rps p50 %.2fms p99 %.2fms, h2 %.0f rps p99 %.2fms, %.0f handshakes/s", name, r.rps, r.httpsRPS, r.p50, r.p99, r.h2RPS, r.h2P99, r.handshakes)
 	return r, nil
 }
 
@@ -382,16 +386,43 @@ func wrk(url string) (rps, p50, p99 float64) {
 
 var h2RPSRE = regexp.MustCompile(`finished in [^,]+, ([0-9.]+) req/s`)
 
-// h2load measures HTTP/2 requests/s: 16 connections with 10 streams each.
-func h2load(url string) float64 {
-	out, err := pinned("0", "h2load", "-D", "6", "-c", "16", "-m", "10", "-H", ":authority: "+host, url).CombinedOutput()
+// h2load measures HTTP/2 requests/s and the p99 of the per-request
+// times (request to end of response) of 200 answers, from h2load's log:
+// 16 connections with 10 streams each.
+func h2load(url string) (rps, p99 float64) {
+	logf, err := os.CreateTemp("", "h2load-*.log")
+	if err != nil {
+		log.Printf("h2load: %v", err)
+		return 0, 0
+	}
+	logf.Close()
+	defer os.Remove(logf.Name())
+	out, err := pinned("0", "h2load", "-D", "6", "-c", "16", "-m", "10", "--log-file="+logf.Name(), "-H", ":authority: "+host, url).CombinedOutput()
 	m := h2RPSRE.FindSubmatch(out)
 	if err != nil || m == nil {
 		log.Printf("h2load %s: %v %s", url, err, out)
-		return 0
+		return 0, 0
 	}
-	v, _ := strconv.ParseFloat(string(m[1]), 64)
-	return v
+	rps, _ = strconv.ParseFloat(string(m[1]), 64)
+	b, _ := os.ReadFile(logf.Name())
+	var us []float64
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Split(line, "\t")
+		if len(f) < 3 || f[1] != "200" {
+			continue
+		}
+		if v, err := strconv.ParseFloat(f[2], 64); err == nil {
+			us = append(us, v)
+		}
+	}
+	if len(us) == 0 {
+		log.Printf("h2load %s: no 200 answers in its log", url)
+		return rps, 0
+	}
+	slices.Sort(us)
+	p99 = us[len(us)*99/100] / 1000
+	log.Printf("h2load %s: %.0f rps, %d answers, p50 %.2fms p99 %.2fms", url, rps, len(us), us[len(us)/2]/1000, p99)
+	return rps, p99
 }
 
 // handshakes counts full TLS handshakes + one request per second.

@@ -120,6 +120,7 @@ type metrics struct {
 	connectErr  prometheus.Counter // upstreamErr{kind="connect"}
 	proxyErr    prometheus.Counter // upstreamErr{kind="proxy"}
 	fast        prometheus.Counter
+	h2fast      prometheus.Counter
 	limited     prometheus.Counter
 	certExpiry  *certExpiry
 	acme        *prometheus.CounterVec
@@ -153,12 +154,13 @@ func New(cfg Config, routes *routetable.Client, reg prometheus.Registerer, log *
 			func() float64 { return routes.Staleness().Seconds() }),
 	}
 	p.m.fast = prometheus.NewCounter(prometheus.CounterOpts{Name: "zeitwork_edge_proxy_fast_path_requests_total", Help: "HTTP/1.1 requests served by the fast path (the rest by net/http)."})
+	p.m.h2fast = prometheus.NewCounter(prometheus.CounterOpts{Name: "zeitwork_edge_proxy_h2_fast_path_requests_total", Help: "HTTP/2 requests served by the HTTP/2 fast path (the rest through ServeHTTP)."})
 	p.m.acme.WithLabelValues("obtained")
 	p.m.acme.WithLabelValues("failed")
 	p.m.connectErr = p.m.upstreamErr.WithLabelValues("connect")
 	p.m.proxyErr = p.m.upstreamErr.WithLabelValues("proxy")
 	if reg != nil {
-		reg.MustRegister(p.m.requests, p.m.fast, p.m.latency, p.m.upstreamErr, p.m.limited, p.m.certExpiry, p.m.acme, p.m.staleness)
+		reg.MustRegister(p.m.requests, p.m.fast, p.m.h2fast, p.m.latency, p.m.upstreamErr, p.m.limited, p.m.certExpiry, p.m.acme, p.m.staleness)
 	}
 	p.up = newUpstream(newTransport())
 	p.rp = &httputil.ReverseProxy{

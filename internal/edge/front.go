@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/zeitwork/zeitwork/internal/edge/h1"
+	"github.com/zeitwork/zeitwork/internal/edge/h2"
 	"github.com/zeitwork/zeitwork/internal/edge/routetable"
 )
 
@@ -20,8 +21,9 @@ import (
 // handshake on the HTTPS port, and serves plain HTTP/1.1 requests itself
 // (Proxy.serveFast): a request line, a head parsed in place, the request
 // written to the node agent and the answer copied back, with no per-request
-// goroutines, header maps or request objects. Everything else goes to
-// net/http, unchanged: HTTP/2 connections, and an HTTP/1.1 connection from
+// goroutines, header maps or request objects; HTTP/2 connections are
+// served by internal/edge/h2 (serveH2). Everything else goes to
+// net/http, unchanged: an HTTP/1.1 connection from
 // the first request the fast path does not serve (h1.ParseRequest's
 // ErrNotPlain, an unknown host, no healthy instance, a head larger than the
 // read buffer) — that connection, with the bytes already read, belongs to
@@ -39,6 +41,10 @@ type front struct {
 	log               *slog.Logger
 
 	handoff *connQueue
+	// h2cfg bounds the HTTP/2 connections; shutdown is closed when the
+	// drain starts (they send GOAWAY and end after their streams).
+	h2cfg    h2.Config
+	shutdown chan struct{}
 
 	mu      sync.Mutex
 	conns   map[*frontConn]struct{}
@@ -54,7 +60,7 @@ type frontConn struct {
 
 func newFront(p *Proxy, tlsCfg *tls.Config, srv *http.Server, fast func(*routetable.Route, []byte) bool, log *slog.Logger) *front {
 	f := &front{p: p, tlsCfg: tlsCfg, srv: srv, fast: fast, log: log, conns: map[*frontConn]struct{}{},
-		idleTimeout: srv.IdleTimeout, readHeaderTimeout: srv.ReadHeaderTimeout}
+		idleTimeout: srv.IdleTimeout, readHeaderTimeout: srv.ReadHeaderTimeout, shutdown: make(chan struct{})}
 	if f.idleTimeout <= 0 {
 		f.idleTimeout = 120 * time.Second
 	}
@@ -181,6 +187,7 @@ func (f *front) setIdle(fc *frontConn, idle bool) bool {
 func (f *front) drain(ctx context.Context) {
 	f.mu.Lock()
 	f.closing.Store(true)
+	close(f.shutdown)
 	for fc := range f.conns {
 		if fc.idle.Load() {
 			_ = fc.raw.Close()
@@ -224,9 +231,11 @@ func (f *front) handle(fc *frontConn) {
 		_ = tc.SetDeadline(time.Time{})
 		st := tc.ConnectionState()
 		switch st.NegotiatedProtocol {
-		case "h2":
+		case "h2": // internal/edge/h2; busy for the drain until its GOAWAY ends it
 			batchWrites(conn)
-			f.handOff(tc)
+			fc.idle.Store(false)
+			f.serveH2(tc, &st)
+			_ = tc.Close()
 			return
 		case "acme-tls/1": // the challenge was answered by the handshake
 			_ = tc.Close()

@@ -19,6 +19,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/zeitwork/zeitwork/internal/edge/h2"
 	"github.com/zeitwork/zeitwork/internal/edge/routetable"
 	"github.com/zeitwork/zeitwork/internal/envconfig"
 	"github.com/zeitwork/zeitwork/internal/proxyproto"
@@ -101,6 +102,9 @@ type Server struct {
 	reg             *prometheus.Registry
 	admin           *http.ServeMux
 	httpsLn, httpLn net.Listener
+	// H2 bounds the HTTP/2 connections (zero fields: the defaults of
+	// internal/edge/h2); set before Run.
+	H2 h2.Config
 }
 
 // NewServer builds the server and binds its listeners.
@@ -215,6 +219,7 @@ func (s *Server) Run(ctx context.Context, reload <-chan struct{}) error {
 	httpSrv := &http.Server{Handler: s.httpHandler(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 120 * time.Second,
 		MaxHeaderBytes: 64 << 10, ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)}
 	httpsFront := newFront(s.Proxy, tlsCfg, httpsSrv, func(*routetable.Route, []byte) bool { return true }, s.log)
+	httpsFront.h2cfg = s.H2
 	// On :8083 ACME challenges and the HTTPS redirects of customer
 	// domains stay with net/http (httpHandler).
 	httpFront := newFront(s.Proxy, nil, httpSrv, func(r *routetable.Route, target []byte) bool {

@@ -17,6 +17,7 @@ package h1
 import (
 	"bytes"
 	"errors"
+	"unsafe"
 )
 
 var (
@@ -449,3 +450,15 @@ func equalFold(b []byte, s string) bool {
 	}
 	return true
 }
+
+// ValidTarget reports whether t is an origin-form target of visible
+// ASCII, as ParseRequest accepts it (for an HTTP/2 :path forwarded in an
+// HTTP/1.1 request line).
+func ValidTarget(t string) bool { return validTarget(unsafe.Slice(unsafe.StringData(t), len(t))) }
+
+// ValidHost reports whether h is a host[:port] as ParseRequest accepts it
+// in Host (for an HTTP/2 :authority).
+func ValidHost(h string) bool { return validHost(unsafe.Slice(unsafe.StringData(h), len(h))) }
+
+// KindOf classifies a header name, ignoring case.
+func KindOf(name string) Kind { return kindOf(unsafe.Slice(unsafe.StringData(name), len(name))) }
