@@ -21,7 +21,8 @@ type data struct {
 	nodes       map[string]*node // lower-case FQDN → node; empty non-terminals included
 	regions     []*region        // configuration order
 	byName      map[string]*region
-	subnets     []subnet // most specific first
+	subnets     map[int]map[netip.Prefix]*region // by prefix length (+1000 for IPv4)
+	subnetBits  []int                            // the lengths present, longest first
 	defOrder    []*region
 	health      Health
 	targets     []Target // every load balancer's health check, deduplicated
@@ -55,10 +56,9 @@ type lb struct {
 	key  string // Target.Key of its health check
 }
 
-type subnet struct {
-	prefix netip.Prefix
-	region *region
-}
+// maxRRset bounds the records of one name and type (and a region's load
+// balancers): 1000 AAAA records are 28 KB, well inside a TCP answer.
+const maxRRset = 1000
 
 var regionName = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]{0,62}$`)
 
@@ -66,7 +66,7 @@ var regionName = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]{0,62}$`)
 // serial of zones without one.
 func compile(c *Config, now time.Time) (*data, error) {
 	var p problems
-	d := &data{nodes: map[string]*node{}, byName: map[string]*region{}}
+	d := &data{nodes: map[string]*node{}, byName: map[string]*region{}, subnets: map[int]map[netip.Prefix]*region{}}
 
 	d.ttl, d.negTTL = c.TTL, c.NegativeTTL
 	if d.ttl < 1 || d.ttl > 86400 {
@@ -177,10 +177,15 @@ func compile(c *Config, now time.Time) (*data, error) {
 	if len(c.Zones) == 0 {
 		p.add("zones: at least one zone is required")
 	}
-	for _, a := range d.zones {
-		for _, b := range d.zones {
-			if a != b && dns.IsSubDomain(b.name, a.name) {
-				p.add("zones: %s is inside zone %s; serve its names in %s", a.name, b.name, b.name)
+	for _, z := range d.zones {
+		for parent := z.name; ; {
+			i, end := dns.NextLabel(parent, 0)
+			if end {
+				break
+			}
+			if parent = parent[i:]; d.nodes[parent] != nil {
+				p.add("zones: %s is inside zone %s; serve its names in %s", z.name, parent, parent)
+				break
 			}
 		}
 	}
@@ -201,6 +206,10 @@ func compile(c *Config, now time.Time) (*data, error) {
 		d.byName[r.name], d.regions = r, append(d.regions, r)
 		if len(rc.LoadBalancers) == 0 {
 			p.add("regions[%d].load_balancers: region %s has none", i, r.name)
+		}
+		if len(rc.LoadBalancers) > maxRRset {
+			p.add("regions[%d].load_balancers: region %s has more than %d", i, r.name, maxRRset)
+			continue
 		}
 		seenAddr := map[netip.Addr]bool{}
 		for j, l := range rc.LoadBalancers {
@@ -239,6 +248,7 @@ func compile(c *Config, now time.Time) (*data, error) {
 	if len(c.Regions) == 0 {
 		p.add("regions: at least one region is required")
 	}
+	seenSubnet := map[netip.Prefix]*region{}
 	for i, rc := range c.Regions {
 		for j, s := range rc.Subnets {
 			pf, err := netip.ParsePrefix(strings.TrimSpace(s))
@@ -251,16 +261,29 @@ func compile(c *Config, now time.Time) (*data, error) {
 				continue
 			}
 			pf = pf.Masked()
-			if other := slices.IndexFunc(d.subnets, func(s subnet) bool { return s.prefix == pf }); other >= 0 {
-				p.add("regions[%d].subnets[%d]: %s is also in region %s", i, j, pf, d.subnets[other].region.name)
+			if other := seenSubnet[pf]; other != nil {
+				p.add("regions[%d].subnets[%d]: %s is also in region %s", i, j, pf, other.name)
 				continue
 			}
 			if r := d.byName[rc.Name]; r != nil {
-				d.subnets = append(d.subnets, subnet{prefix: pf, region: r})
+				seenSubnet[pf] = r
 			}
 		}
 	}
-	slices.SortStableFunc(d.subnets, func(a, b subnet) int { return cmp.Compare(b.prefix.Bits(), a.prefix.Bits()) })
+	for pf, r := range seenSubnet {
+		bits := pf.Bits()
+		if pf.Addr().Is4() {
+			bits += 1000 // IPv4 and IPv6 lengths apart
+		}
+		if d.subnets[bits] == nil {
+			d.subnets[bits] = map[netip.Prefix]*region{}
+			d.subnetBits = append(d.subnetBits, pf.Bits())
+		}
+		d.subnets[bits][pf] = r
+	}
+	slices.Sort(d.subnetBits)
+	d.subnetBits = slices.Compact(d.subnetBits)
+	slices.Reverse(d.subnetBits)
 
 	// Region orders.
 	seen := map[*region]bool{}
@@ -383,6 +406,10 @@ func compile(c *Config, now time.Time) (*data, error) {
 		case t == dns.TypeCNAME:
 			n.cname = rr.(*dns.CNAME)
 		default:
+			if len(n.rrs[t]) >= maxRRset {
+				p.add("%s: %s has more than %d %s records", what, name, maxRRset, dns.TypeToString[t])
+				continue
+			}
 			if slices.ContainsFunc(n.rrs[t], func(o dns.RR) bool { return dns.IsDuplicate(o, rr) }) {
 				p.add("%s: duplicate record %s", what, rr)
 				continue
@@ -470,9 +497,19 @@ func (d *data) zoneOf(name string) *zone {
 // nil.
 func (d *data) clientRegion(a netip.Addr) *region {
 	a = a.Unmap()
-	for _, s := range d.subnets {
-		if s.prefix.Contains(a) {
-			return s.region
+	off := 0
+	if a.Is4() {
+		off = 1000
+	}
+	for _, bits := range d.subnetBits {
+		m := d.subnets[bits+off]
+		if m == nil {
+			continue
+		}
+		if p, err := a.Prefix(bits); err == nil {
+			if r := m[p]; r != nil {
+				return r
+			}
 		}
 	}
 	return nil
