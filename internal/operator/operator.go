@@ -309,6 +309,16 @@ func (o *Operator) nudge() {
 
 const leaderLockKey = 0x7a77_6c65_6164 // "zwlead"
 
+// The leader checks its lock connection every leaderCheckEvery and steps
+// down when a check takes longer than leaderCheckTimeout: a leader cut off
+// from PostgreSQL stops its work within seconds instead of when TCP gives
+// up, while the server (its TCP keepalives, docs/operations.md) ends the
+// lost session and frees the lock for another operator (ADR 0802).
+const (
+	leaderCheckEvery   = time.Second
+	leaderCheckTimeout = 3 * time.Second
+)
+
 // lead competes for the leader lock on a dedicated connection and runs the
 // reconciler while it holds it.
 func (o *Operator) lead(ctx context.Context) {
@@ -327,18 +337,56 @@ func (o *Operator) lead(ctx context.Context) {
 		o.log.Info("became leader")
 		o.m.leader.Set(1)
 		o.leading.Store(true)
-		o.reconcileLoop(ctx, conn)
+		lctx, cancel := context.WithCancel(ctx)
+		var wg sync.WaitGroup
+		wg.Go(func() {
+			defer cancel()
+			o.holdLock(lctx, conn)
+		})
+		o.reconcileLoop(lctx)
+		cancel()
+		wg.Wait()
 		o.leading.Store(false)
 		o.m.leader.Set(0)
-		uctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		_, _ = conn.Exec(uctx, "SELECT pg_advisory_unlock($1)", leaderLockKey)
-		cancel()
-		conn.Release()
+		uctx, ucancel := context.WithTimeout(context.Background(), 2*time.Second)
+		_, err = conn.Exec(uctx, "SELECT pg_advisory_unlock($1)", leaderLockKey)
+		ucancel()
+		if err != nil {
+			// The lock may still be held by this session: never hand it
+			// back to the pool.
+			_ = conn.Hijack().Close(context.Background())
+		} else {
+			conn.Release()
+		}
 	}
 }
 
-// reconcileLoop runs passes while the leader connection is healthy.
-func (o *Operator) reconcileLoop(ctx context.Context, conn *pgxpool.Conn) {
+// holdLock checks the leader lock connection until a check fails or ctx
+// ends.
+func (o *Operator) holdLock(ctx context.Context, conn *pgxpool.Conn) {
+	t := time.NewTicker(leaderCheckEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		pctx, cancel := context.WithTimeout(ctx, leaderCheckTimeout)
+		err := conn.Ping(pctx)
+		cancel()
+		if err != nil {
+			if ctx.Err() == nil {
+				o.log.Warn("lost the leader lock connection; stepping down", "err", err)
+			}
+			return
+		}
+	}
+}
+
+// reconcileLoop runs passes until ctx ends (shutdown, or the leader lock
+// connection failed).
+func (o *Operator) reconcileLoop(ctx context.Context) {
 	t := time.NewTicker(o.cfg.ReconcileEvery)
 	defer t.Stop()
 	backoff := time.Duration(0)
@@ -360,9 +408,6 @@ func (o *Operator) reconcileLoop(ctx context.Context, conn *pgxpool.Conn) {
 			sleepCtx(ctx, jitter(backoff))
 		} else {
 			backoff = 0
-		}
-		if err := conn.Ping(ctx); err != nil {
-			return // lost the leader connection (and with it the lock)
 		}
 		select {
 		case <-ctx.Done():

@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"time"
@@ -117,6 +118,12 @@ func (t *Topology) Client(i int) (*Client, error) {
 // Resolve asks the client's GeoDNS server for name's A records, from the
 // client's namespace; it returns the addresses and their TTL.
 func (c *Client) Resolve(ctx context.Context, name string) ([]string, time.Duration, error) {
+	return c.ResolveFor(ctx, name, "")
+}
+
+// ResolveFor asks as a resolver would on behalf of a client in subnet
+// (an EDNS Client Subnet option; "" sends none).
+func (c *Client) ResolveFor(ctx context.Context, name, subnet string) ([]string, time.Duration, error) {
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
 	conn, err := c.dial(ctx, "udp", c.dns)
@@ -129,6 +136,16 @@ func (c *Client) Resolve(ctx context.Context, name string) ([]string, time.Durat
 	}
 	m := new(dns.Msg)
 	m.SetQuestion(dns.Fqdn(name), dns.TypeA)
+	if subnet != "" {
+		p, err := netip.ParsePrefix(subnet)
+		if err != nil || !p.Addr().Is4() {
+			return nil, 0, fmt.Errorf("client subnet %q is not an IPv4 prefix", subnet)
+		}
+		m.SetEdns0(1232, false)
+		opt := m.IsEdns0()
+		opt.Option = append(opt.Option, &dns.EDNS0_SUBNET{Code: dns.EDNS0SUBNET, Family: 1,
+			SourceNetmask: uint8(p.Bits()), Address: p.Addr().AsSlice()})
+	}
 	dc := &dns.Conn{Conn: conn}
 	if err := dc.WriteMsg(m); err != nil {
 		return nil, 0, fmt.Errorf("query %s: %w", name, err)

@@ -129,11 +129,11 @@ func (t *Topology) startDNS(ctx context.Context) error {
 	return t.startAll(ctx, t.Layout.All(RoleDNS), func(ctx context.Context, h *Host) error {
 		p := t.proc(h.Name, "dns-"+strings.TrimPrefix(h.Name, Prefix), t.bin("zeitwork-dns"), map[string]string{
 			"DNS_LISTEN":     h.IP + ":53",
-			"DNS_ADMIN_ADDR": h.IP + ":8053",
+			"DNS_ADMIN_ADDR": h.IP + ":8086",
 			"DNS_CONFIG":     t.dnsConfig,
 			"LOG_LEVEL":      "info",
 			"ENVIRONMENT":    "development",
-		}, "http://"+h.IP+":8053/health/live")
+		}, "http://"+h.IP+":8086/health/live")
 		t.mu.Lock()
 		t.DNS[h.Name] = p
 		t.mu.Unlock()

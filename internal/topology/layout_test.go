@@ -3,9 +3,13 @@ package topology
 import (
 	"encoding/json"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/zeitwork/zeitwork/internal/geodns"
 )
 
 func TestLayout(t *testing.T) {
@@ -117,5 +121,13 @@ func TestDNSConfig(t *testing.T) {
 	if c.TTL != 5 || len(c.Regions) != 2 || c.Regions[0].Subnets[0] != "10.250.1.0/24" || len(c.Regions[1].LoadBalancers) != 2 ||
 		c.Regions[0].Fallback[0] != "eu-west" || c.Geo[1].Name != "*.apps.zeitwork.test" || c.Records[0].Value != "10.250.0.10" {
 		t.Fatalf("config: %s", b)
+	}
+	// The GeoDNS server accepts it.
+	path := filepath.Join(t.TempDir(), "geodns.json")
+	if err := os.WriteFile(path, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := geodns.LoadFile(path); err != nil {
+		t.Fatalf("zeitwork-dns rejects the configuration: %v\n%s", err, b)
 	}
 }
