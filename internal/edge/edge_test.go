@@ -59,6 +59,12 @@ func fakeNode(t *testing.T, name string) *httptest.Server {
 		}
 	})
 	addFramingHandlers(mux, name)
+	mux.HandleFunc("/echo-body", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Trailer", "X-Got-Trailer")
+		b, _ := io.ReadAll(r.Body)
+		_, _ = w.Write(b)
+		w.Header().Set("X-Got-Trailer", r.Trailer.Get("X-Checksum"))
+	})
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintf(w, "%s instance=%s xff=%s proto=%s fhost=%s real=%s rid=%t", name, r.Header.Get("X-Zeitwork-Instance"),
 			r.Header.Get("X-Forwarded-For"), r.Header.Get("X-Forwarded-Proto"), r.Header.Get("X-Forwarded-Host"),
@@ -119,7 +125,8 @@ type edgeEnv struct {
 	stop func() error
 }
 
-func startEdge(t *testing.T, rps float64, burst int) *edgeEnv {
+// startEdge starts an edge; opts adjust the server before it runs.
+func startEdge(t *testing.T, rps float64, burst int, opts ...func(*Server)) *edgeEnv {
 	dir := t.TempDir()
 	ca, err := devcluster.EnsureCA(filepath.Join(dir, "ca"), "zeitwork.test")
 	if err != nil {
@@ -147,6 +154,9 @@ func startEdge(t *testing.T, rps float64, burst int) *edgeEnv {
 		t.Fatal(err)
 	}
 	srv.Routes.Wait = time.Second
+	for _, o := range opts {
+		o(srv)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- srv.Run(ctx, nil) }()

@@ -154,6 +154,7 @@ type conn struct {
 	connUnacked  int64 // consumed body bytes not yet returned to the client
 	goingAway    bool
 	closed       bool
+	idleArmed    bool // the idle timeout is the read deadline
 
 	// Flood accounting (serve goroutine only).
 	second                      int64
@@ -212,22 +213,21 @@ func (c *conn) serve(shutdown <-chan struct{}) {
 		}
 	})
 	first := true
-	idleSet := false
 	for {
 		c.mu.Lock()
-		n, away := len(c.streams), c.goingAway
-		c.mu.Unlock()
-		if away && n == 0 {
+		if c.goingAway && len(c.streams) == 0 {
+			c.mu.Unlock()
 			return
 		}
 		switch {
-		case n == 0 && !first:
-			_ = c.nc.SetReadDeadline(time.Now().Add(c.cfg.IdleTimeout))
-			idleSet = true
-		case idleSet:
+		case len(c.streams) > 0 && c.idleArmed:
+			c.idleArmed = false
 			_ = c.nc.SetReadDeadline(time.Time{})
-			idleSet = false
+		case len(c.streams) == 0 && !first && !c.idleArmed:
+			c.idleArmed = true
+			_ = c.nc.SetReadDeadline(time.Now().Add(c.cfg.IdleTimeout))
 		}
+		c.mu.Unlock()
 		c.br.budget = 4*int(c.cfg.MaxHeaderListSize) + 64<<10
 		f, err := c.fr.ReadFrame()
 		if err != nil {
@@ -656,11 +656,17 @@ func (c *conn) goAway(code http2.ErrCode, final bool) {
 	}
 }
 
-// wakeIfDoneLocked ends the reader's wait once a connection going away
-// has no stream left (c.mu held).
+// wakeIfDoneLocked arms the idle timeout when the last stream ended, and
+// ends the reader's wait at once when the connection is going away
+// (c.mu held).
 func (c *conn) wakeIfDoneLocked() {
-	if c.goingAway && len(c.streams) == 0 {
+	switch {
+	case len(c.streams) > 0:
+	case c.goingAway:
 		_ = c.nc.SetReadDeadline(time.Now())
+	case !c.idleArmed:
+		c.idleArmed = true
+		_ = c.nc.SetReadDeadline(time.Now().Add(c.cfg.IdleTimeout))
 	}
 }
 
