@@ -77,6 +77,12 @@ func (d *data) respond(req *dns.Msg, src netip.Addr, up func(key string) bool, r
 	// the address the query came from.
 	order := d.defOrder
 	client, useClient := src.Unmap(), src.IsValid()
+	var echo *dns.EDNS0_SUBNET
+	defer func() {
+		if echo != nil && out.geoRegion == "" {
+			echo.SourceScope = 0
+		}
+	}()
 	if opt != nil {
 		for _, o := range opt.Option {
 			ecs, ok := o.(*dns.EDNS0_SUBNET)
@@ -88,12 +94,14 @@ func (d *data) respond(req *dns.Msg, src netip.Addr, up func(key string) bool, r
 				m.Rcode = dns.RcodeFormatError
 				return m, out
 			}
-			// Echo the option; the answer holds for the whole source
-			// prefix the resolver sent (RFC 7871 §7.2.1).
-			m.Extra[0].(*dns.OPT).Option = append(m.Extra[0].(*dns.OPT).Option, &dns.EDNS0_SUBNET{
+			// Echo the option; a geo answer holds for the whole source
+			// prefix the resolver sent (RFC 7871 §7.2.1), any other for
+			// every client (scope 0, set below).
+			echo = &dns.EDNS0_SUBNET{
 				Code: dns.EDNS0SUBNET, Family: ecs.Family, SourceNetmask: ecs.SourceNetmask,
 				SourceScope: ecs.SourceNetmask, Address: ecs.Address,
-			})
+			}
+			m.Extra[0].(*dns.OPT).Option = append(m.Extra[0].(*dns.OPT).Option, echo)
 			// SOURCE PREFIX-LENGTH 0: the resolver asks for an answer
 			// that does not depend on where its client is.
 			client, useClient = a, ecs.SourceNetmask > 0

@@ -444,6 +444,14 @@ func TestClientRegion(t *testing.T) {
 			}
 		})
 	}
+	// A static answer is the same for every client: scope 0, so the
+	// resolver caches it once.
+	m := ecs("10.2.7.0/24")
+	m.Question[0].Name = "db.internal.zeitwork.test."
+	r := query(t, s.addr, "udp", m)
+	if o := r.IsEdns0().Option[0].(*dns.EDNS0_SUBNET); o.SourceScope != 0 || o.SourceNetmask != 24 || !slices.Equal(addrs(r), []string{"10.9.0.1"}) {
+		t.Fatalf("static answer with ECS: %v", r)
+	}
 	bad := ecs("10.2.0.0/16")
 	bad.IsEdns0().Option[0].(*dns.EDNS0_SUBNET).SourceScope = 8 // must be 0 in a query
 	if r := query(t, s.addr, "udp", bad); r.Rcode != dns.RcodeFormatError {
