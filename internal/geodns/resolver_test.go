@@ -191,7 +191,6 @@ func (u *unbound) resolve(t *testing.T, src, network, name string, qtype uint16)
 func TestRecursiveResolver(t *testing.T) {
 	const ttl = 3
 	p := newThreeRegions(t, ttl)
-	p.cfg.Health.Interval, p.cfg.Health.Timeout = Duration(250*time.Millisecond), Duration(200*time.Millisecond)
 	var big []LoadBalancer
 	for i := range 80 {
 		big = append(big, lbAt(fmt.Sprintf("2001:db8:99::%x", i+1), p.s2))

@@ -248,7 +248,13 @@ func newThreeRegions(t *testing.T, ttl uint32) *threeRegions {
 			{Name: "south", Subnets: []string{"10.3.0.0/16", "2001:db8:3::/48"}, LoadBalancers: []LoadBalancer{lbAt("10.3.0.1", p.s1), lbAt("10.3.0.2", p.s2)}, Fallback: []string{"west", "east"}},
 		},
 		DefaultOrder: []string{"south", "east", "west"},
-		Health:       Health{Check: "http", Path: "/health/ready", Interval: Duration(200 * time.Millisecond), Timeout: Duration(150 * time.Millisecond), Fall: 2, Rise: 2},
+		// Generous timeouts: a loaded machine must not fail a healthy
+		// load balancer. Tests of failover use a short TTL and checks
+		// fast enough to fit it.
+		Health: Health{Check: "http", Path: "/health/ready", Interval: Duration(time.Second), Timeout: Duration(time.Second), Fall: 3, Rise: 1},
+	}
+	if ttl < 30 {
+		p.cfg.Health.Interval, p.cfg.Health.Timeout, p.cfg.Health.Fall, p.cfg.Health.Rise = Duration(500*time.Millisecond), Duration(500*time.Millisecond), 2, 2
 	}
 	return p
 }
@@ -533,7 +539,7 @@ func TestReload(t *testing.T) {
 	s := startServer(t, p.cfg)
 	p.e1.failing.Store(true)
 	p.e2.failing.Store(true)
-	waitFor(t, 10*time.Second, "east down", func() bool {
+	waitFor(t, 30*time.Second, "east down", func() bool {
 		return slices.Equal(addrs(query(t, s.addr, "udp", q("edge.zeitwork.test.", dns.TypeA))), []string{"10.2.0.1"})
 	})
 
@@ -691,14 +697,14 @@ func TestTCPCheck(t *testing.T) {
 			{Name: "a", Subnets: []string{"127.0.0.0/8"}, LoadBalancers: []LoadBalancer{{Address: "10.1.0.1", Check: dead.addr}}},
 			{Name: "b", LoadBalancers: []LoadBalancer{{Address: "10.2.0.1", Check: ln.Addr().String()}}},
 		},
-		Health: Health{Check: "tcp", Interval: Duration(200 * time.Millisecond), Timeout: Duration(100 * time.Millisecond), Fall: 1, Rise: 1},
+		Health: Health{Check: "tcp", Interval: Duration(500 * time.Millisecond), Timeout: Duration(500 * time.Millisecond), Fall: 1, Rise: 1},
 	}
 	s := startServer(t, c)
 	if got := addrs(query(t, s.addr, "udp", q("edge.zeitwork.test.", dns.TypeA))); !slices.Equal(got, []string{"10.2.0.1"}) {
 		t.Fatalf("a's LB refuses connections, b's accepts: got %v", got)
 	}
 	ln.Close()
-	waitFor(t, 10*time.Second, "b down too: fail open to a", func() bool {
+	waitFor(t, 20*time.Second, "b down too: fail open to a", func() bool {
 		return slices.Equal(addrs(query(t, s.addr, "udp", q("edge.zeitwork.test.", dns.TypeA))), []string{"10.1.0.1"})
 	})
 }
