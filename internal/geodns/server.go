@@ -17,6 +17,7 @@ import (
 	"net"
 	"net/netip"
 	"sort"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -35,9 +36,14 @@ type Server struct {
 	metrics *metrics
 	loaded  atomic.Int64 // Unix time of the current configuration
 
-	udp net.PacketConn
-	tcp net.Listener
+	udp    net.PacketConn
+	tcp    net.Listener
+	maxTCP int // open TCP connections at most; Accept waits beyond
 }
+
+// maxTCPConns bounds open TCP connections: each costs a goroutine and
+// buffers, and idle ones are closed within 10 s.
+const maxTCPConns = 1000
 
 // New compiles c and returns a server that is not listening yet. Its
 // metrics are registered with reg.
@@ -46,7 +52,7 @@ func New(c *Config, reg prometheus.Registerer, log *slog.Logger) (*Server, error
 	if err != nil {
 		return nil, err
 	}
-	s := &Server{log: log}
+	s := &Server{log: log, maxTCP: maxTCPConns}
 	s.checker = newChecker(d.health, d.targets, log)
 	s.data.Store(d)
 	s.loaded.Store(time.Now().Unix())
@@ -112,7 +118,7 @@ func (s *Server) Listen(addr string) error {
 			}
 			return fmt.Errorf("cannot listen on tcp %s: %w", tcpAddr, err)
 		}
-		s.udp, s.tcp = pc, ln
+		s.udp, s.tcp = pc, newLimitListener(ln, s.maxTCP)
 		return nil
 	}
 }
@@ -211,6 +217,49 @@ func (s *Server) ServeDNS(w dns.ResponseWriter, req *dns.Msg) {
 		s.log.Debug("cannot write DNS answer", "err", err, "client", src.String())
 	}
 	s.metrics.observe(req, m, out)
+}
+
+// limitListener holds at most cap(slots) accepted connections open.
+type limitListener struct {
+	net.Listener
+	slots  chan struct{}
+	closed chan struct{}
+	once   sync.Once
+}
+
+func newLimitListener(ln net.Listener, n int) *limitListener {
+	return &limitListener{Listener: ln, slots: make(chan struct{}, n), closed: make(chan struct{})}
+}
+
+func (l *limitListener) Accept() (net.Conn, error) {
+	select {
+	case l.slots <- struct{}{}:
+	case <-l.closed:
+		return nil, net.ErrClosed
+	}
+	c, err := l.Listener.Accept()
+	if err != nil {
+		<-l.slots
+		return nil, err
+	}
+	return &limitConn{Conn: c, release: sync.OnceFunc(func() { <-l.slots })}, nil
+}
+
+// Close ends a waiting Accept too.
+func (l *limitListener) Close() error {
+	l.once.Do(func() { close(l.closed) })
+	return l.Listener.Close()
+}
+
+type limitConn struct {
+	net.Conn
+	release func()
+}
+
+func (c *limitConn) Close() error {
+	err := c.Conn.Close()
+	c.release()
+	return err
 }
 
 func addrOf(ip net.IP) netip.Addr {

@@ -728,3 +728,66 @@ func TestListenErrors(t *testing.T) {
 		t.Fatalf("Listen on a busy port: %v", err)
 	}
 }
+
+// TestTCPConnectionLimit: beyond the limit a TCP client waits for a slot
+// instead of costing the server another connection; shutdown still ends
+// a waiting Accept.
+func TestTCPConnectionLimit(t *testing.T) {
+	p := newThreeRegions(t, 30)
+	s, err := New(p.cfg, nil, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.maxTCP = 2
+	if err := s.Listen("127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Run(ctx) }()
+	// Two idle connections take both slots.
+	var idle []net.Conn
+	for range 2 {
+		c, err := net.Dial("tcp", s.Addr())
+		if err != nil {
+			t.Fatal(err)
+		}
+		idle = append(idle, c)
+	}
+	answered := make(chan error, 1)
+	go func() {
+		_, err := exchange(s.Addr(), "tcp", "", q("edge.zeitwork.test.", dns.TypeA))
+		answered <- err
+	}()
+	select {
+	case err := <-answered:
+		t.Fatalf("a third connection was served while two were open (%v)", err)
+	case <-time.After(500 * time.Millisecond):
+	}
+	idle[0].Close()
+	select {
+	case err := <-answered:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the waiting client was not served after a slot freed")
+	}
+	// Fill both slots again, so Accept waits, then shut down.
+	c, err := net.Dial("tcp", s.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	defer idle[1].Close()
+	time.Sleep(100 * time.Millisecond)
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("Run did not return with Accept waiting for a slot")
+	}
+}
