@@ -6,8 +6,11 @@ package main
 import (
 	"context"
 
+	"golang.org/x/sync/errgroup"
+
 	"github.com/zeitwork/zeitwork/internal/edge"
 	"github.com/zeitwork/zeitwork/internal/envconfig"
+	"github.com/zeitwork/zeitwork/internal/handover"
 	"github.com/zeitwork/zeitwork/internal/service"
 )
 
@@ -19,6 +22,13 @@ func run(ctx context.Context, p *service.Process) error {
 	if err := env.Err(); err != nil {
 		return err
 	}
+	// SIGUSR2 starts the binary installed at this path with the listening
+	// sockets; once it serves, this process drains and exits.
+	ho, err := handover.New(p.Logger)
+	if err != nil {
+		return err
+	}
+	cfg.Sockets = ho
 	reg := service.NewRegistry("zeitwork_edge_proxy")
 	health := service.NewHealth(p.Name)
 	srv, err := edge.NewServer(ctx, cfg, reg, health, p.Logger)
@@ -27,6 +37,14 @@ func run(ctx context.Context, p *service.Process) error {
 	}
 	https, http := srv.Addrs()
 	p.Logger.Info("listening", "https", https.String(), "http", http.String())
+	ctx, handedOver := context.WithCancel(ctx)
+	defer handedOver()
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return ho.Run(gctx, handedOver) })
+	g.Go(func() error { return srv.Run(gctx, p.Reload) })
 	_ = service.NotifyReady()
-	return srv.Run(ctx, p.Reload)
+	if err := ho.Ready(); err != nil {
+		p.Logger.Warn("upgrade handover", "err", err)
+	}
+	return g.Wait()
 }

@@ -4,12 +4,15 @@ package main
 
 import (
 	"context"
+	"net"
 	"net/http"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sync/errgroup"
 
 	"github.com/zeitwork/zeitwork/internal/envconfig"
+	"github.com/zeitwork/zeitwork/internal/handover"
 	"github.com/zeitwork/zeitwork/internal/lb"
 	"github.com/zeitwork/zeitwork/internal/service"
 )
@@ -22,8 +25,19 @@ func run(ctx context.Context, p *service.Process) error {
 	if err := env.Err(); err != nil {
 		return err
 	}
+	// SIGUSR2 starts the binary installed at this path with the listening
+	// sockets; once it serves, this process drains and exits.
+	ho, err := handover.New(p.Logger)
+	if err != nil {
+		return err
+	}
+	cfg.LB.Sockets = ho
 	reg := service.NewRegistry("zeitwork_load_balancer")
 	balancer, err := lb.New(cfg.LB, reg, p.Logger)
+	if err != nil {
+		return err
+	}
+	adminLn, err := ho.Listen("admin:"+cfg.AdminAddr, func() (net.Listener, error) { return net.Listen("tcp", cfg.AdminAddr) })
 	if err != nil {
 		return err
 	}
@@ -36,24 +50,37 @@ func run(ctx context.Context, p *service.Process) error {
 	admin := &http.Server{Addr: cfg.AdminAddr, Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	disc := &lb.Discovery{Operators: cfg.Operators, Region: cfg.Region, Token: cfg.Token, Interval: cfg.Discover, Static: cfg.Backends, Log: p.Logger}
 
+	ctx, handedOver := context.WithCancel(ctx)
+	defer handedOver()
+	var upgraded atomic.Bool
 	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return ho.Run(gctx, func() { upgraded.Store(true); handedOver() }) })
 	g.Go(func() error { return balancer.Run(gctx) })
 	// SIGHUP asks the operators for the edge list at once.
 	g.Go(func() error { return disc.Run(gctx, balancer, p.Reload) })
-	g.Go(func() error {
-		// The admin server outlives the drain so /health shows it.
-		<-gctx.Done()
-		health.SetDraining()
-		return nil
-	})
 	adminCtx, stopAdmin := context.WithCancel(context.Background())
 	defer stopAdmin()
+	g.Go(func() error {
+		// The admin server outlives the drain so /health shows it, unless
+		// the next process took over: then it answers at once.
+		<-gctx.Done()
+		health.SetDraining()
+		if upgraded.Load() {
+			stopAdmin()
+		}
+		return nil
+	})
 	adminDone := make(chan error, 1)
-	go func() { adminDone <- service.ListenAndServe(adminCtx, admin, cfg.AdminAddr, 5*time.Second) }()
+	go func() { adminDone <- service.Serve(adminCtx, admin, adminLn, 5*time.Second) }()
 	p.Logger.Info("listening", "listeners", cfg.LB.Listeners, "admin", cfg.AdminAddr, "algorithm", cfg.LB.Algorithm)
 	_ = service.NotifyReady()
+	if err := ho.Ready(); err != nil {
+		p.Logger.Warn("upgrade handover", "err", err)
+	}
 	err = g.Wait()
-	_ = service.NotifyStopping()
+	if !upgraded.Load() { // after a handover systemd's main process is the new one
+		_ = service.NotifyStopping()
+	}
 	stopAdmin()
 	if aerr := <-adminDone; err == nil {
 		err = aerr

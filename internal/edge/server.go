@@ -43,6 +43,16 @@ type ServiceConfig struct {
 	StateDir       string
 	Drain          time.Duration
 	ACME           ACMEConfig
+	// Sockets, when set, provides the listening sockets: those a previous
+	// process passed in an upgrade (internal/handover), or new ones it
+	// then passes on. Nil binds them directly.
+	Sockets Sockets
+}
+
+// Sockets hands listening sockets over between processes
+// (*handover.Handover).
+type Sockets interface {
+	Listen(key string, bind func() (net.Listener, error)) (net.Listener, error)
 }
 
 // LoadServiceConfig reads the environment, recording problems in l.
@@ -132,12 +142,26 @@ func NewServer(ctx context.Context, cfg ServiceConfig, reg *prometheus.Registry,
 	})
 	s.admin.HandleFunc("GET /api/v1/rate-limit/status", s.rateStatus)
 	lc := net.ListenConfig{KeepAlive: 30 * time.Second}
-	if s.httpsLn, err = lc.Listen(ctx, "tcp", cfg.HTTPSAddr); err != nil {
-		return nil, fmt.Errorf("cannot listen on %s: %w", cfg.HTTPSAddr, err)
+	listen := func(addr string) (net.Listener, error) {
+		bind := func() (net.Listener, error) { return lc.Listen(ctx, "tcp", addr) }
+		var ln net.Listener
+		var err error
+		if cfg.Sockets != nil {
+			ln, err = cfg.Sockets.Listen("edge:"+addr, bind)
+		} else {
+			ln, err = bind()
+		}
+		if err != nil {
+			return nil, fmt.Errorf("cannot listen on %s: %w", addr, err)
+		}
+		return ln, nil
 	}
-	if s.httpLn, err = lc.Listen(ctx, "tcp", cfg.HTTPAddr); err != nil {
+	if s.httpsLn, err = listen(cfg.HTTPSAddr); err != nil {
+		return nil, err
+	}
+	if s.httpLn, err = listen(cfg.HTTPAddr); err != nil {
 		s.httpsLn.Close()
-		return nil, fmt.Errorf("cannot listen on %s: %w", cfg.HTTPAddr, err)
+		return nil, err
 	}
 	return s, nil
 }

@@ -34,6 +34,19 @@ type Config struct {
 	// KeepaliveAfter: a backend connection open this long gets TCP
 	// keepalive (default 10s). Client sockets have it from the listener.
 	KeepaliveAfter time.Duration
+	// Sockets, when set, provides the public listening sockets: those a
+	// previous process passed in an upgrade (internal/handover), or new
+	// ones it then passes on. Nil binds them directly.
+	Sockets Sockets
+}
+
+// Sockets hands listening sockets over between processes
+// (*handover.Handover).
+type Sockets interface {
+	// Inherited is how many sockets of key the previous process passed.
+	Inherited(key string) int
+	// Listen returns the next inherited socket of key, or bind's.
+	Listen(key string, bind func() (net.Listener, error)) (net.Listener, error)
 }
 
 // LB is a running balancer: its listeners, pools, relay loops and health
@@ -81,7 +94,18 @@ func New(cfg Config, reg prometheus.Registerer, log *slog.Logger) (*LB, error) {
 	}
 	// One loop per P. With several, each binds its own socket of every
 	// listener (SO_REUSEPORT) and the kernel spreads clients over them.
+	// After an upgrade, one loop per socket the previous process passed:
+	// every one of them must keep being accepted from.
 	n := runtime.GOMAXPROCS(0)
+	if cfg.Sockets != nil {
+		inherited := 0
+		for _, ls := range cfg.Listeners {
+			inherited = max(inherited, cfg.Sockets.Inherited(socketKey(ls)))
+		}
+		if inherited > 0 {
+			n = inherited
+		}
+	}
 	sockets := make([][]*net.TCPListener, n)
 	closeAll := func() {
 		for _, lns := range sockets {
@@ -93,7 +117,7 @@ func New(cfg Config, reg prometheus.Registerer, log *slog.Logger) (*LB, error) {
 	for _, ls := range cfg.Listeners {
 		addr := ls.Addr
 		for i := range n {
-			ln, err := listen(context.Background(), addr, n > 1)
+			ln, err := l.bind(ls, addr, n > 1)
 			if err != nil {
 				closeAll()
 				return nil, fmt.Errorf("cannot listen on %s: %w", ls.Addr, err)
@@ -117,6 +141,30 @@ func New(cfg Config, reg prometheus.Registerer, log *slog.Logger) (*LB, error) {
 		l.loops = append(l.loops, lp)
 	}
 	return l, nil
+}
+
+// socketKey names a listener's sockets in a handover.
+func socketKey(ls Listener) string { return "lb:" + ls.Addr }
+
+func (l *LB) bind(ls Listener, addr string, reusePort bool) (*net.TCPListener, error) {
+	bind := func() (net.Listener, error) { return listen(context.Background(), addr, reusePort) }
+	if l.cfg.Sockets == nil {
+		ln, err := bind()
+		if err != nil {
+			return nil, err
+		}
+		return ln.(*net.TCPListener), nil
+	}
+	ln, err := l.cfg.Sockets.Listen(socketKey(ls), bind)
+	if err != nil {
+		return nil, err
+	}
+	tl, ok := ln.(*net.TCPListener)
+	if !ok {
+		ln.Close()
+		return nil, fmt.Errorf("socket of %s is %T, not TCP", ls.Addr, ln)
+	}
+	return tl, nil
 }
 
 // Addrs returns the bound public addresses (useful with port 0).

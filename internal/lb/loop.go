@@ -369,6 +369,9 @@ func (lp *loop) stopAccepting() {
 		if !ln.closed {
 			ln.closed = true
 			lp.socks[ln.fd] = nil
+			// Deregister first: after an upgrade the next process holds the
+			// same socket open, and epoll would keep reporting it here.
+			_ = unix.EpollCtl(lp.ep.FD, unix.EPOLL_CTL_DEL, ln.fd, nil)
 			_ = ln.ln.Close()
 		}
 	}
