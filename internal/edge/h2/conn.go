@@ -2,7 +2,8 @@
 // connection's frames (golang.org/x/net/http2's Framer, HPACK from
 // golang.org/x/net/http2/hpack), each request stream runs its Handler on a
 // goroutine of its own, and answers are written through one buffered
-// writer that the last of the concurrent writers flushes. Flow control and
+// writer that a flusher empties once the goroutines ready at the time have
+// run. Flow control and
 // SETTINGS are honoured both ways; the known HTTP/2 attacks (rapid reset,
 // CONTINUATION and HPACK floods, PING/SETTINGS floods, zero-window stalls)
 // are bounded per connection (docs/adr/0502).
@@ -17,9 +18,9 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"runtime"
 	"strconv"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"golang.org/x/net/http2"
@@ -118,8 +119,13 @@ func ServeConn(nc net.Conn, cfg Config, h Handler, shutdown <-chan struct{}) {
 	c.fr.SetMaxReadFrameSize(16 << 10)
 	c.fr.SetReuseFrames()
 	c.henc = hpack.NewEncoder(&c.hbuf)
+	c.work, c.stopWork, c.flushNow = make(chan *Stream), make(chan struct{}), make(chan struct{}, 1)
+	c.flushDone = make(chan struct{})
+	go c.flusher() // ends with stopWork, after the handlers
 	c.serve(shutdown)
-	c.wg.Wait()
+	c.wg.Wait() // bounded by WriteTimeout when a client does not read
+	c.flushSync()
+	<-c.flushDone
 	_ = nc.Close()
 }
 
@@ -132,16 +138,21 @@ type conn struct {
 	fr  *http2.Framer // reads on the serve goroutine, writes under wmu
 	wg  sync.WaitGroup
 
-	// Writing: frames go to bw under wmu; the last of the writers that
-	// were waiting flushes (see write).
+	// Writing: frames go to bw under wmu; the flusher sends them (see
+	// write).
 	wmu     sync.Mutex
-	writers atomic.Int32
 	bw      *bufio.Writer
 	henc    *hpack.Encoder
 	hbuf    bytes.Buffer
 	werr    error     // the first write error; later writes fail with it
+	pending bool      // a flush is signalled to the flusher
+	// flushNow wakes the flusher; flushDone is closed when it ended.
+	flushNow, flushDone chan struct{}
+	// work hands a new stream to an idle handler goroutine; stopWork
+	// ends the idle ones.
+	work     chan *Stream
+	stopWork chan struct{}
 	wdl     time.Time // the write deadline in force
-	dead    atomic.Bool
 
 	mu           sync.Mutex // the fields below and every Stream's flow state
 	streams      map[uint32]*Stream
@@ -530,7 +541,11 @@ func (c *conn) processHeaders(f *http2.MetaHeadersFrame) error {
 	c.streams[id] = st
 	c.handlers++
 	c.mu.Unlock()
-	c.wg.Go(func() { c.run(st) })
+	select {
+	case c.work <- st: // an idle handler goroutine, its stack already grown
+	default:
+		c.wg.Go(func() { c.worker(st) })
+	}
 	return nil
 }
 
@@ -649,6 +664,7 @@ func (c *conn) goAway(code http2.ErrCode, final bool) {
 	c.goingAway = true
 	c.mu.Unlock()
 	_ = c.write(func() error { return c.fr.WriteGoAway(last, code, nil) })
+	c.flushSync()
 	if !final {
 		c.mu.Lock()
 		c.wakeIfDoneLocked()
@@ -672,15 +688,13 @@ func (c *conn) wakeIfDoneLocked() {
 
 // closeAll ends every stream when the serve loop ends.
 func (c *conn) closeAll() {
+	close(c.stopWork)
 	c.mu.Lock()
 	c.closed = true
 	for _, st := range c.streams {
 		c.closeStreamLocked(st, errConnClosed)
 	}
 	c.mu.Unlock()
-	// Unblock writers waiting on a client that does not read.
-	c.dead.Store(true)
-	_ = c.nc.SetWriteDeadline(time.Now())
 }
 
 // closeStreamLocked forgets st and ends what waits on it (c.mu held).
@@ -710,15 +724,16 @@ func (c *conn) maybeForgetLocked(st *Stream) {
 	}
 }
 
-// write runs fn (which writes frames) under the write lock; the last of
-// the writers waiting at the time flushes, so frames written in the same
-// scheduling round leave in one TLS record and one system call.
+// write runs fn (which writes frames) under the write lock. The flush
+// is left to the flusher, which runs after the goroutines ready at the
+// time: the frames written in one scheduling round (the answers of
+// several streams, a HEADERS and its DATA) leave in one TLS record and one
+// system call, as an event loop writes after handling its batch.
 func (c *conn) write(fn func() error) error {
-	c.writers.Add(1)
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	err := c.werr
-	if err == nil && !c.dead.Load() {
+	if err == nil {
 		// A write blocked on a client that does not read ends at the
 		// deadline; it is moved on when half of it has passed.
 		if now := time.Now(); c.wdl.Sub(now) < c.cfg.WriteTimeout/2 {
@@ -729,14 +744,62 @@ func (c *conn) write(fn func() error) error {
 	if err == nil {
 		err = fn()
 	}
-	if c.writers.Add(-1) == 0 && err == nil && c.bw.Buffered() > 0 {
-		err = c.bw.Flush()
+	if err == nil && !c.pending && c.bw.Buffered() > 0 {
+		c.pending = true
+		select {
+		case c.flushNow <- struct{}{}:
+		default:
+		}
 	}
+	c.failLocked(err)
+	return err
+}
+
+// failLocked records the first write error and ends the reader (c.wmu
+// held).
+func (c *conn) failLocked(err error) {
 	if err != nil && c.werr == nil {
 		c.werr = err
-		_ = c.nc.SetReadDeadline(time.Now()) // end the reader too
+		_ = c.nc.SetReadDeadline(time.Now())
 	}
-	return err
+}
+
+// flusher flushes what the writers left once the goroutines ready at the
+// time have run.
+func (c *conn) flusher() {
+	defer close(c.flushDone)
+	for {
+		select {
+		case <-c.flushNow:
+		case <-c.stopWork:
+			return
+		}
+		runtime.Gosched()
+		c.flushSync()
+	}
+}
+
+// flushSync flushes at once (a GOAWAY before the connection ends).
+func (c *conn) flushSync() {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	c.pending = false
+	if c.werr == nil && c.bw.Buffered() > 0 {
+		c.failLocked(c.bw.Flush())
+	}
+}
+
+// worker runs st's handler, then waits for the next stream of the
+// connection until it ends.
+func (c *conn) worker(st *Stream) {
+	for {
+		c.run(st)
+		select {
+		case st = <-c.work:
+		case <-c.stopWork:
+			return
+		}
+	}
 }
 
 // run runs the handler of st and ends what it left open.
