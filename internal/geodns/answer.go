@@ -27,8 +27,8 @@ type outcome struct {
 // check target passes; rnd rotates geo answers so clients spread over a
 // region's load balancers. It never returns nil and never panics on a
 // message that unpacked.
-func (d *data) respond(req *dns.Msg, src netip.Addr, up func(key string) bool, rnd uint32) (*dns.Msg, outcome) {
-	m := new(dns.Msg)
+func (d *data) respond(req *dns.Msg, src netip.Addr, up func(key string) bool, rnd uint32) (m *dns.Msg, out outcome) {
+	m = new(dns.Msg)
 	m.Id = req.Id
 	m.Response = true
 	m.Opcode = req.Opcode
@@ -37,7 +37,7 @@ func (d *data) respond(req *dns.Msg, src netip.Addr, up func(key string) bool, r
 	if len(req.Question) > 0 {
 		m.Question = []dns.Question{req.Question[0]}
 	}
-	out := outcome{clientRegion: "default"}
+	out = outcome{clientRegion: "default"}
 
 	var opt *dns.OPT
 	opts := 0
@@ -78,7 +78,7 @@ func (d *data) respond(req *dns.Msg, src netip.Addr, up func(key string) bool, r
 	order := d.defOrder
 	client, useClient := src.Unmap(), src.IsValid()
 	var echo *dns.EDNS0_SUBNET
-	defer func() {
+	defer func() { // on the returned answer: only geo answers depend on the client
 		if echo != nil && out.geoRegion == "" {
 			echo.SourceScope = 0
 		}
