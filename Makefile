@@ -14,7 +14,7 @@ APT_PACKAGES := postgresql qemu-system-x86 qemu-utils e2fsprogs iproute2 nftable
 	haproxy nginx-light wrk nghttp2-client caddy ca-certificates curl git make gcc \
 	buildah docker-registry busybox-static prometheus chromium unbound
 
-.PHONY: all deps build test test-go lint dev observe install bench bench-lb bench-edge bench-vm bench-build clean
+.PHONY: all deps build test test-go lint dev topology observe install bench bench-lb bench-edge bench-vm bench-build bench-topology clean
 
 all: build
 
@@ -58,6 +58,11 @@ test: deps build lint test-go
 dev: deps build
 	./bin/zeitwork dev
 
+# The production layout (3 regions × (3 operators + 6 workers), GeoDNS,
+# PostgreSQL) as network namespaces zwt-* on this machine; needs root.
+topology: deps build
+	$(GO) run ./cmd/zeitwork-topology --bin bin --state .dev/topology
+
 # Prometheus (Debian's binary) with deployments/observability against the
 # `make dev` platform (run it in a second terminal); data in .dev/prometheus.
 OBSERVE_ADDR ?= 127.0.0.1:9090
@@ -86,6 +91,9 @@ bench-vm: deps build
 
 bench-build: deps build
 	$(GO) run ./bench/build
+
+bench-topology: deps build
+	$(GO) run ./bench/topology --bin bin
 
 clean:
 	rm -rf bin

@@ -19,7 +19,7 @@ import (
 // what the machine holds, and tears it all down when ctx ends.
 func Run(ctx context.Context, args []string, log *slog.Logger) error {
 	fs := flag.NewFlagSet("topology", flag.ContinueOnError)
-	state := fs.String("state", ".topology", "state directory (wiped on start)")
+	state := fs.String("state", ".dev/topology", "state directory (wiped on start)")
 	binDir := fs.String("bin", "bin", "directory of the built binaries")
 	perRegion := fs.Int("instances", 3, "instances of the sample app per region")
 	if err := fs.Parse(args); err != nil {

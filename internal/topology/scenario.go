@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -77,9 +78,23 @@ func (t *Topology) API(ctx context.Context, token string, avoid ...int) (*apicli
 type Load struct {
 	Total, Failed atomic.Int64
 	mu            sync.Mutex
-	Errors        []string // the first failures
+	failures      []Failure
 	cancel        context.CancelFunc
 	wg            sync.WaitGroup
+}
+
+// Failure is one failed request of a Load.
+type Failure struct {
+	Start  time.Time // when the request was sent
+	Client string    // the client's namespace
+	Err    string
+}
+
+// Failures returns every failed request so far.
+func (l *Load) Failures() []Failure {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return slices.Clone(l.failures)
 }
 
 // StartLoad starts the load; want is a substring every good answer has.
@@ -96,6 +111,7 @@ func StartLoad(ctx context.Context, clients []*Client, url, want string, interva
 					return
 				case <-t.C:
 				}
+				start := time.Now()
 				err := get(ctx, c.HTTP, url, want)
 				if ctx.Err() != nil {
 					return // stopped mid-request: not counted
@@ -104,9 +120,7 @@ func StartLoad(ctx context.Context, clients []*Client, url, want string, interva
 				if err != nil {
 					l.Failed.Add(1)
 					l.mu.Lock()
-					if len(l.Errors) < 10 {
-						l.Errors = append(l.Errors, fmt.Sprintf("%s from %s: %v", time.Now().Format("15:04:05.000"), c.ns, err))
-					}
+					l.failures = append(l.failures, Failure{Start: start, Client: c.ns, Err: err.Error()})
 					l.mu.Unlock()
 				}
 			}
@@ -154,4 +168,88 @@ func (t *Topology) VMs(i int) map[string]int {
 		}
 	}
 	return out
+}
+
+// WaitGet retries Get until it succeeds or within has passed (routes
+// reach every edge a moment after a deployment turns active).
+func (c *Client) WaitGet(ctx context.Context, url, want string, within time.Duration) error {
+	deadline := time.Now().Add(within)
+	for {
+		err := c.Get(ctx, url, want)
+		if err == nil || time.Now().After(deadline) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+// EdgesServing waits until every edge proxy of the layout answers host
+// with a body containing want (on its HTTP port, from the management
+// network): the route table has reached them all.
+func (t *Topology) EdgesServing(ctx context.Context, host, want string, within time.Duration) error {
+	deadline := time.Now().Add(within)
+	for _, h := range t.Layout.All(RoleWorker) {
+		for {
+			req, _ := http.NewRequestWithContext(ctx, "GET", "http://"+h.IP+":8083/", nil)
+			req.Host = host
+			err := func() error {
+				resp, err := mgmtHTTP.Do(req)
+				if err != nil {
+					return err
+				}
+				defer resp.Body.Close()
+				b, _ := io.ReadAll(resp.Body)
+				if resp.StatusCode != 200 || !strings.Contains(string(b), want) {
+					return fmt.Errorf("%d %q", resp.StatusCode, strings.TrimSpace(string(b)))
+				}
+				return nil
+			}()
+			if err == nil {
+				break
+			}
+			if time.Now().After(deadline) {
+				return fmt.Errorf("edge on %s does not serve %s with %q: %v", h.Name, host, want, err)
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+	}
+	return nil
+}
+
+// Routed counts the healthy instances per region that the route table (as
+// the edges fetch it, from the first operator that answers outside the
+// regions in avoid) lists for host.
+func (t *Topology) Routed(ctx context.Context, host string, avoid ...int) (map[string]int, error) {
+	api, err := t.API(ctx, t.ClusterToken, avoid...)
+	if err != nil {
+		return nil, err
+	}
+	var rt struct {
+		Routes []struct {
+			Host      string `json:"host"`
+			Instances []struct {
+				Region  string `json:"region"`
+				Healthy bool   `json:"healthy"`
+			} `json:"instances"`
+		} `json:"routes"`
+	}
+	if err := api.Do(ctx, "GET", "/api/v1/routes", nil, &rt); err != nil {
+		return nil, err
+	}
+	out := map[string]int{}
+	for _, r := range rt.Routes {
+		if r.Host != host {
+			continue
+		}
+		for _, in := range r.Instances {
+			if in.Healthy {
+				out[in.Region]++
+			}
+		}
+	}
+	return out, nil
 }

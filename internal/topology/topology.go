@@ -109,7 +109,8 @@ type Topology struct {
 	encKey          string
 	dnsConfig       string // path of the GeoDNS configuration file
 
-	wires []*wire // the regions' delayed links to the core, by region
+	wires []*wire  // the regions' delayed links to the core, by region
+	lock  *os.File // held while the topology runs (lockRun)
 	mu    sync.Mutex
 }
 
@@ -167,14 +168,20 @@ func Start(ctx context.Context, cfg Config) (_ *Topology, err error) {
 	if err != nil {
 		return nil, err
 	}
+	lock, err := lockRun()
+	if err != nil {
+		return nil, err
+	}
 	if err := Cleanup(); err != nil {
+		lock.Close()
 		return nil, fmt.Errorf("cannot remove a previous run's namespaces: %w", err)
 	}
 	_ = os.RemoveAll(cfg.StateDir)
 	if err := os.MkdirAll(cfg.StateDir, 0o755); err != nil {
+		lock.Close()
 		return nil, err
 	}
-	t := &Topology{cfg: cfg, Layout: layout, Operators: map[string]*devcluster.Proc{}, Workers: map[string]*Worker{}, DNS: map[string]*devcluster.Proc{}}
+	t := &Topology{cfg: cfg, lock: lock, Layout: layout, Operators: map[string]*devcluster.Proc{}, Workers: map[string]*Worker{}, DNS: map[string]*devcluster.Proc{}}
 	defer func() {
 		if err != nil {
 			_ = t.Stop()
@@ -201,12 +208,12 @@ func Start(ctx context.Context, cfg Config) (_ *Topology, err error) {
 	if t.Registry, err = devcluster.StartRegistry(mgmtIP + ":5000"); err != nil {
 		return nil, err
 	}
-	t.DatabaseURL = fmt.Sprintf("postgres://zeitwork@%s:5432/zeitwork?sslmode=disable", layout.DB.IP)
+	t.DatabaseURL = dbURL(layout.DB.IP)
 	if HasDNS(cfg.BinDir) {
 		if err := t.startDNS(ctx); err != nil {
 			return nil, err
 		}
-		t.DatabaseURL = fmt.Sprintf("postgres://zeitwork@%s:5432/zeitwork?sslmode=disable", t.DBName())
+		t.DatabaseURL = dbURL(t.DBName())
 	}
 	if err := t.startAll(ctx, layout.All(RoleOperator), t.startOperator); err != nil {
 		return nil, err
@@ -215,6 +222,34 @@ func Start(ctx context.Context, cfg Config) (_ *Topology, err error) {
 		return nil, err
 	}
 	return t, nil
+}
+
+// lockPath is held (flock) by the process running the topology: one
+// topology per machine, since the names and addresses are fixed.
+const lockPath = "/run/zeitwork-topology.lock"
+
+func lockRun() (*os.File, error) {
+	f, err := os.OpenFile(lockPath, os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		b, _ := os.ReadFile(lockPath)
+		f.Close()
+		return nil, fmt.Errorf("another topology is running on this machine (pid %s): %w", strings.TrimSpace(string(b)), err)
+	}
+	_ = f.Truncate(0)
+	_, _ = f.WriteAt([]byte(fmt.Sprintln(os.Getpid())), 0)
+	return f, nil
+}
+
+// dbURL is the operators' DATABASE_URL. Every query pays the round trip
+// to the database's region, so an operator needs more connections than
+// pgx's default (4 on this machine) to keep up with the heartbeats and
+// route polls of a whole region's workers (and another region's, when
+// that region's operators are down).
+func dbURL(host string) string {
+	return fmt.Sprintf("postgres://zeitwork@%s:5432/zeitwork?sslmode=disable&pool_max_conns=16", host)
 }
 
 func randHex(n int) string {
@@ -421,6 +456,9 @@ func (t *Topology) Stop() error {
 	errs = append(errs, Cleanup())
 	for _, w := range t.wires {
 		w.close()
+	}
+	if t.lock != nil {
+		t.lock.Close()
 	}
 	return errors.Join(errs...)
 }
