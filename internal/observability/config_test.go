@@ -50,7 +50,7 @@ func TestPrometheusConfig(t *testing.T) {
 	} else if !strings.Contains(string(out), "SUCCESS") {
 		t.Errorf("promtool test rules: %s", out)
 	}
-	for _, f := range []string{"operators.json", "edge-proxies.json", "load-balancers.json", "nodes.json"} {
+	for _, f := range []string{"operators.json", "edge-proxies.json", "load-balancers.json", "nodes.json", "dns.json"} {
 		b, err := os.ReadFile(filepath.Join(kit, "targets", f))
 		if err != nil {
 			t.Fatal(err)
@@ -63,8 +63,8 @@ func TestPrometheusConfig(t *testing.T) {
 			t.Errorf("%s: %v (%d groups)", f, err, len(groups))
 		}
 		for _, g := range groups {
-			if _, ok := g.Labels["region"]; ok == (f == "operators.json") {
-				t.Errorf("%s: region label %v (operators must have none, the others one)", f, g.Labels)
+			if _, ok := g.Labels["region"]; ok == (f == "operators.json" || f == "dns.json") {
+				t.Errorf("%s: region label %v (operators and GeoDNS servers must have none, the others one)", f, g.Labels)
 			}
 		}
 	}
