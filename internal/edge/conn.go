@@ -5,7 +5,6 @@ import (
 	"net"
 
 	"github.com/zeitwork/zeitwork/internal/fifopoll"
-	"github.com/zeitwork/zeitwork/internal/proxyproto"
 )
 
 // Client and node-agent connections run on the edge's own pollers
@@ -45,17 +44,5 @@ func polledDial(d *net.Dialer) func(ctx context.Context, network, addr string) (
 			return nil, err
 		}
 		return adopt(c), nil
-	}
-}
-
-// batchWrites makes the TCP connection under c (an HTTP/2 connection,
-// whose frames are written one by one) gather its writes and send each
-// scheduling round's at once (fifopoll.Conn.BatchWrites).
-func batchWrites(c net.Conn) {
-	if pc, ok := c.(*proxyproto.Conn); ok {
-		c = pc.Conn
-	}
-	if fc, ok := c.(*fifopoll.Conn); ok {
-		fc.BatchWrites()
 	}
 }

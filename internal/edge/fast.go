@@ -521,13 +521,24 @@ func httpDate(now time.Time) []byte {
 		return d.text
 	}
 	d := &dateText{sec: sec, text: now.UTC().AppendFormat(nil, http.TimeFormat)}
+	d.str = string(d.text)
 	cachedDate.Store(d)
 	return d.text
+}
+
+// httpDateString is httpDate as a string, made once per second.
+func httpDateString(now time.Time) string {
+	if d := cachedDate.Load(); d != nil && d.sec == now.Unix() {
+		return d.str
+	}
+	httpDate(now)
+	return cachedDate.Load().str
 }
 
 type dateText struct {
 	sec  int64
 	text []byte
+	str  string
 }
 
 var cachedDate atomic.Pointer[dateText]

@@ -232,7 +232,6 @@ func (f *front) handle(fc *frontConn) {
 		st := tc.ConnectionState()
 		switch st.NegotiatedProtocol {
 		case "h2": // internal/edge/h2; busy for the drain until its GOAWAY ends it
-			batchWrites(conn)
 			fc.idle.Store(false)
 			f.serveH2(tc, &st)
 			_ = tc.Close()

@@ -78,6 +78,7 @@ type h2Seen struct {
 	statuses map[string]int
 	resets   map[http2.ErrCode]int
 	data     int
+	err      error // what ended the reading
 }
 
 func (r *h2Raw) readAll(timeout time.Duration, stop func(f http2.Frame) bool) h2Seen {
@@ -86,6 +87,7 @@ func (r *h2Raw) readAll(timeout time.Duration, stop func(f http2.Frame) bool) h2
 	for {
 		f, err := r.fr.ReadFrame()
 		if err != nil {
+			s.err = err
 			return s
 		}
 		s.frames++

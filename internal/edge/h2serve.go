@@ -296,7 +296,9 @@ func (x *h2x) responseFields(uc *upConn, final bool) []hpack.HeaderField {
 	r := &uc.resp
 	f := x.fields[:0]
 	if final {
-		f = append(f, hpack.HeaderField{Name: "x-request-id", Value: string(x.id)})
+		// Never indexed: a new value each time would only evict the
+		// fields that repeat from the client's table.
+		f = append(f, hpack.HeaderField{Name: "x-request-id", Value: string(x.id), Sensitive: true})
 		if x.h.tls != nil && x.route.Kind == "custom" {
 			f = append(f, hpack.HeaderField{Name: "strict-transport-security", Value: "max-age=31536000"})
 		}
@@ -317,7 +319,7 @@ func (x *h2x) responseFields(uc *upConn, final bool) []hpack.HeaderField {
 	}
 	if final {
 		if !dated {
-			f = append(f, hpack.HeaderField{Name: "date", Value: string(httpDate(time.Now()))})
+			f = append(f, hpack.HeaderField{Name: "date", Value: httpDateString(time.Now())})
 		}
 		if r.Length >= 0 {
 			f = append(f, hpack.HeaderField{Name: "content-length", Value: strconv.FormatInt(r.Length, 10)})
@@ -464,7 +466,7 @@ func (x *h2x) answer(code int, body, hk, hv string) {
 	if x.id != nil {
 		f = append(f, hpack.HeaderField{Name: "x-request-id", Value: string(x.id)})
 	}
-	f = append(f, hpack.HeaderField{Name: "date", Value: string(httpDate(time.Now()))},
+	f = append(f, hpack.HeaderField{Name: "date", Value: httpDateString(time.Now())},
 		hpack.HeaderField{Name: "content-length", Value: strconv.Itoa(len(body))})
 	x.fields = f
 	head := x.s.Method == http.MethodHead
@@ -596,7 +598,7 @@ func (w *h2Writer) sendHead(end bool) {
 	w.sent = true
 	f := h2Fields(w.hdr, nil)
 	if w.hdr.Get("Date") == "" {
-		f = append(f, hpack.HeaderField{Name: "date", Value: string(httpDate(time.Now()))})
+		f = append(f, hpack.HeaderField{Name: "date", Value: httpDateString(time.Now())})
 	}
 	w.err = w.s.WriteHeaders(w.status, f, end)
 }

@@ -8,6 +8,9 @@ import (
 	"net/textproto"
 	"strings"
 	"testing"
+	"time"
+
+	"golang.org/x/net/http2"
 )
 
 // TestH2FastPath drives the HTTP/2 fast path through the framings a node
@@ -135,4 +138,35 @@ func counterValue(t *testing.T, e *edgeEnv, name string) float64 {
 		}
 	}
 	return 0
+}
+
+// TestH2Drain: when the edge stops, an h2 connection gets GOAWAY, its
+// open stream still completes, and then the connection closes.
+func TestH2Drain(t *testing.T) {
+	e := startEdge(t, 0, 0)
+	r := dialH2Raw(t, e)
+	if err := r.get(1, "/slow?ms=500"); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond) // the stream is open
+	stopped := make(chan error, 1)
+	go func() { stopped <- e.stop() }()
+	var ended bool
+	seen := r.readAll(10*time.Second, func(f http2.Frame) bool {
+		if d, ok := f.(*http2.DataFrame); ok && d.StreamID == 1 && d.StreamEnded() {
+			ended = true
+		}
+		return false // read until the edge closes the connection
+	})
+	if !seen.gotAway || seen.goAway != http2.ErrCodeNo || seen.statuses["200"] != 1 || !ended {
+		t.Fatalf("drain: %+v (%v), stream ended %v", seen, seen.err, ended)
+	}
+	select {
+	case err := <-stopped:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the edge did not stop")
+	}
 }

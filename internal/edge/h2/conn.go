@@ -144,15 +144,15 @@ type conn struct {
 	bw      *bufio.Writer
 	henc    *hpack.Encoder
 	hbuf    bytes.Buffer
-	werr    error     // the first write error; later writes fail with it
-	pending bool      // a flush is signalled to the flusher
+	werr    error // the first write error; later writes fail with it
+	pending bool  // a flush is signalled to the flusher
 	// flushNow wakes the flusher; flushDone is closed when it ended.
 	flushNow, flushDone chan struct{}
 	// work hands a new stream to an idle handler goroutine; stopWork
 	// ends the idle ones.
 	work     chan *Stream
 	stopWork chan struct{}
-	wdl     time.Time // the write deadline in force
+	wdl      time.Time // the write deadline in force
 
 	mu           sync.Mutex // the fields below and every Stream's flow state
 	streams      map[uint32]*Stream
