@@ -266,6 +266,20 @@ func addCommands(root *cobra.Command, a *app) {
 		a.table([]string{"ID", "REGION", "HOSTNAME", "STATE", "INSTANCES", "BUILDS", "ADDRESS"}, rows)
 		return nil
 	}))
+	// Changing nodes takes the cluster token or an ADMIN_ORGS token.
+	for _, c := range []struct{ use, short, method, suffix, done string }{
+		{"drain NODE", "Stop placing on a node and move its instances to others of its region (admin)", "POST", "/drain", "draining"},
+		{"enable NODE", "Make a drained node eligible again (admin)", "POST", "/enable", "ready"},
+		{"rm NODE", "Remove a drained node that runs no instances, for good (admin)", "DELETE", "", "removed"},
+	} {
+		nodes.AddCommand(simple(c.use, c.short, c.method, func(args []string) (string, error) {
+			return "/api/v1/nodes/" + url.PathEscape(args[0]) + c.suffix, nil
+		}, nil, cobra.ExactArgs(1), func(v any) error {
+			m, _ := v.(map[string]any)
+			fmt.Fprintf(a.stdout, "node %v %s\n", m["id"], c.done)
+			return nil
+		}))
+	}
 	regions := &cobra.Command{Use: "regions", Short: "Regions"}
 	regions.AddCommand(simple("ls", "List regions", "GET", func([]string) (string, error) { return "/api/v1/regions", nil }, nil, cobra.NoArgs, func(v any) error {
 		var rows [][]string

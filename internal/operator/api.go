@@ -184,6 +184,7 @@ func (o *Operator) Handler(admin http.Handler) http.Handler {
 	}
 	adminOnly("POST /api/v1/nodes/{id}/drain", o.setNodeState("draining"))
 	adminOnly("POST /api/v1/nodes/{id}/enable", o.setNodeState("ready"))
+	adminOnly("DELETE /api/v1/nodes/{id}", o.removeNode)
 	user("GET /api/v1/regions", o.listRegions)
 	internal("GET /api/v1/routes", o.routes)
 	internal("POST /api/v1/internal/nodes/register", o.nodeHeartbeat)

@@ -231,6 +231,45 @@ func (o *Operator) setNodeState(state string) func(http.ResponseWriter, *http.Re
 	}
 }
 
+// removeNode removes a node for good: one that is drained (or down) and
+// runs nothing any more. Its agent should be stopped first; a removed
+// node's heartbeats do not bring it back.
+func (o *Operator) removeNode(w http.ResponseWriter, r *http.Request) error {
+	id := r.PathValue("id")
+	err := o.tx(r.Context(), func(tx pgx.Tx) error {
+		var (
+			nodeID                       uuid.UUID
+			state                        string
+			running, stopping, buildsRun int
+		)
+		err := tx.QueryRow(r.Context(), Q("NodeForRemoval"), id).Scan(&nodeID, &state, &running, &stopping, &buildsRun)
+		if isNoRows(err) {
+			return notFound("node " + id)
+		}
+		if err != nil {
+			return err
+		}
+		switch {
+		case state == "ready":
+			return fmt.Errorf("%w: node %s is ready; drain it first (POST /api/v1/nodes/%s/drain) and wait until it runs no instances", errConflict, id, id)
+		case running > 0:
+			return fmt.Errorf("%w: node %s still runs %d instances; wait until the drain has moved them", errConflict, id, running)
+		case stopping > 0 && state != "down":
+			return fmt.Errorf("%w: node %s is still stopping %d instances; try again when they are gone", errConflict, id, stopping)
+		case buildsRun > 0:
+			return fmt.Errorf("%w: node %s still runs %d builds; try again when they end", errConflict, id, buildsRun)
+		}
+		_, err = tx.Exec(r.Context(), Q("NodeRemove"), nodeID)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	o.notify(r.Context(), "zeitwork_reconcile")
+	httpjson.Write(w, 200, map[string]any{"id": id, "removed": true})
+	return nil
+}
+
 func (o *Operator) listRegions(w http.ResponseWriter, r *http.Request) error {
 	rows, err := o.pool.Query(r.Context(), Q("RegionsList"))
 	if err != nil {

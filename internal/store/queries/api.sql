@@ -212,3 +212,18 @@ WHERE organisation_id = $1 AND user_id = $2 AND deleted_at IS NULL;
 
 -- name: OwnersCount
 SELECT count(*) FROM memberships WHERE organisation_id = $1 AND role = 'owner' AND deleted_at IS NULL;
+
+-- name: NodeForRemoval
+-- The node (locked), its live and stopping instances and its running builds.
+SELECT n.id, n.state,
+       (SELECT count(*) FROM instances i WHERE i.node_id = n.id AND i.deleted_at IS NULL AND i.desired_state = 'running'),
+       (SELECT count(*) FROM instances i WHERE i.node_id = n.id AND i.deleted_at IS NULL AND i.desired_state <> 'running'),
+       (SELECT count(*) FROM builds b WHERE b.node_id = n.id AND b.state = 'running')
+FROM nodes n WHERE n.id::text = $1 AND n.deleted_at IS NULL FOR UPDATE OF n;
+
+-- name: NodeRemove
+-- A removed node's leftover instance rows (stopped ones of a down node)
+-- go with it.
+WITH gone AS (UPDATE nodes SET deleted_at = now(), updated_at = now() WHERE id = $1 AND deleted_at IS NULL RETURNING id)
+UPDATE instances SET deleted_at = now(), updated_at = now()
+WHERE node_id IN (SELECT id FROM gone) AND deleted_at IS NULL;
