@@ -18,6 +18,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"runtime"
 	"strconv"
 	"sync"
@@ -836,6 +837,22 @@ func (c *conn) run(st *Stream) {
 		c.mu.Unlock()
 		if ack > 0 {
 			_ = c.write(func() error { return c.fr.WriteWindowUpdate(0, uint32(ack)) })
+		}
+	}()
+	c.serveStream(st)
+}
+
+// serveStream runs the handler; a panic resets the stream and is logged,
+// except http.ErrAbortHandler (a handler's way to abort an answer, as a
+// reverse proxy does when the upstream body fails), as net/http does.
+func (c *conn) serveStream(st *Stream) {
+	defer func() {
+		if v := recover(); v != nil {
+			if v != http.ErrAbortHandler {
+				buf := make([]byte, 64<<10)
+				c.cfg.Log.Error("h2: handler panic", "panic", fmt.Sprint(v), "stack", string(buf[:runtime.Stack(buf, false)]))
+			}
+			_ = st.Reset(http2.ErrCodeInternal)
 		}
 	}()
 	c.h.ServeH2(st)

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"io"
 	"net"
+	"net/http"
 	"testing"
 	"time"
 
@@ -15,6 +16,10 @@ import (
 type answer200 struct{}
 
 func (answer200) ServeH2(s *Stream) {
+	if s.Path == "/abort" { // as httputil.ReverseProxy aborts an answer
+		_ = s.WriteHeaders(200, nil, false)
+		panic(http.ErrAbortHandler)
+	}
 	body, err := io.ReadAll(s)
 	if err != nil {
 		return
@@ -57,9 +62,13 @@ func frames(f func(fr *http2.Framer, enc *hpack.Encoder, hb *bytes.Buffer)) []by
 }
 
 func getBlock(enc *hpack.Encoder, hb *bytes.Buffer, method string) []byte {
+	return pathBlock(enc, hb, method, "/")
+}
+
+func pathBlock(enc *hpack.Encoder, hb *bytes.Buffer, method, path string) []byte {
 	hb.Reset()
 	for _, f := range []hpack.HeaderField{{Name: ":method", Value: method}, {Name: ":scheme", Value: "https"},
-		{Name: ":authority", Value: "a.test"}, {Name: ":path", Value: "/"}} {
+		{Name: ":authority", Value: "a.test"}, {Name: ":path", Value: path}} {
 		_ = enc.WriteField(f)
 	}
 	return bytes.Clone(hb.Bytes())
@@ -93,6 +102,37 @@ func TestServeConn(t *testing.T) {
 	}
 	if status != "200" || body != "ok hello" {
 		t.Fatalf("status %q body %q", status, body)
+	}
+}
+
+// TestHandlerAbort: a handler that aborts its answer by panicking with
+// http.ErrAbortHandler resets its stream; the connection serves on.
+func TestHandlerAbort(t *testing.T) {
+	in := frames(func(fr *http2.Framer, enc *hpack.Encoder, hb *bytes.Buffer) {
+		_ = fr.WriteSettings()
+		_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: pathBlock(enc, hb, "GET", "/abort"), EndHeaders: true, EndStream: true})
+		_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 3, BlockFragment: getBlock(enc, hb, "GET"), EndHeaders: true, EndStream: true})
+	})
+	fr := http2.NewFramer(nil, bytes.NewReader(serveBytes(t, in)))
+	fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	var reset http2.ErrCode = 99
+	var ok3 bool
+	for {
+		f, err := fr.ReadFrame()
+		if err != nil {
+			break
+		}
+		switch f := f.(type) {
+		case *http2.RSTStreamFrame:
+			if f.StreamID == 1 {
+				reset = f.ErrCode
+			}
+		case *http2.DataFrame:
+			ok3 = ok3 || (f.StreamID == 3 && f.StreamEnded())
+		}
+	}
+	if reset != http2.ErrCodeInternal || !ok3 {
+		t.Fatalf("stream 1 reset %v, stream 3 answered %v", reset, ok3)
 	}
 }
 
