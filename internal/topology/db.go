@@ -20,8 +20,8 @@ import (
 // lock. The same settings belong on a managed PostgreSQL
 // (docs/operations.md).
 var pgKeepalive = []string{
-	"-c", "tcp_keepalives_idle=2", "-c", "tcp_keepalives_interval=1",
-	"-c", "tcp_keepalives_count=3", "-c", "tcp_user_timeout=5000",
+	"-c", "tcp_keepalives_idle=3", "-c", "tcp_keepalives_interval=1",
+	"-c", "tcp_keepalives_count=3", "-c", "tcp_user_timeout=10000",
 }
 
 func (t *Topology) pgData() string { return filepath.Join(t.cfg.StateDir, "postgres", "data") }

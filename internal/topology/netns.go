@@ -122,9 +122,12 @@ func Cleanup() error {
 // DialFunc dials from inside a namespace.
 type DialFunc func(ctx context.Context, network, addr string) (net.Conn, error)
 
-// DialIn returns a dialer whose sockets live in namespace ns: each dial
-// runs on a fresh OS thread that enters ns and is discarded afterwards,
-// so no other goroutine ever runs in ns. addr must be an IP literal.
+// DialIn returns a dialer whose sockets live in namespace ns. The dial
+// runs on an OS thread locked to it that enters ns and, once the socket
+// exists, returns to the thread's own namespace before it is unlocked.
+// (Letting the thread end instead would be simpler, but a child process
+// started from that thread with a parent-death signal — every Proc —
+// would be killed with it.) addr must be an IP literal.
 func DialIn(ns string) DialFunc {
 	return func(ctx context.Context, network, addr string) (net.Conn, error) {
 		type result struct {
@@ -133,20 +136,31 @@ func DialIn(ns string) DialFunc {
 		}
 		ch := make(chan result, 1)
 		go func() { // owned by this dial: ends with it
-			// Never unlocked: the thread ends with this goroutine.
 			runtime.LockOSThread()
+			own, err := os.Open("/proc/thread-self/ns/net")
+			if err != nil {
+				runtime.UnlockOSThread()
+				ch <- result{nil, fmt.Errorf("cannot open this thread's namespace: %w", err)}
+				return
+			}
+			defer own.Close()
 			f, err := os.Open(filepath.Join("/run/netns", ns))
 			if err != nil {
+				runtime.UnlockOSThread()
 				ch <- result{nil, fmt.Errorf("cannot open namespace %s: %w", ns, err)}
 				return
 			}
 			defer f.Close()
 			if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
+				runtime.UnlockOSThread()
 				ch <- result{nil, fmt.Errorf("cannot enter namespace %s: %w", ns, err)}
 				return
 			}
 			var d net.Dialer
 			c, err := d.DialContext(ctx, network, addr)
+			if unix.Setns(int(own.Fd()), unix.CLONE_NEWNET) == nil {
+				runtime.UnlockOSThread()
+			} // else: stay locked, and the thread ends with this goroutine
 			ch <- result{c, err}
 		}()
 		r := <-ch

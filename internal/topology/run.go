@@ -30,7 +30,7 @@ func Run(ctx context.Context, args []string, log *slog.Logger) error {
 	say := func(format string, a ...any) { fmt.Fprintf(os.Stderr, "==> "+format+"\n", a...) }
 	say("building 3 regions × (3 operators + 6 workers), GeoDNS, PostgreSQL as network namespaces %s* (state in %s)", Prefix, abs)
 	start := time.Now()
-	t, err := Start(ctx, Config{BinDir: bin, StateDir: abs, Env: map[string]string{"NODE_DOWN_AFTER": "10s"}})
+	t, err := Start(ctx, Config{BinDir: bin, StateDir: abs, Env: map[string]string{"NODE_DOWN_AFTER": "20s"}})
 	if err != nil {
 		return err
 	}

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -157,13 +158,24 @@ func get(ctx context.Context, c *http.Client, url, want string) error {
 	return nil
 }
 
-// VMs counts the microVM processes running on each worker of region i.
+// VMs counts the microVM processes running on each worker of region i
+// by the instance they run (QEMU's -name zeitwork-<instance id>).
 func (t *Topology) VMs(i int) map[string]int {
 	out := map[string]int{}
 	for _, h := range t.Layout.Regions[i].Of(RoleWorker) {
 		for _, pid := range nsPIDs(h.Name) {
-			if comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid)); strings.HasPrefix(string(comm), "qemu") {
-				out[h.Name]++
+			b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+			if err != nil {
+				continue
+			}
+			args := strings.Split(string(b), "\x00")
+			if len(args) == 0 || !strings.Contains(filepath.Base(args[0]), "qemu") {
+				continue
+			}
+			for j := 0; j+1 < len(args); j++ {
+				if args[j] == "-name" {
+					out[strings.TrimPrefix(args[j+1], "zeitwork-")]++
+				}
 			}
 		}
 	}

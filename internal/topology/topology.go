@@ -332,7 +332,7 @@ func (t *Topology) nodeAgent(h *Host) *devcluster.Proc {
 		"VM_SUBNET":           h.VMSubnet,
 		"KERNEL_DIR":          t.cfg.KernelDir,
 		"INSECURE_REGISTRIES": t.Registry.Addr,
-		"HEARTBEAT_INTERVAL":  "2s",
+		"HEARTBEAT_INTERVAL":  "5s", // the production default (a heartbeat costs several round trips to PostgreSQL)
 		"BUILD_CONCURRENCY":   "0",
 		"BOOT_CONCURRENCY":    "1",
 	}, t.cfg.Env)
