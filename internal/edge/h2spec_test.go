@@ -42,7 +42,7 @@ func TestH2Spec(t *testing.T) {
 	p, _ := strconv.Atoi(port)
 	// h2spec dials Host (localhost resolves to the edge's 127.0.0.1 among
 	// others) and sends it as :authority.
-	c := &config.Config{Host: "localhost", Port: p, Path: "/", Timeout: 2 * time.Second, MaxHeaderLen: 4000, TLS: true, Insecure: true}
+	c := &config.Config{Host: "localhost", Port: p, Path: "/", Timeout: 5 * time.Second, MaxHeaderLen: 4000, TLS: true, Insecure: true}
 	groups := []*spec.TestGroup{generic.Spec(), http2.Spec(), hpack.Spec()}
 	start := time.Now()
 	for _, g := range groups {
