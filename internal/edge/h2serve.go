@@ -315,14 +315,15 @@ func (x *h2x) responseFields(uc *upConn, final bool) []hpack.HeaderField {
 		case h1.Date:
 			dated = true
 		}
-		f = append(f, hpack.HeaderField{Name: lowerName(h.Name), Value: string(h.Value)})
+		f = append(f, hpack.HeaderField{Name: lowerName(h.Name), Value: values.get(h.Value)})
 	}
 	if final {
 		if !dated {
 			f = append(f, hpack.HeaderField{Name: "date", Value: httpDateString(time.Now())})
 		}
 		if r.Length >= 0 {
-			f = append(f, hpack.HeaderField{Name: "content-length", Value: strconv.FormatInt(r.Length, 10)})
+			var n [20]byte
+			f = append(f, hpack.HeaderField{Name: "content-length", Value: values.get(strconv.AppendInt(n[:0], r.Length, 10))})
 		}
 	}
 	x.fields = f
@@ -341,6 +342,33 @@ var commonNames = func() map[string]string {
 	}
 	return m
 }()
+
+// values interns short response header values (Content-Type, Server,
+// Cache-Control, lengths, the Date of this second), so that an answer's
+// head usually allocates no strings: a bounded map, emptied when full.
+var values = &interner{m: make(map[string]string, 256)}
+
+type interner struct {
+	mu sync.Mutex
+	m  map[string]string
+}
+
+func (in *interner) get(b []byte) string {
+	if len(b) > 64 {
+		return string(b)
+	}
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	if v, ok := in.m[string(b)]; ok {
+		return v
+	}
+	if len(in.m) >= 1024 {
+		clear(in.m)
+	}
+	v := string(b)
+	in.m[v] = v
+	return v
+}
 
 func lowerName(b []byte) string {
 	if n, ok := commonNames[string(b)]; ok {
