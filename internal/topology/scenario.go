@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -264,4 +265,51 @@ func (t *Topology) Routed(ctx context.Context, host string, avoid ...int) (map[s
 		}
 	}
 	return out, nil
+}
+
+// EdgesSyncedSince waits until every edge proxy outside the regions in
+// skip has synced its route table after since (its staleness gauge is
+// younger than since).
+func (t *Topology) EdgesSyncedSince(ctx context.Context, since time.Time, within time.Duration, skip ...int) error {
+	deadline := time.Now().Add(within)
+	for _, r := range t.Layout.Regions {
+		if slices.ContainsFunc(skip, func(i int) bool { return t.Layout.Regions[i] == r }) {
+			continue
+		}
+		for _, h := range r.Of(RoleWorker) {
+			for {
+				age, err := edgeStaleness(ctx, h.IP)
+				if err == nil && age >= 0 && time.Now().Add(-age).After(since) {
+					break
+				}
+				if time.Now().After(deadline) {
+					return fmt.Errorf("edge on %s has not synced its route table since %s (staleness %s, %v)", h.Name, since.Format("15:04:05.000"), age, err)
+				}
+				time.Sleep(200 * time.Millisecond)
+			}
+		}
+	}
+	return nil
+}
+
+// edgeStaleness reads an edge's zeitwork_edge_proxy_route_table_staleness_seconds.
+func edgeStaleness(ctx context.Context, ip string) (time.Duration, error) {
+	req, _ := http.NewRequestWithContext(ctx, "GET", "http://"+ip+":8083/metrics", nil)
+	resp, err := mgmtHTTP.Do(req)
+	if err != nil {
+		return -1, err
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	const name = "zeitwork_edge_proxy_route_table_staleness_seconds "
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, name); ok {
+			f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
+			if err != nil {
+				return -1, err
+			}
+			return time.Duration(f * float64(time.Second)), nil
+		}
+	}
+	return -1, fmt.Errorf("no %s on the edge at %s", strings.TrimSpace(name), ip)
 }
