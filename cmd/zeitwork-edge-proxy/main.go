@@ -5,6 +5,8 @@ package main
 
 import (
 	"context"
+	"net"
+	"time"
 
 	"golang.org/x/sync/errgroup"
 
@@ -15,6 +17,18 @@ import (
 )
 
 func main() { service.Main("zeitwork-edge-proxy", run) }
+
+// acceptGrace is how long an edge that handed its sockets over waits
+// between its last accepted connection and its drain.
+const acceptGrace = time.Second
+
+// gated hands the edge listeners that stop accepting without ending the
+// servers' accept loops (handover.ListenGated).
+type gated struct{ *handover.Handover }
+
+func (g gated) Listen(key string, bind func() (net.Listener, error)) (net.Listener, error) {
+	return g.ListenGated(key, bind)
+}
 
 func run(ctx context.Context, p *service.Process) error {
 	env := envconfig.New()
@@ -28,7 +42,7 @@ func run(ctx context.Context, p *service.Process) error {
 	if err != nil {
 		return err
 	}
-	cfg.Sockets = ho
+	cfg.Sockets = gated{ho}
 	reg := service.NewRegistry("zeitwork_edge_proxy")
 	health := service.NewHealth(p.Name)
 	srv, err := edge.NewServer(ctx, cfg, reg, health, p.Logger)
@@ -40,7 +54,20 @@ func run(ctx context.Context, p *service.Process) error {
 	ctx, handedOver := context.WithCancel(ctx)
 	defer handedOver()
 	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return ho.Run(gctx, handedOver) })
+	g.Go(func() error {
+		return ho.Run(gctx, func() {
+			// The new process accepts from here on. Connections this one
+			// accepted a moment ago are still in their TLS handshake or
+			// first request, which the drain would take for idle and
+			// close: give them time to become busy first.
+			ho.StopAccepting()
+			select {
+			case <-gctx.Done():
+			case <-time.After(acceptGrace):
+			}
+			handedOver()
+		})
+	})
 	g.Go(func() error { return srv.Run(gctx, p.Reload) })
 	_ = service.NotifyReady()
 	if err := ho.Ready(); err != nil {

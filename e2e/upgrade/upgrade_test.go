@@ -169,26 +169,64 @@ func TestRollingUpgrade(t *testing.T) {
 		failures   sync.Map
 		stop       = make(chan struct{})
 		wg         sync.WaitGroup
+		// Keep-alive clients stop before the load balancer's upgrade: an
+		// L4 balancer cannot ask a client to reconnect, so the old one
+		// relays their connections until they end or LB_DRAIN_TIMEOUT
+		// cuts them.
+		stopKeepAlive = make(chan struct{})
+		kaWG          sync.WaitGroup
+		kaClients     []*http.Client
 	)
 	loadEnd := time.Now().Add(4 * time.Minute)
+	// 8 clients open a new connection per request (they reach whichever
+	// process accepts); 2 keep theirs (HTTP/2 and HTTP/1.1 keep-alive:
+	// they see the old processes drain).
+	type worker struct {
+		name, scheme, port string
+		keepAlive, h2      bool
+	}
+	var workers []worker
 	for w := range 8 {
-		scheme, port := "https", "8082"
-		if w%2 == 1 {
-			scheme, port = "http", "8085"
+		if w%2 == 0 {
+			workers = append(workers, worker{name: "https", scheme: "https", port: "8082"})
+		} else {
+			workers = append(workers, worker{name: "http", scheme: "http", port: "8085"})
 		}
+	}
+	workers = append(workers, worker{name: "h2 keep-alive", scheme: "https", port: "8082", keepAlive: true, h2: true},
+		worker{name: "http keep-alive", scheme: "http", port: "8085", keepAlive: true})
+	for _, w := range workers {
+		scheme, port := w.name, w.port
 		client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
-			DisableKeepAlives: true, TLSClientConfig: &tls.Config{RootCAs: roots},
+			DisableKeepAlives: !w.keepAlive, ForceAttemptHTTP2: w.h2, TLSClientConfig: &tls.Config{RootCAs: roots},
 			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 				return (&net.Dialer{Timeout: 5 * time.Second}).DialContext(ctx, "tcp", net.JoinHostPort(r.IP, port))
 			},
 		}}
-		url := scheme + "://" + host + "/"
-		wg.Go(func() {
+		url := w.scheme + "://" + host + "/"
+		if w.h2 {
+			resp, err := client.Get(url)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			if resp.ProtoMajor != 2 {
+				t.Fatalf("the h2 client speaks %s", resp.Proto)
+			}
+		}
+		wgOf, stopOf := &wg, stop
+		if w.keepAlive {
+			wgOf, stopOf = &kaWG, stopKeepAlive
+			kaClients = append(kaClients, client)
+		}
+		wgOf.Go(func() {
 			tick := time.NewTicker(20 * time.Millisecond) // 50 requests/s per worker
 			defer tick.Stop()
 			for n := 0; n < 20_000 && time.Now().Before(loadEnd); n++ {
 				select {
 				case <-stop:
+					return
+				case <-stopOf:
 					return
 				case <-tick.C:
 				}
@@ -209,6 +247,7 @@ func TestRollingUpgrade(t *testing.T) {
 			close(stop)
 		}
 		wg.Wait()
+		kaWG.Wait()
 	}
 	defer stopLoad()
 	time.Sleep(time.Second)
@@ -286,6 +325,13 @@ func TestRollingUpgrade(t *testing.T) {
 		{"zeitwork-edge-proxy", r.Edge, "http://" + r.IP + ":8083/health"},
 		{"zeitwork-load-balancer", r.LB, "http://" + r.IP + ":8084/health"},
 	} {
+		if s.name == "zeitwork-load-balancer" {
+			close(stopKeepAlive)
+			kaWG.Wait()
+			for _, c := range kaClients {
+				c.CloseIdleConnections()
+			}
+		}
 		path := filepath.Join(bin, s.name)
 		old := pidOf(t, path)
 		install(t, filepath.Join(v2, s.name), path)

@@ -51,7 +51,9 @@ type Handover struct {
 	mu        sync.Mutex
 	inherited map[string][]*os.File // not yet taken by Listen
 	passed    []passed
-	ready     *os.File // pipe to the previous process; nil when started fresh
+	gated     []*gatedListener
+	stopped   chan struct{} // closed by StopAccepting
+	ready     *os.File      // pipe to the previous process; nil when started fresh
 	upgrading bool
 }
 
@@ -69,7 +71,7 @@ func New(log *slog.Logger) (*Handover, error) {
 		return nil, fmt.Errorf("cannot find the running binary: %w", err)
 	}
 	exe = strings.TrimSuffix(exe, " (deleted)")
-	h := &Handover{log: log, exe: exe, args: os.Args[1:], ReadyTimeout: time.Minute, inherited: map[string][]*os.File{}}
+	h := &Handover{log: log, exe: exe, args: os.Args[1:], ReadyTimeout: time.Minute, inherited: map[string][]*os.File{}, stopped: make(chan struct{})}
 	return h, h.inherit(os.Getenv(envFDs), os.Getenv(envReady))
 }
 
@@ -154,6 +156,74 @@ func (h *Handover) Listen(key string, bind func() (net.Listener, error)) (net.Li
 	}
 	h.passed = append(h.passed, passed{key: key, ln: ln})
 	return ln, nil
+}
+
+// ListenGated is Listen for a server whose drain closes connections that
+// have not sent a request yet (as net/http's Shutdown does): StopAccepting
+// closes this process's descriptor of the returned listener, but its
+// Accept does not fail until Close. The caller stops accepting, gives the
+// connections it already accepted a moment to send their first request,
+// then starts the drain.
+func (h *Handover) ListenGated(key string, bind func() (net.Listener, error)) (net.Listener, error) {
+	ln, err := h.Listen(key, bind)
+	if err != nil {
+		return nil, err
+	}
+	g := &gatedListener{Listener: ln, stopped: h.stopped, closed: make(chan struct{})}
+	h.mu.Lock()
+	h.gated = append(h.gated, g)
+	h.mu.Unlock()
+	return g, nil
+}
+
+// StopAccepting closes this process's descriptors of the listeners from
+// ListenGated: new connections go to the next process only. Call it after
+// a successful Upgrade.
+func (h *Handover) StopAccepting() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	select {
+	case <-h.stopped:
+		return
+	default:
+	}
+	close(h.stopped)
+	for _, g := range h.gated {
+		_ = g.Listener.Close()
+	}
+}
+
+// gatedListener is a listener whose Accept, once the handover stopped it,
+// waits for Close instead of failing.
+type gatedListener struct {
+	net.Listener
+	stopped   <-chan struct{}
+	closed    chan struct{}
+	closeOnce sync.Once
+}
+
+func (g *gatedListener) Accept() (net.Conn, error) {
+	c, err := g.Listener.Accept()
+	if err != nil {
+		select {
+		case <-g.stopped:
+			<-g.closed
+			return nil, net.ErrClosed
+		default:
+		}
+	}
+	return c, err
+}
+
+func (g *gatedListener) Close() error {
+	g.closeOnce.Do(func() { close(g.closed) })
+	err := g.Listener.Close()
+	select {
+	case <-g.stopped: // already closed by StopAccepting
+		return nil
+	default:
+		return err
+	}
 }
 
 // Ready tells the previous process, if any, that this one serves: it stops

@@ -112,7 +112,7 @@ func newParent(t *testing.T) (*Handover, net.Listener, *server) {
 	}
 	h.args = []string{"-test.run=^$"}
 	h.ReadyTimeout = 20 * time.Second
-	ln, err := h.Listen("http", func() (net.Listener, error) { return net.Listen("tcp", "127.0.0.1:0") })
+	ln, err := h.ListenGated("http", func() (net.Listener, error) { return net.Listen("tcp", "127.0.0.1:0") })
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -177,7 +177,21 @@ func TestUpgradeUnderLoad(t *testing.T) {
 		var ws syscall.WaitStatus
 		_, _ = syscall.Wait4(pid, &ws, 0, nil)
 	})
-	// The old process stops accepting and drains, as a service does.
+	// The old process stops accepting, as the edge does: its accept loop
+	// goes on (a server would take its end for the start of its drain)
+	// while every new connection reaches the new process.
+	h.StopAccepting()
+	afterStop := fromParent.Load()
+	time.Sleep(300 * time.Millisecond)
+	select {
+	case <-srv.done:
+		t.Fatal("the accept loop ended at StopAccepting, before Close")
+	default:
+	}
+	if n := fromParent.Load() - afterStop; n > 4 { // at most one in flight per client
+		t.Fatalf("%d answers from the old process after StopAccepting", n)
+	}
+	// Then it drains.
 	srv.stop()
 	before := fromChild.Load()
 	time.Sleep(500 * time.Millisecond)
