@@ -49,9 +49,9 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	topoDeploys, lossFailed, lossTotal, failover, unrouted, capacity, err := benchTopology(ctx, topo, *rounds)
-	if serr := topo.Stop(); err == nil {
-		err = serr
+	topoDeploys, lossFailed, lossTotal, failover, unrouted, synced, capacity, err := benchTopology(ctx, topo, *rounds)
+	if serr := topo.Stop(); serr != nil {
+		log.Printf("stop: %v", serr) // everything is killed and removed regardless
 	}
 	if err != nil {
 		return err
@@ -67,7 +67,7 @@ func run() error {
 	fmt.Fprintf(&sb, "Production layout on one machine (`make bench-topology`): 3 regions × (3 operators + 6 workers) as network namespaces, links to the core delayed 10/15/30 ms one way, GeoDNS TTL %s, one PostgreSQL; the sample app deployed %d times with 3 instances in every region (9 microVMs, QEMU TCG). The same deploy on the one-host `make dev` layout (one region, one node agent, 3 instances) in the same run.\n\n", topo.DNSTTL(), *rounds)
 	fmt.Fprintf(&sb, "| | topology | make dev layout | ratio |\n|---|---|---|---|\n")
 	fmt.Fprintf(&sb, "| deploy p50 (s) | %.1f | %.1f | %.2f |\n\n", tp.Seconds(), dp.Seconds(), tp.Seconds()/dp.Seconds())
-	fmt.Fprintf(&sb, "Loss of a whole region (its link to the core cut; the leader operator in another region) under constant load from the other two regions' clients (10 req/s each at most, resolving through GeoDNS, a new connection per request), from 2 s before the cut until 5 s after its instances left the route table (%.1f s after the cut; nodes are marked down after 20 s without heartbeat): %d of %d requests failed; GeoDNS stopped answering with the lost region %.1f s after the cut.\n\n", unrouted.Seconds(), lossFailed, lossTotal, failover.Seconds())
+	fmt.Fprintf(&sb, "Loss of a whole region (its link to the core cut; the leader operator in another region) under constant load from the other two regions' clients (10 req/s each at most, resolving through GeoDNS, a new connection per request), from 2 s before the cut until every live edge proxy had a route table without the lost region (its instances left the table %.1f s after the cut — nodes are marked down after 20 s without heartbeat — and the last edge took it %.1f s after the cut): %d of %d requests failed; GeoDNS stopped answering with the lost region %.1f s after the cut. The failures are requests the edges sent to the lost region's instances (edges pick instances in every region, one retry) or over connections to it that no longer answer.\n\n", unrouted.Seconds(), synced.Seconds(), lossFailed, lossTotal, failover.Seconds())
 	fmt.Fprintf(&sb, "Memory: %s.\n", capacity)
 	fmt.Print(sb.String())
 	if err := benchdoc.Write("topology", sb.String()); err != nil {
@@ -78,7 +78,7 @@ func run() error {
 	return nil
 }
 
-func benchTopology(ctx context.Context, topo *topology.Topology, rounds int) (deploys []time.Duration, failed, total int64, failover, unrouted time.Duration, capacity string, err error) {
+func benchTopology(ctx context.Context, topo *topology.Topology, rounds int) (deploys []time.Duration, failed, total int64, failover, unrouted, synced time.Duration, capacity string, err error) {
 	token, err := topo.Bootstrap(ctx, "demo", "bench@zeitwork.test")
 	if err != nil {
 		return
@@ -95,12 +95,12 @@ func benchTopology(ctx context.Context, topo *topology.Topology, rounds int) (de
 		tag := fmt.Sprintf("r%d", i)
 		ref, perr := topo.PushSample(ctx, tag)
 		if perr != nil {
-			return nil, 0, 0, 0, 0, "", perr
+			return nil, 0, 0, 0, 0, 0, "", perr
 		}
 		start := time.Now()
 		d, derr := topology.Deploy(ctx, api, "hello", ref, 5*time.Minute)
 		if derr != nil {
-			return nil, 0, 0, 0, 0, "", derr
+			return nil, 0, 0, 0, 0, 0, "", derr
 		}
 		deploys = append(deploys, time.Since(start))
 		log.Printf("topology: deploy %d: %s", i+1, deploys[i].Round(time.Millisecond))
@@ -114,7 +114,7 @@ func benchTopology(ctx context.Context, topo *topology.Topology, rounds int) (de
 	for i := range l.Regions {
 		c, cerr := topo.Client(i)
 		if cerr != nil {
-			return nil, 0, 0, 0, 0, "", cerr
+			return nil, 0, 0, 0, 0, 0, "", cerr
 		}
 		if err = c.WaitGet(ctx, prod, want, 15*time.Second); err != nil {
 			return
@@ -141,8 +141,8 @@ func benchTopology(ctx context.Context, topo *topology.Topology, rounds int) (de
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	// Until the lost region's instances left the route table (and the
-	// edges had 5 s to take it).
+	// Until the lost region's instances left the route table and every
+	// live edge took the new table.
 	host := strings.TrimSuffix(strings.TrimPrefix(prod, "https://"), "/")
 	for time.Since(cut) < 2*time.Minute {
 		routed, rerr := topo.Routed(ctx, host, lost)
@@ -152,13 +152,16 @@ func benchTopology(ctx context.Context, topo *topology.Topology, rounds int) (de
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	time.Sleep(5 * time.Second)
+	if serr := topo.EdgesSyncedSince(ctx, cut.Add(unrouted), 2*time.Minute, lost); serr != nil {
+		log.Printf("edges: %v", serr)
+	}
+	synced = time.Since(cut)
 	load.Stop()
 	if load.Failed.Load() > 0 {
 		log.Printf("failed requests: %v", load.Failures())
 	}
 	err = topo.RestoreRegion(lost)
-	return deploys, load.Failed.Load(), load.Total.Load(), failover, unrouted, capacity, err
+	return deploys, load.Failed.Load(), load.Total.Load(), failover, unrouted, synced, capacity, err
 }
 
 func benchDev(ctx context.Context, bin, state string, rounds int) ([]time.Duration, error) {

@@ -72,8 +72,8 @@ Zeitwork's production layout is running (deployed in %s).
 
 From a region's client namespace (resolves through its region's GeoDNS):
   ip netns exec %sa-cl curl --cacert %s https://%s:8082/
-  ip netns exec %sb-cl dig +short %s
-  ip netns exec %sc-cl curl -H 'Host: %s' http://%s:8085/
+  ip netns exec %sb-cl getent ahostsv4 %s
+  ip netns exec %sc-cl curl http://%s:8085/
 
 Hosts: ip netns list | grep %s (every host is a namespace; logs in %s/logs).
 Capacity: %s
@@ -81,7 +81,7 @@ Capacity: %s
 Ctrl-C stops everything.
 `, time.Since(start).Round(time.Second), t.OperatorURL(), token, regionNames(t.Layout), t.cfg.Zone, t.EdgeName(), t.cfg.Zone,
 		t.MgmtDatabaseURL, t.CA.CertFile, d.ProductionURL,
-		Prefix, t.CA.CertFile, host, Prefix, t.EdgeName(), Prefix, host, t.Layout.All(RoleWorker)[0].IP,
+		Prefix, t.CA.CertFile, host, Prefix, t.EdgeName(), Prefix, host,
 		Prefix, abs, cap)
 	<-ctx.Done()
 	return nil
