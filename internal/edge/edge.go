@@ -40,6 +40,8 @@ type Config struct {
 	RateMaxKeys  int
 	MaxBodyBytes int64
 	AccessLog    bool
+	// Region is the edge's region: pick prefers its instances.
+	Region string
 	// EjectAfter consecutive upstream failures eject an instance for
 	// EjectFor.
 	EjectAfter int
@@ -315,28 +317,30 @@ func putRequestID(out *[24]byte) {
 }
 
 // pick chooses a healthy, non-ejected instance by the power of two random
-// choices on outstanding requests, skipping those already tried.
+// choices on outstanding requests, skipping those already tried. It
+// prefers the edge's own region (Config.Region): another region's
+// instances serve only when none of its own is healthy and not ejected —
+// a request then crosses regions rather than fail, and a region that is
+// lost (its nodes silent until they leave the route table) is not tried
+// by the edges of the others while they have instances of their own.
+// Ejected instances serve only when nothing else is left.
 func (p *Proxy) pick(route *routetable.Route, tried []string) *routetable.Instance {
 	now := time.Now().UnixNano()
-	var cands []*routetable.Instance
 	var buf [16]*routetable.Instance
-	cands = buf[:0]
-	for i := range route.Instances {
-		in := &route.Instances[i]
-		if !in.Healthy || contains(tried, in.ID) {
+	cands := buf[:0]
+	for pass := 0; pass < 3 && len(cands) == 0; pass++ {
+		if pass == 0 && p.cfg.Region == "" {
 			continue
 		}
-		if p.stateOf(in.ID).ejectedUntil.Load() > now {
-			continue
-		}
-		cands = append(cands, in)
-	}
-	if len(cands) == 0 {
-		// Everything ejected: try the healthy ones anyway rather than fail.
 		for i := range route.Instances {
-			if in := &route.Instances[i]; in.Healthy && !contains(tried, in.ID) {
-				cands = append(cands, in)
+			in := &route.Instances[i]
+			if !in.Healthy || (pass == 0 && in.Region != p.cfg.Region) || contains(tried, in.ID) {
+				continue
 			}
+			if pass < 2 && p.stateOf(in.ID).ejectedUntil.Load() > now {
+				continue
+			}
+			cands = append(cands, in)
 		}
 	}
 	switch len(cands) {

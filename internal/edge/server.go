@@ -75,6 +75,7 @@ func LoadServiceConfig(l *envconfig.Loader) ServiceConfig {
 		RateMaxKeys:  l.Int("RATE_LIMIT_MAX_CLIENTS", 100_000, 100, 100_000_000),
 		MaxBodyBytes: int64(l.Int("MAX_BODY_MIB", 100, 1, 1<<20)) << 20,
 		AccessLog:    l.Bool("ACCESS_LOG", true),
+		Region:       l.String("REGION", "local"),
 	}
 	trusted, err := proxyproto.ParseTrusted(l.List("TRUSTED_PROXIES", nil))
 	if err != nil {
