@@ -292,26 +292,69 @@ func (o *Operator) listRegions(w http.ResponseWriter, r *http.Request) error {
 }
 
 // routes serves the table; with ?version=V&wait=D it long-polls until the
-// table differs from V.
+// table differs from V. With &heartbeat=H as well it answers the status
+// and headers at once (a Zeitwork-Heartbeat header says so) and writes a
+// space every H while it waits — JSON decoders skip leading whitespace —
+// so a client can tell an operator that is still there from one it lost
+// (internal/edge/routetable) within seconds instead of a whole wait.
 func (o *Operator) routes(w http.ResponseWriter, r *http.Request) error {
-	var wait time.Duration
-	if v := r.URL.Query().Get("wait"); v != "" {
+	q := r.URL.Query()
+	var wait, heartbeat time.Duration
+	if v := q.Get("wait"); v != "" {
 		d, err := time.ParseDuration(v)
 		if err != nil || d < 0 {
 			return invalid("wait %q is not a duration like 30s", v)
 		}
 		wait = min(d, 60*time.Second)
 	}
-	rt, err := o.routeTable.Wait(r.Context(), r.URL.Query().Get("version"), wait)
-	if err != nil {
-		if r.Context().Err() != nil {
+	if v := q.Get("heartbeat"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil || d <= 0 {
+			return invalid("heartbeat %q is not a duration like 2s", v)
+		}
+		heartbeat = min(max(d, 100*time.Millisecond), 30*time.Second)
+	}
+	have := q.Get("version")
+	if heartbeat == 0 || wait == 0 {
+		rt, err := o.routeTable.Wait(r.Context(), have, wait)
+		if err != nil {
+			if r.Context().Err() != nil {
+				return nil
+			}
+			return err
+		}
+		w.Header().Set("ETag", `"`+rt.Version+`"`)
+		httpjson.Write(w, 200, rt)
+		return nil
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.Header().Set("Zeitwork-Heartbeat", heartbeat.String())
+	w.WriteHeader(200)
+	rc := http.NewResponseController(w)
+	_ = rc.Flush()
+	deadline := time.Now().Add(wait)
+	for {
+		rt, err := o.routeTable.Wait(r.Context(), have, min(heartbeat, time.Until(deadline)))
+		if err != nil {
+			// The status is sent: an unfinished body is the error the
+			// client sees (and logs) before it tries another operator.
+			if r.Context().Err() == nil {
+				o.log.Warn("route table long poll failed", "err", err)
+			}
 			return nil
 		}
-		return err
+		if rt.Version != have || !time.Now().Before(deadline) {
+			_ = json.NewEncoder(w).Encode(rt)
+			return nil
+		}
+		if _, err := w.Write([]byte{' '}); err != nil {
+			return nil
+		}
+		if err := rc.Flush(); err != nil {
+			return nil
+		}
 	}
-	w.Header().Set("ETag", `"`+rt.Version+`"`)
-	httpjson.Write(w, 200, rt)
-	return nil
 }
 
 // EnsureRegion creates a region row (used by tests and bootstrap).

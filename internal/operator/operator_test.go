@@ -477,6 +477,25 @@ func TestDeploymentLifecycle(t *testing.T) {
 	if e.call(clusterToken, "GET", "/api/v1/routes?version="+cur.Version+"&wait=300ms", nil, &same); same.Version != cur.Version {
 		t.Fatalf("idle long poll changed version %s → %s", cur.Version, same.Version)
 	}
+	// With heartbeat=H the head comes at once and a space every H
+	// precedes the table, which still decodes.
+	{
+		req, _ := http.NewRequest("GET", e.url+"/api/v1/routes?version="+cur.Version+"&wait=700ms&heartbeat=200ms", nil)
+		req.Header.Set("Authorization", "Bearer "+clusterToken)
+		start := time.Now()
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		head := time.Since(start)
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		var hb routes.Table
+		if resp.Header.Get("Zeitwork-Heartbeat") != "200ms" || head > 500*time.Millisecond ||
+			!strings.HasPrefix(string(body), "   ") || json.Unmarshal(body, &hb) != nil || hb.Version != cur.Version {
+			t.Fatalf("long poll with heartbeats: head after %s, %v, body %.40q", head, resp.Header, body)
+		}
+	}
 	polled := make(chan routes.Table, 1)
 	go func() { // no t.Fatal off the test goroutine: a failure shows as an empty table
 		var rt routes.Table

@@ -8,7 +8,9 @@ package routetable
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"net/url"
@@ -72,6 +74,13 @@ type Options struct {
 	HTTP      *http.Client
 	// Wait is the long-poll duration (default 30 s).
 	Wait time.Duration
+	// Silence is how long a poll may go without a byte from its operator
+	// before the client gives up on that operator and asks the next one
+	// (default 6 s). An operator that writes heartbeats (every Silence/3)
+	// is polled for Wait; one that does not (an older operator) for
+	// Silence/2 at a time, so a lost operator is noticed within Silence
+	// either way.
+	Silence time.Duration
 }
 
 // Client follows the operators' route table.
@@ -80,7 +89,13 @@ type Client struct {
 	table    atomic.Pointer[Table]
 	syncedAt atomic.Int64 // unix nanos of the last successful fetch
 	changes  chan struct{}
+	// heartbeats records the operators (by host) seen to write
+	// heartbeats; only Run's goroutine uses it.
+	heartbeats map[string]bool
 }
+
+// errSilent ends a poll whose operator went quiet for Options.Silence.
+var errSilent = errors.New("the operator went silent")
 
 // New returns a client and loads the persisted table, if any.
 func New(o Options) *Client {
@@ -91,6 +106,10 @@ func New(o Options) *Client {
 	if cl.Wait == 0 {
 		cl.Wait = 30 * time.Second
 	}
+	if cl.Silence == 0 {
+		cl.Silence = 6 * time.Second
+	}
+	cl.heartbeats = map[string]bool{}
 	cl.changes = make(chan struct{}, 1)
 	if cl.StateFile != "" {
 		if b, err := os.ReadFile(cl.StateFile); err == nil {
@@ -135,9 +154,12 @@ func (c *Client) Staleness() time.Duration {
 // Changes receives a value after each new table.
 func (c *Client) Changes() <-chan struct{} { return c.changes }
 
-// Run long-polls until ctx ends.
+// Run long-polls until ctx ends. A failed poll moves on to the next
+// operator at once while the operators of this run of failures have not
+// all been tried, then with a backoff up to 5 s.
 func (c *Client) Run(ctx context.Context) error {
 	backoff := time.Duration(0)
+	failed := 0 // polls failed in a row
 	next := 0
 	for ctx.Err() == nil {
 		if len(c.Operators) == 0 {
@@ -151,15 +173,19 @@ func (c *Client) Run(ctx context.Context) error {
 				return nil
 			}
 			next++
-			backoff = min(max(2*backoff, 200*time.Millisecond), 5*time.Second)
+			failed++
 			c.Log.Warn("route table sync failed; serving the last known table", "operator", op.Host, "err", err, "stale_for", c.Staleness().Round(time.Second).String())
+			if failed < len(c.Operators) {
+				continue
+			}
+			backoff = min(max(2*backoff, 200*time.Millisecond), 5*time.Second)
 			select {
 			case <-ctx.Done():
 			case <-time.After(backoff):
 			}
 			continue
 		}
-		backoff = 0
+		backoff, failed = 0, 0
 		if t.Version != c.Table().Version {
 			c.Set(t)
 			c.persist(t)
@@ -170,26 +196,62 @@ func (c *Client) Run(ctx context.Context) error {
 	return nil
 }
 
+// fetch polls op once. Any Silence without a byte from op — before the
+// response head or within the body — ends the poll with errSilent.
 func (c *Client) fetch(ctx context.Context, op *url.URL, have string) (*Table, error) {
+	wait := c.Wait
+	if !c.heartbeats[op.Host] {
+		// Not known to write heartbeats: ask for them, but wait only as
+		// long as an answer without them may take.
+		wait = min(wait, c.Silence/2)
+	}
+	q := url.Values{"version": {have}, "wait": {wait.String()}, "heartbeat": {(c.Silence / 3).String()}}
 	u := op.JoinPath("/api/v1/routes")
-	u.RawQuery = url.Values{"version": {have}, "wait": {c.Wait.String()}}.Encode()
-	ctx, cancel := context.WithTimeout(ctx, c.Wait+10*time.Second)
+	u.RawQuery = q.Encode()
+	ctx, cancel := context.WithTimeout(ctx, wait+10*time.Second)
 	defer cancel()
+	ctx, silent := context.WithCancelCause(ctx)
+	defer silent(nil)
+	idle := time.AfterFunc(c.Silence, func() { silent(errSilent) })
+	defer idle.Stop()
 	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
 	req.Header.Set("Authorization", "Bearer "+c.Token)
 	resp, err := c.HTTP.Do(req)
 	if err != nil {
+		if errors.Is(context.Cause(ctx), errSilent) {
+			return nil, fmt.Errorf("no answer for %s: %w", c.Silence, errSilent)
+		}
 		return nil, err
 	}
 	defer resp.Body.Close()
+	idle.Reset(c.Silence)
 	if resp.StatusCode != http.StatusOK {
 		return nil, fmt.Errorf("status %d", resp.StatusCode)
 	}
+	c.heartbeats[op.Host] = resp.Header.Get("Zeitwork-Heartbeat") != ""
 	var t Table
-	if err := json.NewDecoder(resp.Body).Decode(&t); err != nil {
+	if err := json.NewDecoder(&idleReader{r: resp.Body, idle: idle, d: c.Silence}).Decode(&t); err != nil {
+		if errors.Is(context.Cause(ctx), errSilent) {
+			return nil, fmt.Errorf("nothing for %s while waiting: %w", c.Silence, errSilent)
+		}
 		return nil, fmt.Errorf("bad route table: %w", err)
 	}
 	return &t, nil
+}
+
+// idleReader restarts the silence timer on every byte read.
+type idleReader struct {
+	r    io.Reader
+	idle *time.Timer
+	d    time.Duration
+}
+
+func (r *idleReader) Read(p []byte) (int, error) {
+	n, err := r.r.Read(p)
+	if n > 0 {
+		r.idle.Reset(r.d)
+	}
+	return n, err
 }
 
 func (c *Client) persist(t *Table) {
