@@ -44,6 +44,7 @@ func run(ctx context.Context, p *service.Process) error {
 	balancer.SetBackends(cfg.Backends)
 	health := service.NewHealth(p.Name)
 	health.SetInfo(balancer.HealthInfo)
+	health.AddCheck("edges", balancer.Ready)
 	mux := http.NewServeMux()
 	health.Register(mux, reg)
 	balancer.Register(mux)

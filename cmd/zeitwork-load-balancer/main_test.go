@@ -40,6 +40,9 @@ func TestBinary(t *testing.T) {
 	if code, body := servicetest.Get(t, servicetest.URL(admin)+"/health"); code != 200 || !strings.Contains(body, `"algorithm":"ip-hash"`) || !strings.Contains(body, `"healthy_backends":1`) {
 		t.Fatalf("/health = %d %s", code, body)
 	}
+	if code, body := servicetest.Get(t, servicetest.URL(admin)+"/health/ready"); code != 200 || !strings.Contains(body, `"edges":"ok"`) {
+		t.Fatalf("/health/ready = %d %s", code, body)
+	}
 	c, err := net.DialTimeout("tcp", pub, 5*time.Second)
 	if err != nil {
 		t.Fatal(err)

@@ -1,7 +1,9 @@
 package lb
 
 import (
+	"context"
 	"encoding/json"
+	"fmt"
 	"net/http"
 )
 
@@ -49,6 +51,19 @@ func (l *LB) HealthInfo() map[string]any {
 		total += len(p.Backends())
 	}
 	return map[string]any{"type": "l4-tcp", "algorithm": l.cfg.Algorithm, "healthy_backends": healthy, "total_backends": total, "proxy_protocol": l.cfg.ProxyProtocol, "relay_loops": len(l.loops), "open_connections": l.open.Load()}
+}
+
+// Ready is the balancer's readiness check (service.Health.AddCheck): it
+// fails while a listener has no usable edge — all down or drained — so
+// that GeoDNS, which checks /health/ready, stops answering with a region
+// whose balancer can reach none of its edges.
+func (l *LB) Ready(context.Context) error {
+	for i, p := range l.pools {
+		if p.Healthy() == 0 {
+			return fmt.Errorf("listener %s: none of %d edges is up", l.cfg.Listeners[i].Addr, len(p.Backends()))
+		}
+	}
+	return nil
 }
 
 // Register mounts the admin API on mux: GET /backends, POST

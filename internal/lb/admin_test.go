@@ -21,6 +21,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 	"golang.org/x/sys/unix"
+
+	"github.com/zeitwork/zeitwork/internal/service"
 )
 
 func adminServer(t *testing.T, l *LB) *httptest.Server {
@@ -235,10 +237,34 @@ func TestHTTPHealthCheck(t *testing.T) {
 	if s := l.Status(); !slices.ContainsFunc(s, func(s BackendStatus) bool { return s.Addr == a.addr && strings.Contains(s.LastError, "503") }) {
 		t.Fatalf("status does not show the failed check: %+v", s)
 	}
+	// With no edge up, readiness fails: GeoDNS leaves the region.
+	health := service.NewHealth("zeitwork-load-balancer")
+	health.AddCheck("edges", l.Ready)
+	mux := http.NewServeMux()
+	health.Register(mux, prometheus.NewRegistry())
+	ready := func() (int, string) {
+		rec := httptest.NewRecorder()
+		mux.ServeHTTP(rec, httptest.NewRequest("GET", "/health/ready", nil))
+		return rec.Code, rec.Body.String()
+	}
+	if code, body := ready(); code != 200 || l.Ready(t.Context()) != nil {
+		t.Fatalf("/health/ready with one edge up = %d %s", code, body)
+	}
+	mu.Lock()
+	status[hosts[1]] = 503
+	mu.Unlock()
+	waitHealthy(0)
+	if code, body := ready(); code != 503 || !strings.Contains(body, "none of 2 edges is up") {
+		t.Fatalf("/health/ready with no edge up = %d %s", code, body)
+	}
 	mu.Lock()
 	status[hosts[0]] = 200
+	status[hosts[1]] = 200
 	mu.Unlock()
 	waitHealthy(2)
+	if code, body := ready(); code != 200 {
+		t.Fatalf("/health/ready with the edges back = %d %s", code, body)
+	}
 }
 
 // TestKeepaliveInherited checks what listen relies on: a socket accepted
