@@ -46,7 +46,22 @@ type Config struct {
 	// EjectFor.
 	EjectAfter int
 	EjectFor   time.Duration
+	// ConnectTimeout bounds a dial to a node agent (default 2 s: node
+	// agents are normally in the edge's region).
+	ConnectTimeout time.Duration
+	// TryTimeout (0: none) is how long a try of a request that is safe
+	// to repeat — a bodiless GET, HEAD or OPTIONS — waits for the first
+	// byte of its answer before the edge checks that the node agent
+	// still accepts connections. A node that does not is gone: the try
+	// fails and the request is retried on another instance. A node that
+	// does keeps the request waiting for as long as the app takes (long
+	// polls), checked again every TryTimeout.
+	TryTimeout time.Duration
 }
+
+// maxRetries bounds the tries of one request after the first: on another
+// instance each, for requests that are safe to repeat.
+const maxRetries = 2
 
 // Proxy routes requests to instances.
 type Proxy struct {
@@ -140,6 +155,9 @@ func New(cfg Config, routes *routetable.Client, reg prometheus.Registerer, log *
 	if cfg.RateMaxKeys == 0 {
 		cfg.RateMaxKeys = 100_000
 	}
+	if cfg.ConnectTimeout == 0 {
+		cfg.ConnectTimeout = 2 * time.Second
+	}
 	p := &Proxy{cfg: cfg, routes: routes, log: log}
 	if cfg.RateRPS > 0 {
 		p.limiter = ratelimit.New(cfg.RateRPS, cfg.RateBurst, cfg.RateMaxKeys)
@@ -164,7 +182,7 @@ func New(cfg Config, routes *routetable.Client, reg prometheus.Registerer, log *
 	if reg != nil {
 		reg.MustRegister(p.m.requests, p.m.fast, p.m.h2fast, p.m.latency, p.m.upstreamErr, p.m.limited, p.m.certExpiry, p.m.acme, p.m.staleness)
 	}
-	p.up = newUpstream(newTransport())
+	p.up = newUpstream(newTransport(cfg.ConnectTimeout), cfg.TryTimeout, cfg.ConnectTimeout)
 	p.rp = &httputil.ReverseProxy{
 		Rewrite:      p.rewrite,
 		Transport:    &retryTransport{p: p, base: p.up},
@@ -174,15 +192,15 @@ func New(cfg Config, routes *routetable.Client, reg prometheus.Registerer, log *
 	return p
 }
 
-func newTransport() *http.Transport {
+func newTransport(connectTimeout time.Duration) *http.Transport {
 	return &http.Transport{
 		Proxy:                 nil,
-		DialContext:           polledDial(&net.Dialer{Timeout: 3 * time.Second, KeepAlive: 30 * time.Second}),
+		DialContext:           polledDial(&net.Dialer{Timeout: connectTimeout, KeepAlive: 30 * time.Second}),
 		MaxIdleConns:          4096,
 		MaxIdleConnsPerHost:   1024,
 		IdleConnTimeout:       90 * time.Second,
 		ExpectContinueTimeout: time.Second,
-		ResponseHeaderTimeout: 0, // long polls and streams are fine
+		ResponseHeaderTimeout: 0, // long polls and streams are fine (see upstream.awaitAnswer)
 	}
 }
 
@@ -481,7 +499,7 @@ func (t *retryTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 		}
 		t.p.attemptFailed(s)
 		st.tried = append(st.tried, in.ID)
-		if attempt > 0 || !idempotent(r) || r.Context().Err() != nil {
+		if attempt >= maxRetries || !idempotent(r) || r.Context().Err() != nil {
 			if err != nil {
 				return nil, err
 			}

@@ -224,7 +224,7 @@ func (p *Proxy) fastExchange(x *exchange) (code int, keep bool) {
 		p.attemptFailed(s)
 		tried = append(tried, in.ID)
 		var next *routetable.Instance
-		if attempt == 0 {
+		if attempt < maxRetries {
 			next = p.pick(x.route, tried)
 		}
 		if next == nil {
@@ -275,7 +275,7 @@ func (p *Proxy) fastRoundTrip(x *exchange, in *routetable.Instance, reqID []byte
 			return uc, nil
 		}
 		_ = uc.conn.Close()
-		if attempt == 0 && uc.reused && uc.cr.n == 0 {
+		if attempt == 0 && uc.reused && uc.cr.n == 0 && err != errNodeGone {
 			continue
 		}
 		return nil, err
@@ -337,6 +337,9 @@ func (p *Proxy) send(x *exchange, uc *upConn, in *routetable.Instance, reqID []b
 	// See upstream.roundTrip: let other ready goroutines run while the
 	// node agent answers.
 	runtime.Gosched()
+	if err := p.up.awaitAnswer(uc); err != nil {
+		return err
+	}
 	for n1xx := 0; ; n1xx++ {
 		n, err := readResponseHead(uc)
 		if err != nil {

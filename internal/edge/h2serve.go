@@ -151,7 +151,7 @@ func (p *Proxy) h2Exchange(x *h2x, in *routetable.Instance) int {
 		p.attemptFailed(st)
 		tried = append(tried, in.ID)
 		var next *routetable.Instance
-		if attempt == 0 {
+		if attempt < maxRetries {
 			next = p.pick(x.route, tried)
 		}
 		if next == nil {
@@ -199,7 +199,7 @@ func (p *Proxy) h2RoundTrip(x *h2x, in *routetable.Instance) (*upConn, error) {
 		}
 		x.s.SetAbort(nil)
 		_ = uc.conn.Close()
-		if attempt == 0 && uc.reused && uc.cr.n == 0 && x.s.Context().Err() == nil {
+		if attempt == 0 && uc.reused && uc.cr.n == 0 && x.s.Context().Err() == nil && err != errNodeGone {
 			continue
 		}
 		return nil, err
@@ -270,6 +270,9 @@ func (p *Proxy) h2Send(x *h2x, uc *upConn, in *routetable.Instance) error {
 		return err
 	}
 	runtime.Gosched() // see upstream.roundTrip
+	if err := p.up.awaitAnswer(uc); err != nil {
+		return err
+	}
 	for n1xx := 0; ; n1xx++ {
 		n, err := readResponseHead(uc)
 		if err != nil {

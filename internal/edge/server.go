@@ -76,6 +76,10 @@ func LoadServiceConfig(l *envconfig.Loader) ServiceConfig {
 		MaxBodyBytes: int64(l.Int("MAX_BODY_MIB", 100, 1, 1<<20)) << 20,
 		AccessLog:    l.Bool("ACCESS_LOG", true),
 		Region:       l.String("REGION", "local"),
+		// Node agents are normally in the edge's region: a dial that
+		// takes longer is to a node that is gone.
+		ConnectTimeout: l.Duration("UPSTREAM_CONNECT_TIMEOUT", 2*time.Second),
+		TryTimeout:     l.Duration("UPSTREAM_TRY_TIMEOUT", 3*time.Second),
 	}
 	trusted, err := proxyproto.ParseTrusted(l.List("TRUSTED_PROXIES", nil))
 	if err != nil {

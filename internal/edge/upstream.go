@@ -10,6 +10,7 @@ import (
 	"net/http/httptrace"
 	"net/textproto"
 	"net/url"
+	"os"
 	"runtime"
 	"sync"
 	"time"
@@ -39,20 +40,93 @@ type upstream struct {
 	idleTimeout             time.Duration
 	maxIdle, maxIdlePerHost int
 
+	// tryTimeout, when not 0, is how long a try waits for the first byte
+	// of its answer before the node agent is checked (awaitAnswer);
+	// connectTimeout bounds that check's dial.
+	tryTimeout, connectTimeout time.Duration
+	probes                     sync.Map // host:port → *probe
+
 	mu      sync.Mutex
 	idle    map[string][]*upConn // by host:port, most recently used last
 	nIdle   int
 	sweeper bool // a sweep is scheduled
 }
 
-func newUpstream(fallback *http.Transport) *upstream {
+func newUpstream(fallback *http.Transport, tryTimeout, connectTimeout time.Duration) *upstream {
 	return &upstream{
 		fallback:       fallback,
 		idleTimeout:    fallback.IdleConnTimeout,
 		maxIdle:        fallback.MaxIdleConns,
 		maxIdlePerHost: fallback.MaxIdleConnsPerHost,
+		tryTimeout:     tryTimeout,
+		connectTimeout: connectTimeout,
 		idle:           map[string][]*upConn{},
 	}
+}
+
+// errNodeGone ends a try whose node agent neither answered within the try
+// timeout nor accepts a new connection: its node is gone (down, or cut off
+// with its region), and the request is retried on another instance.
+var errNodeGone = errors.New("edge: no answer, and the node agent no longer accepts connections")
+
+// awaitAnswer waits for the first byte of the node agent's answer on uc,
+// for the tries of requests that are safe to repeat (every request that
+// reaches it: the fast paths' and lean ones). Each tryTimeout without it,
+// it checks that the node agent still accepts a connection: while it
+// does, the app is just slow (a long poll) and the wait goes on
+// unbounded; when it does not, errNodeGone. A node that is gone thus
+// costs a try at most tryTimeout + connectTimeout, and a live app any
+// time it likes to answer.
+func (u *upstream) awaitAnswer(uc *upConn) error {
+	if u.tryTimeout <= 0 || uc.br.Buffered() > 0 {
+		return nil
+	}
+	for {
+		_ = uc.conn.SetReadDeadline(time.Now().Add(u.tryTimeout))
+		_, err := uc.br.Peek(1)
+		if err == nil {
+			_ = uc.conn.SetReadDeadline(time.Time{})
+			return nil
+		}
+		if !errors.Is(err, os.ErrDeadlineExceeded) {
+			return err
+		}
+		if !u.nodeAlive(uc.key) {
+			return errNodeGone
+		}
+	}
+}
+
+// probe is the last check of one node agent.
+type probe struct {
+	mu    sync.Mutex // held during the check: one at a time per node
+	at    time.Time
+	alive bool
+}
+
+// probeFresh is how long a check's result stands for the other tries
+// that wait on the same node.
+const probeFresh = time.Second
+
+// nodeAlive reports whether the node agent at key accepts a TCP
+// connection within connectTimeout.
+func (u *upstream) nodeAlive(key string) bool {
+	v, ok := u.probes.Load(key)
+	if !ok {
+		v, _ = u.probes.LoadOrStore(key, &probe{})
+	}
+	p := v.(*probe)
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if time.Since(p.at) < probeFresh {
+		return p.alive
+	}
+	c, err := net.DialTimeout("tcp", key, u.connectTimeout)
+	if err == nil {
+		c.Close()
+	}
+	p.at, p.alive = time.Now(), err == nil
+	return p.alive
 }
 
 // upConn is one keep-alive connection to a node agent.
@@ -131,7 +205,7 @@ func (u *upstream) RoundTrip(r *http.Request) (*http.Response, error) {
 		// A reused connection that failed before any byte of the
 		// response: the node agent closed it while it sat idle. Replay
 		// the request once on a fresh connection.
-		if attempt == 0 && uc.reused && uc.cr.n == 0 && ctx.Err() == nil {
+		if attempt == 0 && uc.reused && uc.cr.n == 0 && ctx.Err() == nil && err != errNodeGone {
 			continue
 		}
 		return nil, err
@@ -186,6 +260,9 @@ func (u *upstream) roundTrip(ctx context.Context, uc *upConn, r *http.Request) (
 	// nothing (a system call) and a park and wake-up through the network
 	// poller; when nothing else is ready this returns at once.
 	runtime.Gosched()
+	if err := u.awaitAnswer(uc); err != nil {
+		return fail(err)
+	}
 	uc.cr.max = maxResponseHead
 	var resp *http.Response
 	for n1xx := 0; ; n1xx++ {

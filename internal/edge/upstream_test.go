@@ -70,7 +70,7 @@ func TestUpstreamKeepAliveAndBodies(t *testing.T) {
 	conns := countConns(srv)
 	srv.Start()
 	defer srv.Close()
-	u := newUpstream(newTransport())
+	u := newUpstream(newTransport(2*time.Second), 0, 2*time.Second)
 	defer u.CloseIdleConnections()
 
 	for i := range 10 {
@@ -152,7 +152,7 @@ func TestUpstreamIdleClosedRetried(t *testing.T) {
 		fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n%02d", n)
 		// Close right after answering, as an idle timeout would.
 	})
-	u := newUpstream(newTransport())
+	u := newUpstream(newTransport(2*time.Second), 0, 2*time.Second)
 	defer u.CloseIdleConnections()
 	for i := 1; i <= 5; i++ {
 		if _, body := roundTrip(t, u, "GET", url+"/"); body != fmt.Sprintf("%02d", i) {
@@ -178,7 +178,7 @@ func TestUpstreamDiesMidBody(t *testing.T) {
 		}
 		_, _ = io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b")
 	})
-	u := newUpstream(newTransport())
+	u := newUpstream(newTransport(2*time.Second), 0, 2*time.Second)
 	req, _ := http.NewRequest("GET", url+"/", nil)
 	resp, err := u.RoundTrip(req)
 	if err != nil {
@@ -217,7 +217,7 @@ func TestUpstreamCancel(t *testing.T) {
 		_, _ = http.ReadRequest(br)
 		<-release
 	})
-	u := newUpstream(newTransport())
+	u := newUpstream(newTransport(2*time.Second), 0, 2*time.Second)
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel()
 	req, _ := http.NewRequestWithContext(ctx, "GET", url+"/", nil)
@@ -361,7 +361,7 @@ func TestUpstreamHeadLimit(t *testing.T) {
 			}
 		}
 	})
-	u := newUpstream(newTransport())
+	u := newUpstream(newTransport(2*time.Second), 0, 2*time.Second)
 	req, _ := http.NewRequest("GET", url+"/", nil)
 	if resp, err := u.RoundTrip(req); err == nil {
 		resp.Body.Close()
