@@ -30,7 +30,7 @@ func BenchmarkProxy(b *testing.B) {
 	routes := routetable.New(routetable.Options{})
 	routes.Set(&routetable.Table{Version: "1", Routes: []routetable.Route{{Host: "web-abc1234-acme.zeitwork.test", Kind: "versioned", DeploymentID: "d1",
 		Instances: []routetable.Instance{{ID: "i1", NodeAddress: node.URL, Healthy: true}}}}})
-	p := New(Config{AppsDomain: "zeitwork.test", ClusterToken: token, RateRPS: 1e9, RateBurst: 1e9}, routes, prometheus.NewRegistry(), slog.New(slog.DiscardHandler))
+	p := New(Config{AppsDomain: "zeitwork.test", ClusterToken: token, RateRPS: 1e9, RateBurst: 1e9, TryTimeout: 3 * time.Second, Region: "here"}, routes, prometheus.NewRegistry(), slog.New(slog.DiscardHandler))
 	front := httptest.NewServer(p)
 	defer front.Close()
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
@@ -98,7 +98,7 @@ func benchFastPath(b *testing.B, useTLS bool) {
 	routes.Set(&routetable.Table{Version: "1", Routes: []routetable.Route{{Host: "web-abc1234-acme.zeitwork.test", Kind: "versioned", DeploymentID: "d1",
 		Instances: []routetable.Instance{{ID: "i1", NodeAddress: "http://" + nodeLn.Addr().String(), Healthy: true}}}}})
 	log := slog.New(slog.DiscardHandler)
-	p := New(Config{AppsDomain: "zeitwork.test", ClusterToken: token, RateRPS: 1e9, RateBurst: 1e9}, routes, prometheus.NewRegistry(), log)
+	p := New(Config{AppsDomain: "zeitwork.test", ClusterToken: token, RateRPS: 1e9, RateBurst: 1e9, TryTimeout: 3 * time.Second, Region: "here"}, routes, prometheus.NewRegistry(), log)
 	srv := &http.Server{Handler: p}
 	var tlsCfg *tls.Config
 	var clientCfg *tls.Config

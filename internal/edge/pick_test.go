@@ -76,3 +76,23 @@ func TestPickAllocates(t *testing.T) {
 		t.Errorf("pick allocates %.1f times", n)
 	}
 }
+
+// BenchmarkPick: six instances in three regions, two of them the edge's
+// (own), or none of them (other: pick falls back to every region).
+func BenchmarkPick(b *testing.B) {
+	var insts []routetable.Instance
+	for i, r := range []string{"eu", "eu", "us", "us", "ap", "ap"} {
+		insts = append(insts, routetable.Instance{ID: "i" + string(rune('0'+i)), Region: r, Healthy: true})
+	}
+	route := &routetable.Route{Instances: insts}
+	for _, region := range []string{"eu", "sa"} {
+		name := map[string]string{"eu": "own", "sa": "other"}[region]
+		b.Run(name, func(b *testing.B) {
+			p := New(Config{Region: region}, routetable.New(routetable.Options{}), nil, slog.New(slog.DiscardHandler))
+			b.ReportAllocs()
+			for b.Loop() {
+				p.pick(route, nil)
+			}
+		})
+	}
+}
