@@ -3,8 +3,10 @@
 // certificates on demand for verified customer domains), client IPs from
 // the load balancer's PROXY header, per-IP rate limiting, and routing by
 // Host to a healthy instance of the right deployment through its node
-// agent, with least-outstanding-requests balancing, one retry of idempotent
-// requests on connection failure, and passive ejection of failing
+// agent — of the edge's own region first — with least-outstanding-requests
+// balancing, up to two retries of idempotent requests on another instance
+// (on a connection failure, a node agent's 502/503, or a node that stopped
+// answering: see Config.TryTimeout), and passive ejection of failing
 // instances.
 package edge
 
