@@ -14,6 +14,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -611,8 +612,8 @@ func TestDeploymentLifecycle(t *testing.T) {
 	// A node that stops heartbeating is marked down; its instances are
 	// replaced in the same region. When it comes back its old VMs go.
 	victim := e.agents[0]
-	before := victim.Count()
-	if before == 0 {
+	before := victim.IDs()
+	if len(before) == 0 {
 		t.Fatal("victim has no instances")
 	}
 	victim.SetAlive(false)
@@ -636,8 +637,26 @@ func TestDeploymentLifecycle(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 
+	// Back, its replaced VMs go; the region's instances, crowded on the
+	// one node that stayed, spread onto it again, one move at a time.
 	victim.SetAlive(true)
-	e.eventually("returning node's replaced VMs deleted", func() bool { return victim.Count() == 0 })
+	e.eventually("returning node's replaced VMs deleted", func() bool {
+		return !slices.ContainsFunc(before, victim.Has)
+	})
+	e.eventually("instances spread onto the returning node", func() bool {
+		d := e.waitDeployment(tok, v1.ID.String(), "active")
+		per := map[string]int{}
+		for _, in := range d.Instances {
+			if in.Region == victim.Region && in.Desired == "running" {
+				per[in.NodeID.String()]++
+			}
+		}
+		total := 0
+		for _, c := range per {
+			total += c
+		}
+		return len(per) == 2 && per[victim.ID] >= 1 && total == 3 && d.Regions[victim.Region].Healthy == 3
+	})
 
 	// Custom domain: routes only once verified, to the active deployment.
 	var dom Domain

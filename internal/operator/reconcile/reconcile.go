@@ -3,7 +3,8 @@
 // down, resolves images, places instances (internal/operator/placement),
 // tells node agents to create or delete them, gates promotion on health,
 // fails deployments at their deadline, stops superseded ones after the
-// retention window, scales, drains, and deletes VMs nobody wants. Only
+// retention window, scales, drains, spreads instances placed while few
+// nodes were ready over the nodes that joined since, and deletes VMs nobody wants. Only
 // the operator holding the leader lock runs it (docs/adr/0400).
 package reconcile
 
@@ -14,7 +15,6 @@ import (
 	"log/slog"
 	"net"
 	"slices"
-	"sort"
 	"strings"
 	"time"
 
@@ -391,33 +391,25 @@ func (o *Reconciler) ensureInstances(ctx context.Context, d openDeployment) (boo
 				routesChanged = true
 			}
 		}
-		// Scaled down: once enough healthy instances serve, the surplus
-		// stops, unhealthy ones first, then from the most crowded node.
-		if have > d.minPerRegion && healthyReady >= d.minPerRegion {
-			var cands []store.Instance
+		// More than wanted (scaled down, or a move to spread the
+		// deployment has its new instance): the surplus stops once enough
+		// healthy instances serve (placement.Surplus says which).
+		if have > d.minPerRegion {
+			var cands []placement.Instance
 			for _, in := range insts {
 				if in.Region == r.name && in.Desired == "running" && in.NodeState == "ready" {
-					cands = append(cands, in)
+					placed := time.Unix(in.ID.Time().UnixTime())
+					cands = append(cands, placement.Instance{ID: in.ID.String(), Node: in.NodeID.String(), Healthy: in.Healthy,
+						Young: time.Since(placed) < o.cfg.DeployTimeout})
 				}
 			}
-			sort.SliceStable(cands, func(i, j int) bool {
-				a, b := cands[i], cands[j]
-				if a.Healthy != b.Healthy {
-					return !a.Healthy
-				}
-				return perNode[a.NodeID] > perNode[b.NodeID]
-			})
-			for _, in := range cands[:have-d.minPerRegion] {
-				if _, err := o.pool.Exec(ctx, Q("InstanceSetDesired"), in.ID, "stopped"); err != nil {
+			for _, id := range placement.Surplus(cands, d.minPerRegion) {
+				if _, err := o.pool.Exec(ctx, Q("InstanceSetDesired"), id, "stopped"); err != nil {
 					return false, "", err
 				}
-				perNode[in.NodeID]--
 				routesChanged = true
-				o.log.Info("scaled down", "deployment_id", d.id, "instance_id", in.ID, "region", r.name)
+				o.log.Info("stopping surplus instance", "deployment_id", d.id, "instance_id", id, "region", r.name)
 			}
-			continue
-		}
-		if have >= d.minPerRegion {
 			continue
 		}
 		var free []*placement.Node
@@ -428,7 +420,19 @@ func (o *Reconciler) ensureInstances(ctx context.Context, d openDeployment) (boo
 		for id, c := range perNode {
 			existing[id.String()] = c
 		}
-		picks, short := placement.Place(free, placement.Need{Region: r.name, Count: d.minPerRegion - have, VCPUs: d.vcpus, MemoryMiB: d.memoryMiB, Existing: existing})
+		need := placement.Need{Region: r.name, Count: d.minPerRegion - have, VCPUs: d.vcpus, MemoryMiB: d.memoryMiB, Existing: existing}
+		var picks []string
+		var short int
+		if have < d.minPerRegion {
+			picks, short = placement.Place(free, need)
+		} else if healthyReady >= d.minPerRegion {
+			// Placed while few of the region's nodes were ready: one more
+			// instance on an empty node, then Surplus stops a crowded one.
+			if pick, ok := placement.Respread(free, need); ok {
+				picks = []string{pick}
+				o.log.Info("spreading the deployment over the region's nodes", "deployment_id", d.id, "region", r.name, "node_id", pick)
+			}
+		}
 		if short > 0 {
 			complete = false
 			shorts = append(shorts, fmt.Sprintf("region %s: no room for %d of %d instance(s) of %d vCPU / %d MiB on its ready nodes",

@@ -128,6 +128,15 @@ func (a *Agent) URL() string { return a.srv.URL }
 // SetAlive stops (false) or resumes heartbeats, as a lost or returning node.
 func (a *Agent) SetAlive(v bool) { a.alive.Store(v) }
 
+// IDs lists the instances the agent runs.
+func (a *Agent) IDs() []string {
+	var ids []string
+	for _, in := range a.list() {
+		ids = append(ids, in.ID)
+	}
+	return ids
+}
+
 func (a *Agent) list() []agents.Instance {
 	a.mu.Lock()
 	defer a.mu.Unlock()
