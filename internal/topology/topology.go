@@ -31,6 +31,7 @@ import (
 	"time"
 
 	"github.com/zeitwork/zeitwork/internal/devcluster"
+	"github.com/zeitwork/zeitwork/internal/guestkernel"
 )
 
 // Config describes a topology.
@@ -167,6 +168,12 @@ func Start(ctx context.Context, cfg Config) (_ *Topology, err error) {
 	layout, err := NewLayout(cfg.Regions, cfg.Delays, cfg.OperatorsPerRegion, cfg.WorkersPerRegion)
 	if err != nil {
 		return nil, err
+	}
+	// The guest kernel is fetched (apt-get download) from the host: the
+	// workers' namespaces reach nothing beyond the layout, so their node
+	// agents only find it in the shared cache.
+	if _, err := guestkernel.Ensure(ctx, cfg.KernelDir, filepath.Join(cfg.BinDir, "zeitwork-init")); err != nil {
+		return nil, fmt.Errorf("cannot fetch the guest kernel: %w", err)
 	}
 	lock, err := lockRun()
 	if err != nil {
