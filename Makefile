@@ -50,8 +50,12 @@ lint:
 	$(GO) vet ./...
 	$(GO) tool staticcheck ./...
 
+# e2e/topology (27 namespace hosts, nine operators, 18 microVMs) runs
+# after the rest, alone: beside the e2e suite's microVMs a 2-core machine
+# misses its heartbeat and leader-lock deadlines.
 test-go:
-	ZEITWORK_BIN_DIR=$(CURDIR)/bin $(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
+	ZEITWORK_BIN_DIR=$(CURDIR)/bin $(GO) test -count=1 -timeout $(TEST_TIMEOUT) $$($(GO) list ./... | grep -v '/e2e/topology$$')
+	ZEITWORK_BIN_DIR=$(CURDIR)/bin $(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./e2e/topology/
 
 test: deps build lint test-go
 
