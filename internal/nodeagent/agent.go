@@ -62,6 +62,7 @@ type Config struct {
 	InitBin         string
 	VMM             string
 	QEMUBin         string
+	VMNice          int // niceness of the VMM processes
 	FirecrackerBin  string
 	JailerBin       string // empty: no jailer
 	JailerUID       int
@@ -96,6 +97,7 @@ func LoadConfig(l *envconfig.Loader) Config {
 		InitBin:         l.String("INIT_BIN", ""),
 		VMM:             l.Enum("VMM", "qemu", "qemu", "firecracker"),
 		QEMUBin:         l.String("QEMU_BIN", "qemu-system-x86_64"),
+		VMNice:          l.Int("VM_NICE", vmm.DefaultNice, 0, 19),
 		FirecrackerBin:  l.String("FIRECRACKER_BIN", "firecracker"),
 		JailerBin:       l.String("JAILER_BIN", ""),
 		JailerUID:       l.Int("JAILER_UID", 0, 0, 1<<31-1),
@@ -262,9 +264,10 @@ func newVMM(cfg Config) (vmm.VMM, error) {
 		if cfg.QEMUBin != "" && cfg.QEMUBin != "qemu-system-x86_64" {
 			q.Bin = cfg.QEMUBin
 		}
+		q.Nice = cfg.VMNice
 		return q, nil
 	case "firecracker":
-		fc := firecracker.Config{Bin: cfg.FirecrackerBin}
+		fc := firecracker.Config{Bin: cfg.FirecrackerBin, Nice: cfg.VMNice}
 		if cfg.JailerBin != "" {
 			fc.Jailer = &firecracker.JailerConfig{Bin: cfg.JailerBin, UID: cfg.JailerUID, GID: cfg.JailerGID, ChrootBaseDir: cfg.JailerChroot}
 		}

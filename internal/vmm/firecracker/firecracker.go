@@ -44,6 +44,8 @@ type Config struct {
 	Bin string // firecracker binary; looked up in PATH when not absolute
 	// Jailer, when set, starts firecracker through the jailer.
 	Jailer *JailerConfig
+	// Nice is the niceness of the firecracker processes (vmm.Start).
+	Nice int
 }
 
 // JailerConfig is the jailer's part of the command line.
@@ -311,7 +313,7 @@ func (f *Firecracker) spawn(ctx context.Context, id, dir string, l layout) (*Mac
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// Own session: the VM survives the agent (KillMode=process).
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	if err := cmd.Start(); err != nil {
+	if err := vmm.Start(cmd, f.cfg.Nice); err != nil {
 		return nil, fmt.Errorf("cannot start %s: %w", filepath.Base(bin), err)
 	}
 	done := make(chan struct{})

@@ -57,6 +57,7 @@ type QEMU struct {
 	Bin    string // qemu-system-x86_64
 	ImgBin string // qemu-img
 	Accel  Accel
+	Nice   int // niceness of the QEMU processes (vmm.Start)
 	cpuKHz int
 }
 
@@ -72,7 +73,7 @@ func New() (*QEMU, error) {
 	if err != nil {
 		return nil, fmt.Errorf("qemu-img not found (Debian package qemu-utils): %w", err)
 	}
-	return &QEMU{Bin: bin, ImgBin: img, Accel: DetectAccel(), cpuKHz: hostCPUKHz()}, nil
+	return &QEMU{Bin: bin, ImgBin: img, Accel: DetectAccel(), Nice: vmm.DefaultNice, cpuKHz: hostCPUKHz()}, nil
 }
 
 // Name is "qemu".
@@ -172,7 +173,7 @@ func (q *QEMU) Start(ctx context.Context, spec vmm.Spec) (vmm.Machine, error) {
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// Own session: the VM survives the agent (KillMode=process).
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	if err := cmd.Start(); err != nil {
+	if err := vmm.Start(cmd, q.Nice); err != nil {
 		return nil, fmt.Errorf("cannot start qemu: %w", err)
 	}
 	done := make(chan struct{})

@@ -7,6 +7,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -163,6 +164,10 @@ func TestBootsExtractedVmlinux(t *testing.T) {
 		t.Fatalf("agent channel: %+v %v\nqemu.log:\n%s\nconsole:\n%s", f, err, qlog, console)
 	}
 	t.Logf("%s: zeitwork-init ready %s after qemu started (%s)", vmlinux, time.Since(start).Round(time.Millisecond), q.Accel)
+	// Every QEMU thread (vCPUs included) runs at the backend's nice value.
+	if nice, err := vmmtest.ThreadNice(m.PID()); err != nil || slices.ContainsFunc(nice, func(n int) bool { return n != q.Nice }) {
+		t.Errorf("qemu threads run at nice %v (%v), want all %d", nice, err, q.Nice)
+	}
 	if err := m.Kill(); err != nil {
 		t.Fatal(err)
 	}
