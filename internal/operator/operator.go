@@ -323,13 +323,12 @@ const (
 // reconciler while it holds it.
 func (o *Operator) lead(ctx context.Context) {
 	for ctx.Err() == nil {
-		conn, err := o.pool.Acquire(ctx)
+		conn, got, err := o.tryLock(ctx)
 		if err != nil {
 			sleepCtx(ctx, time.Second)
 			continue
 		}
-		var got bool
-		if err := conn.QueryRow(ctx, "SELECT pg_try_advisory_lock($1)", leaderLockKey).Scan(&got); err != nil || !got {
+		if !got {
 			conn.Release()
 			sleepCtx(ctx, o.cfg.ReconcileEvery)
 			continue
@@ -354,11 +353,38 @@ func (o *Operator) lead(ctx context.Context) {
 		if err != nil {
 			// The lock may still be held by this session: never hand it
 			// back to the pool.
-			_ = conn.Hijack().Close(context.Background())
+			discard(conn)
 		} else {
 			conn.Release()
 		}
 	}
+}
+
+// tryLock takes a pooled connection and tries the leader lock on it, within
+// leaderCheckTimeout: a pooled connection to a database that went away (a
+// failover, a cut-off region) fails the attempt instead of blocking it
+// until TCP gives up. A connection that failed is closed, never pooled
+// again: whether it took the lock is unknown.
+func (o *Operator) tryLock(ctx context.Context) (*pgxpool.Conn, bool, error) {
+	actx, cancel := context.WithTimeout(ctx, leaderCheckTimeout)
+	defer cancel()
+	conn, err := o.pool.Acquire(actx)
+	if err != nil {
+		return nil, false, err
+	}
+	var got bool
+	if err := conn.QueryRow(actx, "SELECT pg_try_advisory_lock($1)", leaderLockKey).Scan(&got); err != nil {
+		discard(conn)
+		return nil, false, err
+	}
+	return conn, got, nil
+}
+
+// discard closes a connection that must not return to the pool.
+func discard(conn *pgxpool.Conn) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	_ = conn.Hijack().Close(ctx)
 }
 
 // holdLock checks the leader lock connection until a check fails or ctx

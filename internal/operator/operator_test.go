@@ -901,3 +901,50 @@ func TestLeaderFailover(t *testing.T) {
 		t.Fatalf("after failover: %s %q", d.Status, d.FailureReason)
 	}
 }
+
+// TestLeaderLockSessionEnded: the server ends the leader's lock session (as
+// it does when its keepalives find the leader's host gone); the leader
+// steps down and one operator leads again on a new session, three times in
+// a row.
+func TestLeaderLockSessionEnded(t *testing.T) {
+	t.Parallel()
+	cfg := testConfig(pgtest.URL(t))
+	ops := make([]*Operator, 2)
+	for i := range ops {
+		ops[i], _ = startOperator(t, cfg)
+	}
+	admin := pgtestPool(t, cfg.DatabaseURL)
+	// holder is the pid of the session holding the leader lock (0: none)
+	// once exactly one operator says it leads.
+	holder := func() int32 {
+		n := 0
+		for _, op := range ops {
+			if op.Leading() {
+				n++
+			}
+		}
+		var pid int32
+		_ = admin.QueryRow(t.Context(), `SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted
+			AND ((classid::bigint << 32) | objid::bigint) = $1`, int64(leaderLockKey)).Scan(&pid)
+		if n != 1 {
+			return 0
+		}
+		return pid
+	}
+	var last int32
+	for round := range 3 {
+		var pid int32
+		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+			if pid = holder(); pid != 0 && pid != last {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("round %d: no single leader on a new session 30 s after the last one ended", round)
+			}
+		}
+		if _, err := admin.Exec(t.Context(), "SELECT pg_terminate_backend($1)", pid); err != nil {
+			t.Fatalf("round %d: %v", round, err)
+		}
+		last = pid
+	}
+}
