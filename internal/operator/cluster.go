@@ -73,12 +73,12 @@ func (o *Operator) nodeHeartbeat(w http.ResponseWriter, r *http.Request) error {
 	}
 	changed, buildsChanged := false, false
 	err = o.tx(r.Context(), func(tx pgx.Tx) error {
-		var regionID uuid.UUID
-		if err := tx.QueryRow(r.Context(), Q("RegionUpsert"), newID(), rep.Region).Scan(&regionID); err != nil {
+		region, err := regionID(r.Context(), tx, rep.Region)
+		if err != nil {
 			return err
 		}
 		var inserted bool
-		if err := tx.QueryRow(r.Context(), Q("NodeUpsert"), nodeID, regionID, rep.Hostname, rep.Address, rep.VCPUs, rep.MemoryMiB, rep.DiskBytes,
+		if err := tx.QueryRow(r.Context(), Q("NodeUpsert"), nodeID, region, rep.Hostname, rep.Address, rep.VCPUs, rep.MemoryMiB, rep.DiskBytes,
 			rep.MaxBuilds).Scan(&inserted); err != nil {
 			return err
 		}
@@ -150,11 +150,11 @@ func (o *Operator) edgeHeartbeat(w http.ResponseWriter, r *http.Request) error {
 		return invalid("region: %v", err)
 	}
 	err := o.tx(r.Context(), func(tx pgx.Tx) error {
-		var regionID uuid.UUID
-		if err := tx.QueryRow(r.Context(), Q("RegionUpsert"), newID(), req.Region).Scan(&regionID); err != nil {
+		region, err := regionID(r.Context(), tx, req.Region)
+		if err != nil {
 			return err
 		}
-		_, err := tx.Exec(r.Context(), Q("EdgeUpsert"), req.ID, regionID, req.HTTPSAddress, req.HTTPAddress)
+		_, err = tx.Exec(r.Context(), Q("EdgeUpsert"), req.ID, region, req.HTTPSAddress, req.HTTPAddress)
 		return err
 	})
 	if err != nil {
@@ -355,6 +355,22 @@ func (o *Operator) routes(w http.ResponseWriter, r *http.Request) error {
 			return nil
 		}
 	}
+}
+
+// regionID returns the id of the region called name, creating it when
+// missing. It reads without locking: an upsert (ON CONFLICT DO UPDATE)
+// locks the region's row until its transaction commits, and every
+// heartbeat of a region would then wait for the one before it, each
+// holding the lock for several round trips to the database — enough, from
+// a region far from the database, to time heartbeats out and mark healthy
+// nodes down (ADR 0802).
+func regionID(ctx context.Context, tx pgx.Tx, name string) (uuid.UUID, error) {
+	var id uuid.UUID
+	err := tx.QueryRow(ctx, Q("RegionID"), name).Scan(&id)
+	if isNoRows(err) {
+		err = tx.QueryRow(ctx, Q("RegionUpsert"), newID(), name).Scan(&id)
+	}
+	return id, err
 }
 
 // EnsureRegion creates a region row (used by tests and bootstrap).

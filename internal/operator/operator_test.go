@@ -948,3 +948,51 @@ func TestLeaderLockSessionEnded(t *testing.T) {
 		last = pid
 	}
 }
+
+// TestHeartbeatsOfARegionDoNotQueue: a node's heartbeat does not wait for
+// another heartbeat of its region still in its transaction (one from a
+// region far from the database holds it for several round trips).
+func TestHeartbeatsOfARegionDoNotQueue(t *testing.T) {
+	t.Parallel()
+	cfg := testConfig(pgtest.URL(t))
+	_, url := startOperator(t, cfg)
+	beat := func(id uuid.UUID) error {
+		b, _ := json.Marshal(map[string]any{"id": id, "hostname": "h", "region": "far-away", "address": "http://192.0.2.1:8081", "vcpus": 4, "memory_mib": 4096})
+		ctx, cancel := context.WithTimeout(t.Context(), 3*time.Second)
+		defer cancel()
+		req, _ := http.NewRequestWithContext(ctx, "POST", url+"/api/v1/internal/nodes/"+id.String()+"/heartbeat", bytes.NewReader(b))
+		req.Header.Set("Authorization", "Bearer "+clusterToken)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			return err
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			return fmt.Errorf("status %d", resp.StatusCode)
+		}
+		return nil
+	}
+	if err := beat(newID()); err != nil { // the region exists from here on
+		t.Fatal(err)
+	}
+	// A heartbeat in flight: its transaction has resolved the region and
+	// written its node, and has not committed yet.
+	admin := pgtestPool(t, cfg.DatabaseURL)
+	tx, err := admin.Begin(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback(context.Background())
+	region, err := regionID(t.Context(), tx, "far-away")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx.Exec(t.Context(), Q("NodeUpsert"), newID(), region, "h2", "http://192.0.2.2:8081", 4, 4096, 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if err := beat(newID()); err != nil {
+		t.Fatalf("a heartbeat of the same region waited for the open one: %v", err)
+	}
+	t.Logf("heartbeat beside an open one of its region: %s", time.Since(start).Round(time.Millisecond))
+}

@@ -1,3 +1,6 @@
+-- name: RegionID
+SELECT id FROM regions WHERE name = $1 AND deleted_at IS NULL;
+
 -- name: RegionUpsert
 INSERT INTO regions (id, name) VALUES ($1, $2)
 ON CONFLICT (name) WHERE deleted_at IS NULL DO UPDATE SET name = excluded.name
