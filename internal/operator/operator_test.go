@@ -996,3 +996,56 @@ func TestHeartbeatsOfARegionDoNotQueue(t *testing.T) {
 	}
 	t.Logf("heartbeat beside an open one of its region: %s", time.Since(start).Round(time.Millisecond))
 }
+
+// TestSilentNodeDoesNotStallStops: one node takes requests and never
+// answers (its packets dropped, not refused); the leader still stops the
+// instances of every other node at once instead of after that node's
+// timeouts.
+func TestSilentNodeDoesNotStallStops(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	tok, _ := e.ops[0].Bootstrap(t.Context(), "acme", "ops@acme.test", "t")
+	if code := e.call(tok, "POST", "/api/v1/projects", map[string]any{"name": "web", "min_instances_per_region": 1}, nil); code != 201 {
+		t.Fatalf("create project: %d", code)
+	}
+	var d Deployment
+	if code := e.call(tok, "POST", "/api/v1/projects/web/deployments", map[string]any{"image": e.images["v1"]}, &d); code != 202 {
+		t.Fatalf("deploy: %d", code)
+	}
+	if d = e.waitDeployment(tok, d.ID.String(), "active", "failed"); d.Status != "active" || len(d.Instances) != 3 {
+		t.Fatalf("deploy: %s %q", d.Status, d.FailureReason)
+	}
+	// v2 supersedes v1, whose instances then stop (as at the end of the
+	// retention window) while nothing else is to be done.
+	var d2 Deployment
+	if code := e.call(tok, "POST", "/api/v1/projects/web/deployments", map[string]any{"image": e.images["v2"]}, &d2); code != 202 {
+		t.Fatalf("deploy v2: %d", code)
+	}
+	if d2 = e.waitDeployment(tok, d2.ID.String(), "active", "failed"); d2.Status != "active" {
+		t.Fatalf("deploy v2: %s %q", d2.Status, d2.FailureReason)
+	}
+	silent := e.agentOf(d.Instances[0].NodeID)
+	silent.SetSilent(true)
+	admin := pgtestPool(t, e.cfg.DatabaseURL)
+	if _, err := admin.Exec(t.Context(), "UPDATE instances SET desired_state = 'stopped' WHERE deployment_id = $1", d.ID); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	for _, in := range d.Instances[1:] {
+		a := e.agentOf(in.NodeID)
+		for slices.Contains(a.IDs(), in.ID.String()) {
+			if time.Since(start) > 5*time.Second {
+				t.Fatalf("instance %s of a node that answers still runs %s after it was to stop", in.ID, time.Since(start).Round(time.Millisecond))
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	t.Logf("the answering nodes' instances stopped after %s", time.Since(start).Round(time.Millisecond))
+	silent.SetSilent(false)
+	for slices.Contains(silent.IDs(), d.Instances[0].ID.String()) {
+		if time.Since(start) > 40*time.Second {
+			t.Fatal("the silent node's instance still runs 40 s after the node answers again")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}

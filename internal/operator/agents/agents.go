@@ -64,8 +64,15 @@ func (c *Client) Delete(ctx context.Context, base, id string) error {
 	return c.call(ctx, http.MethodDelete, base, "/instances/"+url.PathEscape(id), nil, nil)
 }
 
+// listTimeout bounds List: an agent answers it from memory, so a node
+// that has not answered within it is not answering (the leader's orphan
+// scan waits for it in its pass).
+const listTimeout = 3 * time.Second
+
 // List returns every instance the agent runs.
 func (c *Client) List(ctx context.Context, base string) ([]Instance, error) {
+	ctx, cancel := context.WithTimeout(ctx, listTimeout)
+	defer cancel()
 	var out []Instance
 	return out, c.call(ctx, http.MethodGet, base, "/instances", nil, &out)
 }
@@ -85,6 +92,13 @@ func (e *StatusError) Error() string {
 func IsNotFound(err error) bool {
 	var se *StatusError
 	return errors.As(err, &se) && se.Status == http.StatusNotFound
+}
+
+// IsStatus reports whether err is the agent's answer (any status), not a
+// failure to reach it.
+func IsStatus(err error) bool {
+	var se *StatusError
+	return errors.As(err, &se)
 }
 
 // IsRejected reports whether the agent refused a request's content (400,

@@ -16,6 +16,7 @@ import (
 	"net"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/authn"
@@ -540,6 +541,10 @@ func (o *Reconciler) healthReason(ctx context.Context, d openDeployment) string 
 }
 
 // stopInstances asks node agents to remove instances that should not run.
+// Nodes are asked concurrently (each node's instances one after the
+// other): a node that stopped answering without refusing — its region cut
+// off, not yet marked down — costs the pass one agent timeout, not one
+// per instance and node.
 func (o *Reconciler) stopInstances(ctx context.Context) error {
 	rows, err := o.pool.Query(ctx, Q("InstancesToStop"))
 	if err != nil {
@@ -556,19 +561,56 @@ func (o *Reconciler) stopInstances(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	byNode := map[string][]uuid.UUID{}
 	for _, s := range list {
-		if err := o.agents.Delete(ctx, s.addr, s.id.String()); err != nil {
-			o.log.Warn("cannot stop instance", "instance_id", s.id, "err", err)
-			continue
-		}
-		if _, err := o.pool.Exec(ctx, Q("InstanceDelete"), s.id); err != nil {
-			return err
-		}
+		byNode[s.addr] = append(byNode[s.addr], s.id)
 	}
+	err = perNode(byNode, func(addr string, ids []uuid.UUID) error {
+		for _, id := range ids {
+			if err := o.agents.Delete(ctx, addr, id.String()); err != nil {
+				o.log.Warn("cannot stop instance", "instance_id", id, "err", err)
+				if !agents.IsStatus(err) {
+					return nil // the node does not answer: its other instances wait for the next pass
+				}
+				continue
+			}
+			if _, err := o.pool.Exec(ctx, Q("InstanceDelete"), id); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
 	if len(list) > 0 {
 		_, _ = o.pool.Exec(ctx, Q("BumpRoutes"))
 	}
-	return nil
+	return err
+}
+
+// nodeConcurrency bounds the node agents a pass talks to at once.
+const nodeConcurrency = 16
+
+// perNode runs fn for every node of work, up to nodeConcurrency at once,
+// and joins their errors.
+func perNode[K comparable, T any](work map[K]T, fn func(node K, w T) error) error {
+	var (
+		wg   sync.WaitGroup
+		mu   sync.Mutex
+		errs []error
+		sem  = make(chan struct{}, nodeConcurrency)
+	)
+	for node, w := range work {
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			if err := fn(node, w); err != nil {
+				mu.Lock()
+				errs = append(errs, err)
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	return errors.Join(errs...)
 }
 
 // collectOrphans deletes VMs that node agents run but the database does not
@@ -591,11 +633,16 @@ func (o *Reconciler) collectOrphans(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	addrs := make(map[uuid.UUID]string, len(nodes))
 	for _, n := range nodes {
-		listed, err := o.agents.List(ctx, n.addr)
+		addrs[n.id] = n.addr
+	}
+	// Concurrently, as in stopInstances: a silent node costs one timeout.
+	return perNode(addrs, func(nodeID uuid.UUID, addr string) error {
+		listed, err := o.agents.List(ctx, addr)
 		if err != nil {
-			o.log.Warn("cannot list instances of node", "node_id", n.id, "err", err)
-			continue
+			o.log.Warn("cannot list instances of node", "node_id", nodeID, "err", err)
+			return nil
 		}
 		var ids []uuid.UUID
 		for _, in := range listed {
@@ -603,7 +650,7 @@ func (o *Reconciler) collectOrphans(ctx context.Context) error {
 				ids = append(ids, id)
 			}
 		}
-		rows, err := o.pool.Query(ctx, Q("InstancesKnownOnNode"), n.id, ids)
+		rows, err := o.pool.Query(ctx, Q("InstancesKnownOnNode"), nodeID, ids)
 		if err != nil {
 			return err
 		}
@@ -615,11 +662,11 @@ func (o *Reconciler) collectOrphans(ctx context.Context) error {
 			if slices.Contains(known, id) {
 				continue
 			}
-			o.log.Warn("deleting an instance the database does not know", "node_id", n.id, "instance_id", id)
-			if err := o.agents.Delete(ctx, n.addr, id.String()); err != nil {
+			o.log.Warn("deleting an instance the database does not know", "node_id", nodeID, "instance_id", id)
+			if err := o.agents.Delete(ctx, addr, id.String()); err != nil {
 				o.log.Warn("cannot delete orphan instance", "instance_id", id, "err", err)
 			}
 		}
-	}
-	return nil
+		return nil
+	})
 }

@@ -33,6 +33,8 @@ type Agent struct {
 	token      string
 	bad        func(image string) bool
 	alive      atomic.Bool
+	silent     atomic.Bool
+	closing    chan struct{}
 
 	mu      sync.Mutex
 	insts   map[string]*agents.Instance
@@ -111,7 +113,15 @@ func Start(t testing.TB, region, operatorURL, clusterToken string, bad func(imag
 		w.WriteHeader(http.StatusNoContent)
 	})
 	a.buildRoutes(mux)
+	a.closing = make(chan struct{})
 	a.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if a.silent.Load() {
+			select {
+			case <-r.Context().Done():
+			case <-a.closing:
+			}
+			return
+		}
 		if r.Header.Get("Authorization") != "Bearer "+clusterToken {
 			http.Error(w, `{"error":{"code":"unauthorized","message":"cluster token required"}}`, http.StatusUnauthorized)
 			return
@@ -119,6 +129,7 @@ func Start(t testing.TB, region, operatorURL, clusterToken string, bad func(imag
 		mux.ServeHTTP(w, r)
 	}))
 	t.Cleanup(a.srv.Close)
+	t.Cleanup(func() { close(a.closing) }) // runs first: silent requests end
 	return a
 }
 
@@ -127,6 +138,10 @@ func (a *Agent) URL() string { return a.srv.URL }
 
 // SetAlive stops (false) or resumes heartbeats, as a lost or returning node.
 func (a *Agent) SetAlive(v bool) { a.alive.Store(v) }
+
+// SetSilent makes the agent take requests and never answer them (true),
+// as a node whose packets are dropped, or answer again (false).
+func (a *Agent) SetSilent(v bool) { a.silent.Store(v) }
 
 // IDs lists the instances the agent runs.
 func (a *Agent) IDs() []string {
