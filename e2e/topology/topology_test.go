@@ -9,6 +9,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -16,6 +17,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/jackc/pgx/v5"
 
 	"github.com/zeitwork/zeitwork/internal/apiclient"
 	"github.com/zeitwork/zeitwork/internal/devcluster"
@@ -94,6 +97,7 @@ func TestProductionTopology(t *testing.T) {
 		}
 	})
 	t.Logf("topology up in %s", time.Since(start).Round(time.Millisecond))
+	checkDatabaseTLS(t, ctx, topo)
 	l := topo.Layout
 	token, err := topo.Bootstrap(ctx, "demo", "dev@zeitwork.test")
 	if err != nil {
@@ -209,7 +213,7 @@ func TestProductionTopology(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if got := oneLeader(t, ctx, topo, 5*time.Second); got != next {
+	if got := oneLeader(t, ctx, topo, 20*time.Second); got != next {
 		t.Fatalf("leadership moved from %s to %s when the operators came back", next, got)
 	}
 
@@ -353,6 +357,51 @@ func TestProductionTopology(t *testing.T) {
 	}
 	if ls := topo.Leaders(ctx); len(ls) != 1 {
 		t.Fatalf("leaders after PostgreSQL moved: %v", ls)
+	}
+}
+
+// checkDatabaseTLS: the database takes TLS connections only, and the
+// operators' sslmode=verify-full (which they run with) refuses a server
+// whose certificate another CA signed.
+func checkDatabaseTLS(t *testing.T, ctx context.Context, topo *topology.Topology) {
+	t.Helper()
+	u, err := url.Parse(topo.MgmtDatabaseURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if q := u.Query(); q.Get("sslmode") != "verify-full" || !strings.Contains(topo.DatabaseURL, "sslmode=verify-full") {
+		t.Fatalf("the topology's database URLs do not verify the server: %s, %s", topo.MgmtDatabaseURL, topo.DatabaseURL)
+	}
+	other, err := devcluster.EnsureCA(t.TempDir(), "other.test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for what, mode := range map[string]string{
+		"without TLS":                  "sslmode=disable",
+		"verifying against another CA": "sslmode=verify-full&sslrootcert=" + url.QueryEscape(other.CertFile),
+	} {
+		v := *u
+		v.RawQuery = mode
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		conn, err := pgx.Connect(cctx, v.String())
+		cancel()
+		if err == nil {
+			conn.Close(ctx)
+			t.Errorf("connected to the database %s", what)
+		} else {
+			t.Logf("connecting %s fails: %v", what, err)
+		}
+	}
+	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	conn, err := pgx.Connect(cctx, topo.MgmtDatabaseURL)
+	if err != nil {
+		t.Fatalf("verify-full against the topology's CA: %v", err)
+	}
+	defer conn.Close(ctx)
+	var ssl bool
+	if err := conn.QueryRow(cctx, "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").Scan(&ssl); err != nil || !ssl {
+		t.Fatalf("the session is not encrypted (%v)", err)
 	}
 }
 

@@ -2,8 +2,12 @@ package topology
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"net"
+	"net/url"
 	"os"
+	"os/user"
 	"path/filepath"
 	"strconv"
 	"syscall"
@@ -44,11 +48,51 @@ func (t *Topology) initDB(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	_, err = f.WriteString("host all all 10.250.0.0/16 trust\n")
+	// TLS only, from every host of the layout: the operators connect with
+	// sslmode=verify-full, as they would to a managed PostgreSQL.
+	_, err = f.WriteString("hostssl all all 10.250.0.0/16 trust\n")
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
-	return err
+	if err != nil {
+		return err
+	}
+	return t.issueDBCert()
+}
+
+// issueDBCert gives PostgreSQL a server certificate (server.crt and
+// server.key in its data directory) for db.internal.<zone> and both
+// database hosts' addresses, signed by the topology's CA.
+func (t *Topology) issueDBCert() error {
+	crt, key := filepath.Join(t.pgData(), "server.crt"), filepath.Join(t.pgData(), "server.key")
+	ips := []net.IP{net.ParseIP(t.Layout.DB.IP), net.ParseIP(t.Layout.DB2.IP)}
+	if err := t.CA.Issue(crt, key, []string{t.DBName()}, ips); err != nil {
+		return fmt.Errorf("cannot issue the database's certificate: %w", err)
+	}
+	// The server reads its key only when it owns it, mode 0600.
+	u, err := user.Lookup("postgres")
+	if err != nil {
+		return err
+	}
+	uid, _ := strconv.Atoi(u.Uid)
+	gid, _ := strconv.Atoi(u.Gid)
+	return errors.Join(os.Chown(crt, uid, gid), os.Chown(key, uid, gid))
+}
+
+// dbURL is a database URL for host (the database's name or an address):
+// TLS with the server's certificate checked against the topology's CA and
+// host, as docs/operations.md prescribes for a managed PostgreSQL.
+func (t *Topology) dbURL(host string) string {
+	return fmt.Sprintf("postgres://zeitwork@%s:5432/zeitwork?sslmode=verify-full&sslrootcert=%s", host, url.QueryEscape(t.CA.CertFile))
+}
+
+// operatorDBURL is the operators' DATABASE_URL. Every query pays the round
+// trip to the database's region, so an operator needs more connections
+// than pgx's default (4 on this machine) to keep up with the heartbeats and
+// route polls of a whole region's workers (and another region's, when that
+// region's operators are down).
+func (t *Topology) operatorDBURL(host string) string {
+	return t.dbURL(host) + "&pool_max_conns=16"
 }
 
 // startDB runs PostgreSQL inside host h's namespace on h.IP:5432 and
@@ -61,13 +105,14 @@ func (t *Topology) startDB(ctx context.Context, h *Host) error {
 	args := append([]string{"--reuid=postgres", "--regid=postgres", "--clear-groups", "--",
 		filepath.Join(bin, "postgres"), "-D", t.pgData(), "-p", "5432", "-h", h.IP, "-k", t.pgData(),
 		"-c", "max_connections=300", "-c", "shared_buffers=64MB",
-		"-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"}, pgKeepalive...)
+		"-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+		"-c", "ssl=on"}, pgKeepalive...)
 	p := t.proc(h.Name, "postgres-"+strconv.Itoa(h.Index), "setpriv", nil, "", args...)
 	if err := p.Start(ctx, 0); err != nil {
 		return err
 	}
 	t.DB, t.DBHost = p, h
-	t.MgmtDatabaseURL = fmt.Sprintf("postgres://zeitwork@%s:5432/zeitwork?sslmode=disable", h.IP)
+	t.MgmtDatabaseURL = t.dbURL(h.IP)
 	deadline := time.Now().Add(time.Minute)
 	for {
 		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)

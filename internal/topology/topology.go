@@ -215,12 +215,12 @@ func Start(ctx context.Context, cfg Config) (_ *Topology, err error) {
 	if t.Registry, err = devcluster.StartRegistry(mgmtIP + ":5000"); err != nil {
 		return nil, err
 	}
-	t.DatabaseURL = dbURL(layout.DB.IP)
+	t.DatabaseURL = t.operatorDBURL(layout.DB.IP)
 	if HasDNS(cfg.BinDir) {
 		if err := t.startDNS(ctx); err != nil {
 			return nil, err
 		}
-		t.DatabaseURL = dbURL(t.DBName())
+		t.DatabaseURL = t.operatorDBURL(t.DBName())
 	}
 	if err := t.startAll(ctx, layout.All(RoleOperator), t.startOperator); err != nil {
 		return nil, err
@@ -248,15 +248,6 @@ func lockRun() (*os.File, error) {
 	_ = f.Truncate(0)
 	_, _ = f.WriteAt([]byte(fmt.Sprintln(os.Getpid())), 0)
 	return f, nil
-}
-
-// dbURL is the operators' DATABASE_URL. Every query pays the round trip
-// to the database's region, so an operator needs more connections than
-// pgx's default (4 on this machine) to keep up with the heartbeats and
-// route polls of a whole region's workers (and another region's, when
-// that region's operators are down).
-func dbURL(host string) string {
-	return fmt.Sprintf("postgres://zeitwork@%s:5432/zeitwork?sslmode=disable&pool_max_conns=16", host)
 }
 
 func randHex(n int) string {
