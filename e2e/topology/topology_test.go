@@ -48,6 +48,26 @@ func binDir(t *testing.T) string {
 	return d
 }
 
+// stateDir is $ZEITWORK_TOPOLOGY_STATE when set (emptied first and kept
+// afterwards, to read every process's log) or a temporary directory.
+func stateDir(t *testing.T) string {
+	d := os.Getenv("ZEITWORK_TOPOLOGY_STATE")
+	if d == "" {
+		return t.TempDir()
+	}
+	d, err := filepath.Abs(d)
+	if err == nil {
+		err = os.RemoveAll(d)
+	}
+	if err == nil {
+		err = os.MkdirAll(d, 0o755)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
 func requireRoot(t *testing.T) {
 	if testing.Short() {
 		t.Skip("the production topology takes minutes")
@@ -70,7 +90,7 @@ func TestProductionTopology(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	state := t.TempDir()
+	state := stateDir(t)
 	start := time.Now()
 	topo, err := topology.Start(ctx, topology.Config{BinDir: bin, StateDir: state,
 		Env: map[string]string{"DEPLOY_TIMEOUT": "180s", "NODE_DOWN_AFTER": "20s"}})

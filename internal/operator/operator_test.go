@@ -925,6 +925,7 @@ func TestLeaderLockSessionEnded(t *testing.T) {
 		}
 		var pid int32
 		_ = admin.QueryRow(t.Context(), `SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted
+			AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
 			AND ((classid::bigint << 32) | objid::bigint) = $1`, int64(leaderLockKey)).Scan(&pid)
 		if n != 1 {
 			return 0
