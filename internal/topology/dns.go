@@ -75,9 +75,13 @@ func (l *Layout) DNSConfig(zone, appsDomain, dbIP string, ttl time.Duration) ([]
 			{Name: "db.internal." + zone, Type: "A", Value: dbIP, TTL: 1},
 			{Name: "ns1." + zone, Type: "A", Value: l.Regions[0].Of(RoleDNS)[0].IP},
 		},
-		// Down after 2 failed checks 500 ms apart (timeout 400 ms): about
-		// a second and a half; answers then age out within the TTL.
-		Health: dnsHealth{Check: "http", Port: 8084, Path: "/health/ready", Interval: "500ms", Timeout: "400ms", Fall: 2, Rise: 2},
+		// Down after 2 failed checks (timeout 750 ms, 750 ms between
+		// rounds): within about 3.2 s, so answers age out within the TTL.
+		// A probe to the farthest region costs two round trips (80 ms
+		// each) on a fresh connection; the timeout leaves room for hosts
+		// busy booting microVMs (400 ms marked whole regions down for a
+		// moment under a deploy's load).
+		Health: dnsHealth{Check: "http", Port: 8084, Path: "/health/ready", Interval: "750ms", Timeout: "750ms", Fall: 2, Rise: 2},
 	}
 	for i, r := range l.Regions {
 		dr := dnsRegion{Name: r.Name, Subnets: []string{r.Subnet}}

@@ -3,6 +3,7 @@ package topology
 import (
 	"fmt"
 	"os"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -84,12 +85,26 @@ type packet struct {
 	due time.Time
 }
 
+// wireNice is the niceness of the threads carrying packets: a real link
+// does not slow down when its hosts are busy, so the emulated one runs
+// ahead of the microVMs and services competing for this machine's CPUs.
+const wireNice = -10
+
+// onWireThread locks the calling goroutine to its thread (for good: the
+// thread ends with the goroutine) and gives the thread wireNice.
+func onWireThread() {
+	runtime.LockOSThread()
+	_ = unix.Setpriority(unix.PRIO_PROCESS, unix.Gettid(), wireNice)
+}
+
 // pump carries packets from src to dst, each delay after it was read.
 // It returns when src is closed.
 func (w *wire) pump(src, dst *os.File) {
+	onWireThread()
 	q := make(chan packet, 4096)
 	var wg sync.WaitGroup
 	wg.Go(func() {
+		onWireThread()
 		for p := range q {
 			if d := time.Until(p.due); d > 0 {
 				time.Sleep(d)
