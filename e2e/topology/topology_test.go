@@ -323,6 +323,12 @@ func TestProductionTopology(t *testing.T) {
 	for _, f := range load.Failures() {
 		t.Logf("  failed: %s from %s: %s", f.Start.Format("15:04:05.000"), f.Client, f.Err)
 	}
+	if load.Failed.Load() != 0 {
+		t.Errorf("%d of %d requests from the live regions failed while the region was being lost", load.Failed.Load(), load.Total.Load())
+	}
+	if load.Total.Load() < 100 {
+		t.Errorf("only %d requests from the live regions while the region was being lost", load.Total.Load())
+	}
 	// Without the region, once the platform has noticed: no failure.
 	steady := topology.StartLoad(ctx, up, prod, "hello from v2", 100*time.Millisecond, 150)
 	time.Sleep(15 * time.Second)
