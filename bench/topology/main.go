@@ -30,6 +30,11 @@ func main() {
 	}
 }
 
+// retention (both layouts): a superseded deployment's microVMs stop 30 s
+// after the next one is active, so each deploy boots beside one running
+// version, not every earlier one.
+const retention = "30s"
+
 func run() error {
 	rounds := flag.Int("rounds", 3, "deploys per layout")
 	binDir := flag.String("bin", "bin", "built binaries")
@@ -45,7 +50,7 @@ func run() error {
 
 	log.Printf("topology: starting 3 regions × (3 operators + 6 workers)")
 	topo, err := topology.Start(ctx, topology.Config{BinDir: bin, StateDir: filepath.Join(state, "topology"),
-		Env: map[string]string{"DEPLOY_TIMEOUT": "180s", "NODE_DOWN_AFTER": "20s"}})
+		Env: map[string]string{"DEPLOY_TIMEOUT": "180s", "NODE_DOWN_AFTER": "20s", "RETENTION": retention}})
 	if err != nil {
 		return err
 	}
@@ -67,7 +72,7 @@ func run() error {
 	fmt.Fprintf(&sb, "Production layout on one machine (`make bench-topology`): 3 regions × (3 operators + 6 workers) as network namespaces, links to the core delayed 10/15/30 ms one way, GeoDNS TTL %s, one PostgreSQL; the sample app deployed %d times with 3 instances in every region (9 microVMs, QEMU TCG). The same deploy on the one-host `make dev` layout (one region, one node agent, 3 instances) in the same run.\n\n", topo.DNSTTL(), *rounds)
 	fmt.Fprintf(&sb, "| | topology | make dev layout | ratio |\n|---|---|---|---|\n")
 	fmt.Fprintf(&sb, "| deploy p50 (s) | %.1f | %.1f | %.2f |\n\n", tp.Seconds(), dp.Seconds(), tp.Seconds()/dp.Seconds())
-	fmt.Fprintf(&sb, "Loss of a whole region (ap-south: its link to the core cut) under constant load from the other two regions' clients (10 req/s each at most, resolving through GeoDNS, a new connection per request), from 2 s before the cut until every live edge proxy had a route table without the lost region (its instances left the table %.1f s after the cut — nodes are marked down after 20 s without heartbeat — and the last edge took it %.1f s after the cut): %d of %d requests failed; GeoDNS stopped answering with the lost region %.1f s after the cut. The failures are requests the edges sent to the lost region's instances (edges pick instances in every region, one retry) or over connections to it that no longer answer.\n\n", unrouted.Seconds(), synced.Seconds(), lossFailed, lossTotal, failover.Seconds())
+	fmt.Fprintf(&sb, "Loss of a whole region (ap-south: its link to the core cut) under constant load from the other two regions' clients (10 req/s each at most, resolving through GeoDNS, a new connection per request), from 2 s before the cut until every live edge proxy had a route table without the lost region (its instances left the table %.1f s after the cut — nodes are marked down after 20 s without heartbeat — and the last edge took it %.1f s after the cut): %d of %d requests failed; GeoDNS stopped answering with the lost region %.1f s after the cut. Edges prefer their own region's instances and retry a try that times out on another node (ADR 0503).\n\n", unrouted.Seconds(), synced.Seconds(), lossFailed, lossTotal, failover.Seconds())
 	fmt.Fprintf(&sb, "Memory: %s.\n", capacity)
 	fmt.Print(sb.String())
 	if err := benchdoc.Write("topology", sb.String()); err != nil {
@@ -166,7 +171,7 @@ func benchTopology(ctx context.Context, topo *topology.Topology, rounds int) (de
 
 func benchDev(ctx context.Context, bin, state string, rounds int) ([]time.Duration, error) {
 	c, err := devcluster.Start(ctx, devcluster.Config{BinDir: bin, StateDir: state, FirstIP: "127.0.9.1",
-		Env: map[string]string{"DEPLOY_TIMEOUT": "180s", "VM_SUBNET": "10.250.200.0/24"}})
+		Env: map[string]string{"DEPLOY_TIMEOUT": "180s", "VM_SUBNET": "10.250.200.0/24", "RETENTION": retention}})
 	if err != nil {
 		return nil, err
 	}

@@ -362,9 +362,7 @@ func TestProductionTopology(t *testing.T) {
 	if err := clients[lost].WaitGet(ctx, prod, "hello from v2", 15*time.Second); err != nil {
 		t.Fatalf("the returned region's client: %v", err)
 	}
-	if ls := topo.Leaders(ctx); len(ls) != 1 {
-		t.Fatalf("leaders after the region returned: %v", ls)
-	}
+	t.Logf("leader after the region returned: %s", oneLeader(t, ctx, topo, 20*time.Second))
 
 	// 6. PostgreSQL moves to another address behind the same name: the
 	// platform keeps serving its last routes, then resumes.
@@ -393,9 +391,7 @@ func TestProductionTopology(t *testing.T) {
 	if err := clients[0].WaitGet(ctx, prod, "hello from v3", 15*time.Second); err != nil {
 		t.Fatal(err)
 	}
-	if ls := topo.Leaders(ctx); len(ls) != 1 {
-		t.Fatalf("leaders after PostgreSQL moved: %v", ls)
-	}
+	t.Logf("leader after PostgreSQL moved: %s", oneLeader(t, ctx, topo, 20*time.Second))
 }
 
 // checkDatabaseTLS: the database takes TLS connections only, and the

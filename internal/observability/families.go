@@ -18,6 +18,7 @@ var Families = map[string][]string{
 		"zeitwork_build_duration_seconds",
 		"zeitwork_builds_total",
 		"zeitwork_operator_leader",
+		"zeitwork_operator_leader_pauses_total",
 		"zeitwork_operator_reconcile_duration_seconds",
 		// database
 		"zeitwork_db_up",

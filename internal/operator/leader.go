@@ -142,6 +142,7 @@ func (o *Operator) checkLock(ctx context.Context, conn *pgxpool.Conn, l *lease) 
 	}
 	o.log.Warn("the leader lock connection is slow to answer; pausing the leader's work", "after", leaderCheckTimeout.String())
 	l.setPaused(true)
+	o.m.pauses.Inc()
 	err := <-done
 	if err == nil {
 		l.setPaused(false)

@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	dto "github.com/prometheus/client_model/go"
+
 	"github.com/zeitwork/zeitwork/internal/pgtest"
 )
 
@@ -149,6 +151,10 @@ func TestLeaderRidesOutASlowDatabase(t *testing.T) {
 	px.resume()
 	if !paused {
 		t.Error("the leader's work did not pause while its lock check was overdue")
+	}
+	var m dto.Metric
+	if err := op.m.pauses.Write(&m); err != nil || m.GetCounter().GetValue() != 1 {
+		t.Errorf("zeitwork_operator_leader_pauses_total = %v, want 1 (%v)", m.GetCounter().GetValue(), err)
 	}
 	for deadline := time.Now().Add(10 * time.Second); op.leaderPaused(); time.Sleep(50 * time.Millisecond) {
 		if time.Now().After(deadline) {

@@ -189,6 +189,7 @@ type metrics struct {
 	latency     *prometheus.HistogramVec
 	deployments *prometheus.CounterVec
 	leader      prometheus.Gauge
+	pauses      prometheus.Counter
 	passes      *prometheus.HistogramVec
 	webhooks    *prometheus.CounterVec
 	routeBuilds prometheus.Counter
@@ -211,6 +212,8 @@ func New(cfg Config, pool *pgxpool.Pool, reg prometheus.Registerer, log *slog.Lo
 			Buckets: []float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60}}, []string{"route", "code"}),
 		deployments: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "zeitwork_operator_deployments_total", Help: "Deployment transitions by status."}, []string{"status"}),
 		leader:      prometheus.NewGauge(prometheus.GaugeOpts{Name: "zeitwork_operator_leader", Help: "1 while this operator runs the background work."}),
+		pauses: prometheus.NewCounter(prometheus.CounterOpts{Name: "zeitwork_operator_leader_pauses_total",
+			Help: "Times the leader paused its work because a check of its lock connection was overdue (3 s)."}),
 		passes: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "zeitwork_operator_reconcile_duration_seconds",
 			Help: "Duration of reconcile passes by result.", Buckets: prometheus.ExponentialBuckets(0.001, 4, 8)}, []string{"result"}),
 		webhooks:    prometheus.NewCounterVec(prometheus.CounterOpts{Name: "zeitwork_operator_webhook_deliveries_total", Help: "GitHub deliveries by result."}, []string{"result"}),
@@ -229,7 +232,7 @@ func New(cfg Config, pool *pgxpool.Pool, reg prometheus.Registerer, log *slog.Lo
 	o.rec = reconcile.New(reconcile.Config{DeployTimeout: cfg.DeployTimeout, Retention: cfg.Retention, NodeDownAfter: cfg.NodeDownAfter,
 		OrphanScanEvery: cfg.OrphanScanEvery, InsecureRegistries: cfg.InsecureRegistries}, pool, o.agents, s, log, o.m.deployments)
 	if reg != nil {
-		reg.MustRegister(o.m.requests, o.m.latency, o.m.deployments, o.m.leader, o.m.passes, o.m.webhooks, o.m.routeBuilds)
+		reg.MustRegister(o.m.requests, o.m.latency, o.m.deployments, o.m.leader, o.m.pauses, o.m.passes, o.m.webhooks, o.m.routeBuilds)
 		reg.MustRegister(o.m.build.Collectors()...)
 		reg.MustRegister(monitoring.NewCollector(pool, o.Leading, log))
 		// Known label values start at 0, so rates and ratios exist before

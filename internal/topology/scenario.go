@@ -19,6 +19,11 @@ import (
 
 var mgmtHTTP = &http.Client{Timeout: 2 * time.Second}
 
+// scrapeHTTP reads /metrics: the leader's scrape queries the database
+// (deployment and node gauges, up to 5 s), which takes more than a second
+// across the delayed links while microVMs boot.
+var scrapeHTTP = &http.Client{Timeout: 10 * time.Second}
+
 // Leaders lists the operators (host names) that report holding the leader
 // lock, among those the management network reaches.
 func (t *Topology) Leaders(ctx context.Context) []string {
@@ -32,7 +37,7 @@ func (t *Topology) Leaders(ctx context.Context) []string {
 		}
 		wg.Go(func() {
 			req, _ := http.NewRequestWithContext(ctx, "GET", "http://"+h.IP+":8080/metrics", nil)
-			resp, err := mgmtHTTP.Do(req)
+			resp, err := scrapeHTTP.Do(req)
 			if err != nil {
 				return
 			}
