@@ -155,19 +155,21 @@ func (o *Operator) checkLock(ctx context.Context, conn *pgxpool.Conn, l *lease) 
 type lease struct {
 	mu     sync.Mutex
 	paused bool
+	pauses int                // so far: a pass tells whether one cut it short
 	cancel context.CancelFunc // the pass in progress
 }
 
-// pass returns the context of a new pass, or false while paused.
-func (l *lease) pass(ctx context.Context) (context.Context, context.CancelFunc, bool) {
+// pass returns the context of a new pass and the number of pauses so far,
+// or false while paused.
+func (l *lease) pass(ctx context.Context) (context.Context, context.CancelFunc, int, bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.paused {
-		return nil, nil, false
+		return nil, nil, 0, false
 	}
 	pctx, cancel := context.WithTimeout(ctx, time.Minute)
 	l.cancel = cancel
-	return pctx, cancel, true
+	return pctx, cancel, l.pauses, true
 }
 
 // setPaused pauses (cancelling the pass in progress) or resumes.
@@ -175,8 +177,11 @@ func (l *lease) setPaused(p bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.paused = p
-	if p && l.cancel != nil {
-		l.cancel()
+	if p {
+		l.pauses++
+		if l.cancel != nil {
+			l.cancel()
+		}
 	}
 }
 
@@ -186,6 +191,13 @@ func (l *lease) isPaused() bool {
 	return l.paused
 }
 
+// pausedSince reports whether a pause began after the pass that saw n.
+func (l *lease) pausedSince(n int) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.pauses != n
+}
+
 // reconcileLoop runs passes until ctx ends (shutdown, or the leader lock
 // connection failed), none while l is paused.
 func (o *Operator) reconcileLoop(ctx context.Context, l *lease) {
@@ -193,15 +205,20 @@ func (o *Operator) reconcileLoop(ctx context.Context, l *lease) {
 	defer t.Stop()
 	backoff := time.Duration(0)
 	for {
-		if pctx, cancel, ok := l.pass(ctx); ok {
+		if pctx, cancel, pauses, ok := l.pass(ctx); ok {
 			start := time.Now()
 			// Builds first: a finished build hands its deployment to this
 			// very reconcile pass.
 			err := errors.Join(o.builds.Pass(pctx), o.rec.Pass(pctx), o.recheckDomains(pctx))
-			paused := pctx.Err() != nil && ctx.Err() == nil && l.isPaused()
+			// A pass a pause cut short did not fail, even if the leader
+			// resumed before it returned: no backoff.
+			paused := l.pausedSince(pauses)
 			cancel()
 			result := "ok"
-			if err != nil {
+			switch {
+			case err != nil && paused:
+				result = "paused"
+			case err != nil:
 				result = "error"
 			}
 			o.m.passes.WithLabelValues(result).Observe(time.Since(start).Seconds())

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/zeitwork/zeitwork/internal/pgtest"
@@ -166,5 +167,20 @@ func TestLeaderRidesOutASlowDatabase(t *testing.T) {
 	}
 	if got := holder(); got != pid {
 		t.Fatalf("the lock moved from session %d to %d", pid, got)
+	}
+	// Passes go on at once: the pass the pause cut short is no failure
+	// to back off from.
+	okPasses := func() uint64 {
+		var m dto.Metric
+		if err := op.m.passes.WithLabelValues("ok").(prometheus.Histogram).Write(&m); err != nil {
+			t.Fatal(err)
+		}
+		return m.GetHistogram().GetSampleCount()
+	}
+	before := okPasses()
+	for deadline := time.Now().Add(3 * time.Second); okPasses() < before+3; time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d passes in the 3 s after the leader resumed", okPasses()-before)
+		}
 	}
 }

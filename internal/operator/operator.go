@@ -215,7 +215,7 @@ func New(cfg Config, pool *pgxpool.Pool, reg prometheus.Registerer, log *slog.Lo
 		pauses: prometheus.NewCounter(prometheus.CounterOpts{Name: "zeitwork_operator_leader_pauses_total",
 			Help: "Times the leader paused its work because a check of its lock connection was overdue (3 s)."}),
 		passes: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "zeitwork_operator_reconcile_duration_seconds",
-			Help: "Duration of reconcile passes by result.", Buckets: prometheus.ExponentialBuckets(0.001, 4, 8)}, []string{"result"}),
+			Help: "Duration of reconcile passes by result (ok, error, or paused: cut short by a pause of the leader).", Buckets: prometheus.ExponentialBuckets(0.001, 4, 8)}, []string{"result"}),
 		webhooks:    prometheus.NewCounterVec(prometheus.CounterOpts{Name: "zeitwork_operator_webhook_deliveries_total", Help: "GitHub deliveries by result."}, []string{"result"}),
 		routeBuilds: prometheus.NewCounter(prometheus.CounterOpts{Name: "zeitwork_operator_route_table_builds_total", Help: "Route tables built from the database (cache misses)."}),
 	}

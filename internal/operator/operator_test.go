@@ -57,11 +57,40 @@ func startOperator(t testing.TB, cfg Config) (*Operator, string) {
 	return op, url
 }
 
+// tailLog keeps an operator's last log lines and prints them if the test
+// fails.
+func tailLog(t testing.TB) io.Writer {
+	l := &logTail{}
+	t.Cleanup(func() {
+		if t.Failed() {
+			l.mu.Lock()
+			defer l.mu.Unlock()
+			t.Logf("the operator's last %d log lines:\n%s", len(l.lines), strings.Join(l.lines, ""))
+		}
+	})
+	return l
+}
+
+type logTail struct {
+	mu    sync.Mutex
+	lines []string
+}
+
+func (l *logTail) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.lines) == 200 {
+		l.lines = slices.Delete(l.lines, 0, 1)
+	}
+	l.lines = append(l.lines, string(p))
+	return len(p), nil
+}
+
 // startStoppableOperator also returns a function that ends the operator's
 // background work (as if its process died) while its API keeps serving.
 func startStoppableOperator(t testing.TB, cfg Config) (*Operator, string, func()) {
 	pool := pgtestPool(t, cfg.DatabaseURL)
-	op, err := New(cfg, pool, nil, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	op, err := New(cfg, pool, nil, slog.New(slog.NewTextHandler(tailLog(t), nil)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -1048,5 +1077,52 @@ func TestSilentNodeDoesNotStallStops(t *testing.T) {
 			t.Fatal("the silent node's instance still runs 40 s after the node answers again")
 		}
 		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// TestClosedDeploymentsRunNothing: a reconcile pass that read a deployment
+// before it was stopped cannot give it a new instance afterwards, and an
+// instance of a stopped deployment still running (whatever left it) is
+// stopped on its node by the next pass.
+func TestClosedDeploymentsRunNothing(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	tok, _ := e.ops[0].Bootstrap(t.Context(), "acme", "ops@acme.test", "t")
+	if code := e.call(tok, "POST", "/api/v1/projects", map[string]any{"name": "web", "min_instances_per_region": 1}, nil); code != 201 {
+		t.Fatalf("create project: %d", code)
+	}
+	var d Deployment
+	if code := e.call(tok, "POST", "/api/v1/projects/web/deployments", map[string]any{"image": e.images["v1"]}, &d); code != 202 {
+		t.Fatalf("deploy: %d", code)
+	}
+	if d = e.waitDeployment(tok, d.ID.String(), "active", "failed"); d.Status != "active" || len(d.Instances) != 3 {
+		t.Fatalf("deploy: %s %q", d.Status, d.FailureReason)
+	}
+	admin := pgtestPool(t, e.cfg.DatabaseURL)
+	// The deployment stops, but its instances are left to run: the state
+	// a placement racing the stop would leave behind.
+	if _, err := admin.Exec(t.Context(), "UPDATE deployments SET status = 'stopped' WHERE id = $1", d.ID); err != nil {
+		t.Fatal(err)
+	}
+	in := d.Instances[0]
+	var regionID uuid.UUID
+	if err := admin.QueryRow(t.Context(), "SELECT region_id FROM instances WHERE id = $1", in.ID).Scan(&regionID); err != nil {
+		t.Fatal(err)
+	}
+	tag, err := admin.Exec(t.Context(), Q("InstanceInsert"), uuid.Must(uuid.NewV7()), d.ID, in.NodeID, regionID, 1, 128)
+	if err != nil || tag.RowsAffected() != 0 {
+		t.Fatalf("instance inserted for a stopped deployment: %v %v", tag, err)
+	}
+	e.eventually("the stopped deployment's VMs stopped", func() bool {
+		for _, in := range d.Instances {
+			if e.agentOf(in.NodeID).Has(in.ID.String()) {
+				return false
+			}
+		}
+		return true
+	})
+	var live int
+	if err := admin.QueryRow(t.Context(), "SELECT count(*) FROM instances WHERE deployment_id = $1 AND deleted_at IS NULL", d.ID).Scan(&live); err != nil || live != 0 {
+		t.Fatalf("%d instance rows of the stopped deployment remain (%v)", live, err)
 	}
 }

@@ -109,9 +109,19 @@ func (o *Reconciler) Pass(ctx context.Context) error {
 	if _, err := o.pool.Exec(ctx, Q("InstancesOfLostNodesForget")); err != nil {
 		return err
 	}
-	// Crash-looped instances are replaced.
+	// Crash-looped instances are replaced; closed deployments run nothing.
 	if _, err := o.pool.Exec(ctx, Q("InstancesFailedStop")); err != nil {
 		return err
+	}
+	tag, err = o.pool.Exec(ctx, Q("InstancesOfClosedDeploymentsStop"))
+	if err != nil {
+		return err
+	}
+	if tag.RowsAffected() > 0 {
+		o.log.Warn("instances of closed deployments were still to run; stopping them", "instances", tag.RowsAffected())
+		if _, err := o.pool.Exec(ctx, Q("BumpRoutes")); err != nil {
+			return err
+		}
 	}
 	rows, err = o.pool.Query(ctx, Q("OpenDeployments"))
 	if err != nil {
@@ -239,6 +249,10 @@ func (o *Reconciler) step(ctx context.Context, d openDeployment) error {
 		return nil
 	}
 	placed, short, err := o.ensureInstances(ctx, d)
+	if errors.Is(err, errClosed) {
+		o.log.Info("deployment closed while its instances were placed", "deployment_id", d.id)
+		return nil
+	}
 	if err != nil {
 		return err
 	}
@@ -317,6 +331,10 @@ type nodeCap struct {
 	vcpus, mem       int
 	usedCPU, usedMem int
 }
+
+// errClosed: the deployment was stopped (or its project deleted) after the
+// pass read it; the pass leaves it alone.
+var errClosed = errors.New("deployment closed")
 
 // ensureInstances places missing instances: min per region in every region
 // with nodes, on distinct ready nodes where possible, within capacity. It
@@ -442,8 +460,12 @@ func (o *Reconciler) ensureInstances(ctx context.Context, d openDeployment) (boo
 		for _, pick := range picks {
 			n := byID[pick]
 			id := uuid.Must(uuid.NewV7())
-			if _, err := o.pool.Exec(ctx, Q("InstanceInsert"), id, d.id, n.id, r.id, d.vcpus, d.memoryMiB); err != nil {
+			tag, err := o.pool.Exec(ctx, Q("InstanceInsert"), id, d.id, n.id, r.id, d.vcpus, d.memoryMiB)
+			if err != nil {
 				return false, "", err
+			}
+			if tag.RowsAffected() == 0 {
+				return false, "", errClosed
 			}
 			routesChanged = true
 			n.usedCPU += d.vcpus

@@ -66,7 +66,15 @@ SELECT DISTINCT r.id, r.name FROM regions r JOIN nodes n ON n.region_id = r.id
 WHERE r.deleted_at IS NULL AND n.deleted_at IS NULL ORDER BY r.name;
 
 -- name: InstanceInsert
-INSERT INTO instances (id, deployment_id, node_id, region_id, vcpus, memory_mib) VALUES ($1, $2, $3, $4, $5, $6);
+-- Only while the deployment and its project are open. Their rows are locked
+-- (FOR SHARE): an insert racing a stop (the deployment stopped, its project
+-- deleted) either commits first, and the stop's UPDATE then sees and stops
+-- the new instance too, or waits for the stop and inserts nothing.
+INSERT INTO instances (id, deployment_id, node_id, region_id, vcpus, memory_mib)
+SELECT $1::uuid, d.id, $3::uuid, $4::uuid, $5::int, $6::int
+FROM deployments d JOIN projects p ON p.id = d.project_id
+WHERE d.id = $2 AND d.status NOT IN ('failed', 'stopped') AND d.deleted_at IS NULL AND p.deleted_at IS NULL
+FOR SHARE OF d, p;
 
 -- name: InstanceSetDesired
 UPDATE instances SET desired_state = $2, updated_at = now() WHERE id = $1;
@@ -143,6 +151,15 @@ WHERE n.id = i.node_id AND n.state = 'down' AND i.deleted_at IS NULL AND i.desir
 UPDATE instances i SET deleted_at = now(), updated_at = now()
 FROM nodes n
 WHERE n.id = i.node_id AND n.state = 'down' AND i.deleted_at IS NULL AND n.last_heartbeat_at < now() - interval '24 hours';
+
+-- name: InstancesOfClosedDeploymentsStop
+-- Failed and stopped deployments, and those of deleted projects, run
+-- nothing: whatever path left an instance of one running, the next pass
+-- stops it.
+UPDATE instances i SET desired_state = 'stopped', updated_at = now()
+FROM deployments d JOIN projects p ON p.id = d.project_id
+WHERE d.id = i.deployment_id AND i.deleted_at IS NULL AND i.desired_state = 'running'
+  AND (d.status IN ('failed', 'stopped') OR d.deleted_at IS NOT NULL OR p.deleted_at IS NOT NULL);
 
 -- name: InstancesFailedStop
 UPDATE instances SET desired_state = 'stopped', updated_at = now()
