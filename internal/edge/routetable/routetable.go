@@ -90,8 +90,10 @@ type Client struct {
 	syncedAt atomic.Int64 // unix nanos of the last successful fetch
 	changes  chan struct{}
 	// heartbeats records the operators (by host) seen to write
-	// heartbeats; only Run's goroutine uses it.
+	// heartbeats, failedAt when each operator (by index) last failed a
+	// poll; only Run's goroutine uses them.
 	heartbeats map[string]bool
+	failedAt   map[int]time.Time
 }
 
 // errSilent ends a poll whose operator went quiet for Options.Silence.
@@ -110,6 +112,7 @@ func New(o Options) *Client {
 		cl.Silence = 6 * time.Second
 	}
 	cl.heartbeats = map[string]bool{}
+	cl.failedAt = map[int]time.Time{}
 	cl.changes = make(chan struct{}, 1)
 	if cl.StateFile != "" {
 		if b, err := os.ReadFile(cl.StateFile); err == nil {
@@ -154,25 +157,30 @@ func (c *Client) Staleness() time.Duration {
 // Changes receives a value after each new table.
 func (c *Client) Changes() <-chan struct{} { return c.changes }
 
-// Run long-polls until ctx ends. A failed poll moves on to the next
-// operator at once while the operators of this run of failures have not
-// all been tried, then with a backoff up to 5 s.
+// Run long-polls until ctx ends. Each poll goes to the first operator in
+// the configured order (the edge's own region first) that has not failed
+// a poll within retryAfter, else to the one that failed longest ago: a
+// failed poll moves on at once, an edge that had to leave its region's
+// operators returns to them once they answer again, and operators just
+// lost (a region cut off, each costing a Silence) are not tried again in
+// a row. Once the operators of a run of failures have all been tried, the
+// next poll waits a backoff of up to 5 s.
 func (c *Client) Run(ctx context.Context) error {
 	backoff := time.Duration(0)
 	failed := 0 // polls failed in a row
-	next := 0
 	for ctx.Err() == nil {
 		if len(c.Operators) == 0 {
 			<-ctx.Done()
 			return nil
 		}
-		op := c.Operators[next%len(c.Operators)]
+		i := c.pick()
+		op := c.Operators[i]
 		t, err := c.fetch(ctx, op, c.Table().Version)
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil
 			}
-			next++
+			c.failedAt[i] = time.Now()
 			failed++
 			c.Log.Warn("route table sync failed; serving the last known table", "operator", op.Host, "err", err, "stale_for", c.Staleness().Round(time.Second).String())
 			if failed < len(c.Operators) {
@@ -185,6 +193,7 @@ func (c *Client) Run(ctx context.Context) error {
 			}
 			continue
 		}
+		delete(c.failedAt, i)
 		backoff, failed = 0, 0
 		if t.Version != c.Table().Version {
 			c.Set(t)
@@ -194,6 +203,25 @@ func (c *Client) Run(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// retryAfter is how long an operator that failed a poll is passed over
+// while others have not failed.
+func (c *Client) retryAfter() time.Duration { return 4 * c.Silence }
+
+// pick returns the index of the operator to poll next.
+func (c *Client) pick() int {
+	oldest := 0
+	for i := range c.Operators {
+		at, failed := c.failedAt[i]
+		if !failed || time.Since(at) >= c.retryAfter() {
+			return i
+		}
+		if at.Before(c.failedAt[oldest]) {
+			oldest = i
+		}
+	}
+	return oldest
 }
 
 // fetch polls op once. Any Silence without a byte from op — before the

@@ -195,3 +195,56 @@ func TestOperatorWithoutHeartbeats(t *testing.T) {
 		t.Errorf("an operator without heartbeats was polled with wait=%s (silence 600ms)", w)
 	}
 }
+
+// TestLostOperatorsAreNotTriedInARow: an edge that had to leave its own
+// region's operator (it refused) polls another region's; when that whole
+// region goes silent, the edge returns to its own region's operator,
+// answering again, after one Silence instead of trying the silent region's
+// operators one after the other.
+func TestLostOperatorsAreNotTriedInARow(t *testing.T) {
+	var cur atomic.Pointer[Table]
+	cur.Store(&Table{Version: "v1"})
+	table := func() *Table { return cur.Load() }
+	var homeDown, regionCut atomic.Bool
+	homeDown.Store(true)
+	home := newOperator(t, func(w http.ResponseWriter, r *http.Request) {
+		if homeDown.Load() {
+			http.Error(w, "starting", http.StatusServiceUnavailable)
+			return
+		}
+		heartbeats(table)(w, r)
+	})
+	var other []*operator
+	for range 3 {
+		other = append(other, newOperator(t, func(w http.ResponseWriter, r *http.Request) {
+			if regionCut.Load() {
+				<-r.Context().Done()
+				return
+			}
+			heartbeats(table)(w, r)
+		}))
+	}
+	c := run(t, append([]*operator{home}, other...)...)
+	waitVersion(t, c, "v1", 2*time.Second)
+	if other[0].polls.Load() == 0 {
+		t.Fatal("the client did not move to the next operator")
+	}
+	homeDown.Store(false)
+	time.Sleep(c.retryAfter() + 100*time.Millisecond) // the poll of other[0] goes on (wait 5 s)
+	regionCut.Store(true)
+	cur.Store(&Table{Version: "v2"})
+	// The poll in progress hangs (its operator silent since the cut):
+	// one Silence (600 ms), then home answers.
+	if took := waitVersion(t, c, "v2", 5*time.Second); took > 1200*time.Millisecond {
+		t.Errorf("the new table took %s to arrive (silence 600ms, 3 operators cut off)", took)
+	}
+	if n := other[1].polls.Load() + other[2].polls.Load(); n != 0 {
+		t.Errorf("%d polls went to further operators of the cut region while the edge's own answered", n)
+	}
+	// Home stays the one polled.
+	cur.Store(&Table{Version: "v3"})
+	waitVersion(t, c, "v3", time.Second)
+	if n := other[1].polls.Load() + other[2].polls.Load(); n != 0 {
+		t.Errorf("%d polls went to the cut region", n)
+	}
+}
