@@ -103,6 +103,7 @@ func run(ctx context.Context, p *service.Process) error {
 	admin := http.NewServeMux()
 	health.Register(admin, reg)
 	srv := &http.Server{Handler: op.Handler(admin), ReadHeaderTimeout: 10 * time.Second}
+	srv.RegisterOnShutdown(op.EndLongPolls)
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return op.Run(gctx) })
 	g.Go(func() error { return service.ListenAndServe(gctx, srv, cfg.Addr, cfg.Drain) })

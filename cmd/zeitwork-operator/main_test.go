@@ -1,9 +1,12 @@
 package main
 
 import (
+	"encoding/json"
+	"fmt"
 	"net/http"
 	"os/exec"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -27,15 +30,14 @@ func TestBinary(t *testing.T) {
 		addr := servicetest.FreeAddr(t)
 		addrs = append(addrs, addr)
 	}
-	done := make(chan *servicetest.Process, 2)
-	for _, addr := range addrs {
-		go func() {
-			done <- servicetest.Start(t, bin, map[string]string{"LISTEN_ADDR": addr, "DATABASE_URL": dbURL, "CLUSTER_TOKEN": "t", "ENCRYPTION_KEY": key}, servicetest.URL(addr)+"/health")
-		}()
+	procs = make([]*servicetest.Process, len(addrs))
+	var wg sync.WaitGroup
+	for i, addr := range addrs {
+		wg.Go(func() {
+			procs[i] = servicetest.Start(t, bin, map[string]string{"LISTEN_ADDR": addr, "DATABASE_URL": dbURL, "CLUSTER_TOKEN": "t", "ENCRYPTION_KEY": key}, servicetest.URL(addr)+"/health")
+		})
 	}
-	for range 2 {
-		procs = append(procs, <-done)
-	}
+	wg.Wait()
 	for i, p := range procs {
 		servicetest.CheckContract(t, bin, p, servicetest.URL(addrs[i]), "zeitwork_operator")
 	}
@@ -97,7 +99,51 @@ func TestBinary(t *testing.T) {
 	if code != 401 || !strings.Contains(body, `"code":"unauthorized"`) {
 		t.Fatalf("unauthenticated API call: %d %s", code, body)
 	}
-	for _, p := range procs {
-		p.StopOK(t, 30*time.Second)
+	// A shutdown answers the route table long polls in progress at once
+	// (instead of draining until they end), with a whole table.
+	routes := func(q string) *http.Request {
+		req, _ := http.NewRequest("GET", servicetest.URL(addrs[0])+"/api/v1/routes?"+q, nil)
+		req.Header.Set("Authorization", "Bearer t")
+		return req
 	}
+	var current struct{ Version string }
+	if resp, err := http.DefaultClient.Do(routes("")); err != nil {
+		t.Fatal(err)
+	} else {
+		err = json.NewDecoder(resp.Body).Decode(&current)
+		resp.Body.Close()
+		if err != nil || current.Version == "" {
+			t.Fatalf("route table: %+v %v", current, err)
+		}
+	}
+	polls := make(chan error, 2)
+	for _, q := range []string{"wait=30s&heartbeat=2s", "wait=30s"} {
+		req := routes("version=" + current.Version + "&" + q)
+		go func() {
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				polls <- err
+				return
+			}
+			defer resp.Body.Close()
+			var table struct{ Version string }
+			if err := json.NewDecoder(resp.Body).Decode(&table); err != nil || table.Version == "" {
+				polls <- fmt.Errorf("%s: status %d, table %+v, %v", q, resp.StatusCode, table, err)
+				return
+			}
+			polls <- nil
+		}()
+	}
+	time.Sleep(500 * time.Millisecond) // both polls wait
+	start := time.Now()
+	procs[0].StopOK(t, 10*time.Second)
+	for range 2 {
+		if err := <-polls; err != nil {
+			t.Errorf("route table poll during shutdown: %v", err)
+		}
+	}
+	if took := time.Since(start); took > 5*time.Second {
+		t.Errorf("the operator took %s to stop with route table polls waiting", took)
+	}
+	procs[1].StopOK(t, 30*time.Second)
 }

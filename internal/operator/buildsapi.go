@@ -191,7 +191,8 @@ func (o *Operator) buildLogs(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	ctx := r.Context()
+	ctx, cancel := o.untilDrained(r.Context()) // a shutdown ends a follow
+	defer cancel()
 	follow := r.URL.Query().Get("follow") == "1" || r.URL.Query().Get("follow") == "true"
 	w.Header().Set("Content-Type", "application/x-ndjson")
 	w.Header().Set("Cache-Control", "no-store")

@@ -315,8 +315,14 @@ func (o *Operator) routes(w http.ResponseWriter, r *http.Request) error {
 		heartbeat = min(max(d, 100*time.Millisecond), 30*time.Second)
 	}
 	have := q.Get("version")
+	// A shutdown answers with the current table at once.
+	ctx, cancel := o.untilDrained(r.Context())
+	defer cancel()
 	if heartbeat == 0 || wait == 0 {
-		rt, err := o.routeTable.Wait(r.Context(), have, wait)
+		rt, err := o.routeTable.Wait(ctx, have, wait)
+		if err != nil && ctx.Err() != nil && r.Context().Err() == nil {
+			rt, err = o.routeTable.Current(r.Context()) // shutting down
+		}
 		if err != nil {
 			if r.Context().Err() != nil {
 				return nil
@@ -335,7 +341,10 @@ func (o *Operator) routes(w http.ResponseWriter, r *http.Request) error {
 	_ = rc.Flush()
 	deadline := time.Now().Add(wait)
 	for {
-		rt, err := o.routeTable.Wait(r.Context(), have, min(heartbeat, time.Until(deadline)))
+		rt, err := o.routeTable.Wait(ctx, have, min(heartbeat, time.Until(deadline)))
+		if err != nil && ctx.Err() != nil && r.Context().Err() == nil {
+			rt, err = o.routeTable.Current(r.Context()) // shutting down
+		}
 		if err != nil {
 			// The status is sent: an unfinished body is the error the
 			// client sees (and logs) before it tries another operator.
@@ -344,7 +353,7 @@ func (o *Operator) routes(w http.ResponseWriter, r *http.Request) error {
 			}
 			return nil
 		}
-		if rt.Version != have || !time.Now().Before(deadline) {
+		if rt.Version != have || !time.Now().Before(deadline) || ctx.Err() != nil {
 			_ = json.NewEncoder(w).Encode(rt)
 			return nil
 		}

@@ -545,12 +545,14 @@ func (o *Operator) deploymentLogs(w http.ResponseWriter, r *http.Request) error 
 	var mu sync.Mutex
 	fl, _ := w.(http.Flusher)
 	var wg sync.WaitGroup
+	ctx, cancel := o.untilDrained(r.Context()) // a shutdown ends a follow
+	defer cancel()
 	for _, in := range d.Instances {
 		if in.nodeState == "down" {
 			continue
 		}
 		wg.Go(func() {
-			body, err := o.agents.Logs(r.Context(), in.nodeAddress, in.ID.String(), follow)
+			body, err := o.agents.Logs(ctx, in.nodeAddress, in.ID.String(), follow)
 			if err != nil {
 				return
 			}
