@@ -149,15 +149,16 @@ func benchTopology(ctx context.Context, topo *topology.Topology, rounds int) (de
 	// Until the lost region's instances left the route table and every
 	// live edge took the new table.
 	host := strings.TrimSuffix(strings.TrimPrefix(prod, "https://"), "/")
+	var version string
 	for time.Since(cut) < 2*time.Minute {
-		routed, rerr := topo.Routed(ctx, host, lost)
+		routed, v, rerr := topo.Routed(ctx, host, lost)
 		if rerr == nil && routed[l.Regions[lost].Name] == 0 && len(routed) > 0 {
-			unrouted = time.Since(cut)
+			unrouted, version = time.Since(cut), v
 			break
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	if serr := topo.EdgesSyncedSince(ctx, cut.Add(unrouted), 2*time.Minute, lost); serr != nil {
+	if serr := topo.EdgesHave(ctx, version, 2*time.Minute, lost); serr != nil {
 		log.Printf("edges: %v", serr)
 	}
 	synced = time.Since(cut)

@@ -1126,3 +1126,52 @@ func TestClosedDeploymentsRunNothing(t *testing.T) {
 		t.Fatalf("%d instance rows of the stopped deployment remain (%v)", live, err)
 	}
 }
+
+// TestSilentNodeGetsNoNewInstances: a node whose heartbeats stopped, not
+// yet marked down (NODE_DOWN_AFTER), gets no new instance once half of
+// that has passed: a placement there would wait on a node that does not
+// answer. Once it reports again, the deployment spreads onto it.
+func TestSilentNodeGetsNoNewInstances(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, func(c *Config) { c.NodeDownAfter = 8 * time.Second })
+	tok, _ := e.ops[0].Bootstrap(t.Context(), "acme", "ops@acme.test", "t")
+	if code := e.call(tok, "POST", "/api/v1/projects", map[string]any{"name": "web", "min_instances_per_region": 1}, nil); code != 201 {
+		t.Fatalf("create project: %d", code)
+	}
+	var d Deployment
+	if code := e.call(tok, "POST", "/api/v1/projects/web/deployments", map[string]any{"image": e.images["v1"]}, &d); code != 202 {
+		t.Fatalf("deploy: %d", code)
+	}
+	if d = e.waitDeployment(tok, d.ID.String(), "active", "failed"); d.Status != "active" || len(d.Instances) != 3 {
+		t.Fatalf("deploy: %s %q", d.Status, d.FailureReason)
+	}
+	busy := e.agentOf(d.Instances[0].NodeID)
+	var silent *agenttest.Agent
+	for _, a := range e.agents {
+		if a.Region == busy.Region && a != busy {
+			silent = a
+		}
+	}
+	silent.SetAlive(false) // no more heartbeats
+	time.Sleep(4*time.Second + 500*time.Millisecond)
+	if code := e.call(tok, "PATCH", "/api/v1/projects/web", map[string]any{"min_instances_per_region": 2}, nil); code != 200 {
+		t.Fatalf("scale: %d", code)
+	}
+	admin := pgtestPool(t, e.cfg.DatabaseURL)
+	placed := func(node string) int {
+		var n int
+		if err := admin.QueryRow(t.Context(), `SELECT count(*) FROM instances WHERE deployment_id = $1 AND node_id = $2
+			AND deleted_at IS NULL AND desired_state = 'running'`, d.ID, node).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	e.eventually("a second instance in the region", func() bool { return placed(busy.ID)+placed(silent.ID) == 2 })
+	if n := placed(silent.ID); n != 0 {
+		t.Fatalf("%d instance(s) placed on a node silent for 4.5 s (down after 8 s)", n)
+	}
+	silent.SetAlive(true)
+	e.eventually("the deployment spread onto the node that reports again", func() bool {
+		return placed(silent.ID) == 1 && placed(busy.ID) == 1 && silent.Count() == 1
+	})
+}

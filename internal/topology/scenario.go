@@ -2,13 +2,13 @@ package topology
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -241,13 +241,14 @@ func (t *Topology) EdgesServing(ctx context.Context, host, want string, within t
 // Routed counts the healthy instances per region that the route table (as
 // the edges fetch it, from the first operator that answers outside the
 // regions in avoid) lists for host.
-func (t *Topology) Routed(ctx context.Context, host string, avoid ...int) (map[string]int, error) {
+func (t *Topology) Routed(ctx context.Context, host string, avoid ...int) (map[string]int, string, error) {
 	api, err := t.API(ctx, t.ClusterToken, avoid...)
 	if err != nil {
-		return nil, err
+		return nil, "", err
 	}
 	var rt struct {
-		Routes []struct {
+		Version string `json:"version"`
+		Routes  []struct {
 			Host      string `json:"host"`
 			Instances []struct {
 				Region  string `json:"region"`
@@ -256,7 +257,7 @@ func (t *Topology) Routed(ctx context.Context, host string, avoid ...int) (map[s
 		} `json:"routes"`
 	}
 	if err := api.Do(ctx, "GET", "/api/v1/routes", nil, &rt); err != nil {
-		return nil, err
+		return nil, "", err
 	}
 	out := map[string]int{}
 	for _, r := range rt.Routes {
@@ -269,13 +270,13 @@ func (t *Topology) Routed(ctx context.Context, host string, avoid ...int) (map[s
 			}
 		}
 	}
-	return out, nil
+	return out, rt.Version, nil
 }
 
-// EdgesSyncedSince waits until every edge proxy outside the regions in
-// skip has synced its route table after since (its staleness gauge is
-// younger than since).
-func (t *Topology) EdgesSyncedSince(ctx context.Context, since time.Time, within time.Duration, skip ...int) error {
+// EdgesHave waits until every edge proxy outside the regions in skip
+// serves the route table version (or a newer one: the operators' current
+// table), as its /health reports.
+func (t *Topology) EdgesHave(ctx context.Context, version string, within time.Duration, skip ...int) error {
 	deadline := time.Now().Add(within)
 	for _, r := range t.Layout.Regions {
 		if slices.ContainsFunc(skip, func(i int) bool { return t.Layout.Regions[i] == r }) {
@@ -283,38 +284,38 @@ func (t *Topology) EdgesSyncedSince(ctx context.Context, since time.Time, within
 		}
 		for _, h := range r.Of(RoleWorker) {
 			for {
-				age, err := edgeStaleness(ctx, h.IP)
-				if err == nil && age >= 0 && time.Now().Add(-age).After(since) {
+				have, err := edgeVersion(ctx, h.IP)
+				if err == nil && have == version {
 					break
 				}
-				if time.Now().After(deadline) {
-					return fmt.Errorf("edge on %s has not synced its route table since %s (staleness %s, %v)", h.Name, since.Format("15:04:05.000"), age, err)
+				if err == nil {
+					if _, current, cerr := t.Routed(ctx, "", skip...); cerr == nil && have == current {
+						break
+					}
 				}
-				time.Sleep(200 * time.Millisecond)
+				if time.Now().After(deadline) {
+					return fmt.Errorf("edge on %s serves route table %q, not %q (%v)", h.Name, have, version, err)
+				}
+				time.Sleep(100 * time.Millisecond)
 			}
 		}
 	}
 	return nil
 }
 
-// edgeStaleness reads an edge's zeitwork_edge_proxy_route_table_staleness_seconds.
-func edgeStaleness(ctx context.Context, ip string) (time.Duration, error) {
-	req, _ := http.NewRequestWithContext(ctx, "GET", "http://"+ip+":8083/metrics", nil)
+// edgeVersion reads the route table version an edge serves from its /health.
+func edgeVersion(ctx context.Context, ip string) (string, error) {
+	req, _ := http.NewRequestWithContext(ctx, "GET", "http://"+ip+":8083/health", nil)
 	resp, err := mgmtHTTP.Do(req)
 	if err != nil {
-		return -1, err
+		return "", err
 	}
 	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	const name = "zeitwork_edge_proxy_route_table_staleness_seconds "
-	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, name); ok {
-			f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
-			if err != nil {
-				return -1, err
-			}
-			return time.Duration(f * float64(time.Second)), nil
-		}
+	var doc struct {
+		Version string `json:"route_table_version"`
 	}
-	return -1, fmt.Errorf("no %s on the edge at %s", strings.TrimSpace(name), ip)
+	if err := json.NewDecoder(resp.Body).Decode(&doc); err != nil {
+		return "", fmt.Errorf("edge at %s: /health: %w", ip, err)
+	}
+	return doc.Version, nil
 }

@@ -340,7 +340,7 @@ var errClosed = errors.New("deployment closed")
 // with nodes, on distinct ready nodes where possible, within capacity. It
 // reports whether every region is fully placed and, if not, why.
 func (o *Reconciler) ensureInstances(ctx context.Context, d openDeployment) (bool, string, error) {
-	rows, err := o.pool.Query(ctx, Q("ReadyNodes"))
+	rows, err := o.pool.Query(ctx, Q("ReadyNodes"), store.Interval(o.cfg.NodeDownAfter/2))
 	if err != nil {
 		return false, "", err
 	}
@@ -480,7 +480,10 @@ func (o *Reconciler) ensureInstances(ctx context.Context, d openDeployment) (boo
 		}
 	}
 	// (Re)send the spec of every instance the agent has not reported yet;
-	// agents treat a repeated create as a no-op.
+	// agents treat a repeated create as a no-op. Nodes are asked
+	// concurrently, as in stopInstances: a node that does not answer costs
+	// one timeout, and its other creates wait for the next pass.
+	byNode := map[string][]uuid.UUID{}
 	for _, in := range insts {
 		if in.Desired != "running" || in.State != "pending" || in.NodeState == "down" {
 			continue
@@ -490,12 +493,21 @@ func (o *Reconciler) ensureInstances(ctx context.Context, d openDeployment) (boo
 				return false, "", err
 			}
 		}
-		spec := agents.Spec{ID: in.ID.String(), DeploymentID: d.id.String(), Image: d.imageRef(), Port: d.port, VCPUs: d.vcpus,
-			MemoryMiB: d.memoryMiB, Env: env, HealthPath: d.healthPath}
-		if err := o.agents.Create(ctx, in.NodeAddress, spec); err != nil {
-			o.log.Warn("cannot create instance on node", "instance_id", in.ID, "node", in.NodeAddress, "err", err)
-		}
+		byNode[in.NodeAddress] = append(byNode[in.NodeAddress], in.ID)
 	}
+	_ = perNode(byNode, func(addr string, ids []uuid.UUID) error {
+		for _, id := range ids {
+			spec := agents.Spec{ID: id.String(), DeploymentID: d.id.String(), Image: d.imageRef(), Port: d.port, VCPUs: d.vcpus,
+				MemoryMiB: d.memoryMiB, Env: env, HealthPath: d.healthPath}
+			if err := o.agents.Create(ctx, addr, spec); err != nil {
+				o.log.Warn("cannot create instance on node", "instance_id", id, "node", addr, "err", err)
+				if !agents.IsStatus(err) {
+					return nil
+				}
+			}
+		}
+		return nil
+	})
 	return complete, strings.Join(shorts, "; "), nil
 }
 

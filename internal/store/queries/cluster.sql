@@ -55,11 +55,14 @@ RETURNING id;
 UPDATE deployments SET image_id = $2, updated_at = now() WHERE id = $1;
 
 -- name: ReadyNodes
+-- The nodes new instances may go to: ready, and heard from within $1 (half
+-- of NODE_DOWN_AFTER): a node gone silent, not yet marked down, gets
+-- nothing new.
 SELECT n.id, r.id, r.name, n.address, n.vcpus, n.memory_mib,
        coalesce((SELECT sum(i.vcpus) FROM instances i WHERE i.node_id = n.id AND i.deleted_at IS NULL AND i.desired_state = 'running'), 0),
        coalesce((SELECT sum(i.memory_mib) FROM instances i WHERE i.node_id = n.id AND i.deleted_at IS NULL AND i.desired_state = 'running'), 0)
 FROM nodes n JOIN regions r ON r.id = n.region_id
-WHERE n.deleted_at IS NULL AND n.state = 'ready' ORDER BY r.name, n.id;
+WHERE n.deleted_at IS NULL AND n.state = 'ready' AND n.last_heartbeat_at > now() - $1::interval ORDER BY r.name, n.id;
 
 -- name: AllRegions
 SELECT DISTINCT r.id, r.name FROM regions r JOIN nodes n ON n.region_id = r.id
