@@ -110,6 +110,16 @@ func TestNodeRemove(t *testing.T) {
 	if code := e.call(tok, "POST", "/api/v1/nodes/"+busy.ID+"/drain", nil, nil); code != 200 {
 		t.Fatalf("drain: %d", code)
 	}
+	// A placement that read the node as ready before the drain committed
+	// inserts nothing onto it.
+	var regionID uuid.UUID
+	if err := e.ops[0].pool.QueryRow(t.Context(), "SELECT region_id FROM nodes WHERE id = $1", busy.ID).Scan(&regionID); err != nil {
+		t.Fatal(err)
+	}
+	tag, err := e.ops[0].pool.Exec(t.Context(), Q("InstanceInsert"), uuid.Must(uuid.NewV7()), d.ID, busy.ID, regionID, 1, 128)
+	if err != nil || tag.RowsAffected() != 0 {
+		t.Fatalf("instance inserted on a draining node: %v %v", tag, err)
+	}
 	code, msg = del(tok, busy.ID)
 	expect("removal of a drained node that still runs an instance", code, msg, 409, "still runs 1 instances")
 

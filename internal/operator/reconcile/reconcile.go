@@ -249,8 +249,8 @@ func (o *Reconciler) step(ctx context.Context, d openDeployment) error {
 		return nil
 	}
 	placed, short, err := o.ensureInstances(ctx, d)
-	if errors.Is(err, errClosed) {
-		o.log.Info("deployment closed while its instances were placed", "deployment_id", d.id)
+	if errors.Is(err, errStale) {
+		o.log.Info("deployment closed or node left ready while instances were placed; the next pass places again", "deployment_id", d.id)
 		return nil
 	}
 	if err != nil {
@@ -332,9 +332,10 @@ type nodeCap struct {
 	usedCPU, usedMem int
 }
 
-// errClosed: the deployment was stopped (or its project deleted) after the
-// pass read it; the pass leaves it alone.
-var errClosed = errors.New("deployment closed")
+// errStale: after the pass read them, the deployment was stopped (or its
+// project deleted) or the node picked left ready (drained, down, removed);
+// the pass leaves the deployment to the next one, which reads afresh.
+var errStale = errors.New("deployment closed or node no longer ready")
 
 // ensureInstances places missing instances: min per region in every region
 // with nodes, on distinct ready nodes where possible, within capacity. It
@@ -465,7 +466,7 @@ func (o *Reconciler) ensureInstances(ctx context.Context, d openDeployment) (boo
 				return false, "", err
 			}
 			if tag.RowsAffected() == 0 {
-				return false, "", errClosed
+				return false, "", errStale
 			}
 			routesChanged = true
 			n.usedCPU += d.vcpus

@@ -69,15 +69,17 @@ SELECT DISTINCT r.id, r.name FROM regions r JOIN nodes n ON n.region_id = r.id
 WHERE r.deleted_at IS NULL AND n.deleted_at IS NULL ORDER BY r.name;
 
 -- name: InstanceInsert
--- Only while the deployment and its project are open. Their rows are locked
--- (FOR SHARE): an insert racing a stop (the deployment stopped, its project
--- deleted) either commits first, and the stop's UPDATE then sees and stops
--- the new instance too, or waits for the stop and inserts nothing.
+-- Only while the deployment and its project are open and the node is ready.
+-- Their rows are locked (FOR SHARE): an insert racing a stop (the
+-- deployment stopped, its project deleted) or a drain either commits
+-- first, and the stop's UPDATE then sees and stops the new instance too
+-- (a drain moves it), or waits for it and inserts nothing.
 INSERT INTO instances (id, deployment_id, node_id, region_id, vcpus, memory_mib)
-SELECT $1::uuid, d.id, $3::uuid, $4::uuid, $5::int, $6::int
-FROM deployments d JOIN projects p ON p.id = d.project_id
+SELECT $1::uuid, d.id, n.id, $4::uuid, $5::int, $6::int
+FROM deployments d JOIN projects p ON p.id = d.project_id, nodes n
 WHERE d.id = $2 AND d.status NOT IN ('failed', 'stopped') AND d.deleted_at IS NULL AND p.deleted_at IS NULL
-FOR SHARE OF d, p;
+  AND n.id = $3 AND n.state = 'ready' AND n.deleted_at IS NULL
+FOR SHARE OF d, p, n;
 
 -- name: InstanceSetDesired
 UPDATE instances SET desired_state = $2, updated_at = now() WHERE id = $1;
