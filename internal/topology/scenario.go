@@ -25,14 +25,15 @@ var mgmtHTTP = &http.Client{Timeout: 2 * time.Second}
 var scrapeHTTP = &http.Client{Timeout: 10 * time.Second}
 
 // Leaders lists the operators (host names) that report holding the leader
-// lock, among those the management network reaches.
-func (t *Topology) Leaders(ctx context.Context) []string {
+// lock, among those the management network reaches, skipping the regions
+// listed in avoid (cut off: their scrapes would only time out).
+func (t *Topology) Leaders(ctx context.Context, avoid ...int) []string {
 	var mu sync.Mutex
 	var out []string
 	var wg sync.WaitGroup
 	for _, h := range t.Layout.All(RoleOperator) {
 		p := t.Operators[h.Name]
-		if p == nil || !p.Running() {
+		if p == nil || !p.Running() || slices.Contains(avoid, h.Region) {
 			continue
 		}
 		wg.Go(func() {
@@ -60,11 +61,7 @@ func (t *Topology) Leaders(ctx context.Context) []string {
 // layout's order, skipping the regions listed in avoid).
 func (t *Topology) API(ctx context.Context, token string, avoid ...int) (*apiclient.Client, error) {
 	for _, h := range t.Layout.All(RoleOperator) {
-		skip := false
-		for _, a := range avoid {
-			skip = skip || h.Region == a
-		}
-		if p := t.Operators[h.Name]; skip || p == nil || !p.Running() {
+		if p := t.Operators[h.Name]; slices.Contains(avoid, h.Region) || p == nil || !p.Running() {
 			continue
 		}
 		req, _ := http.NewRequestWithContext(ctx, "GET", "http://"+h.IP+":8080/health/live", nil)
