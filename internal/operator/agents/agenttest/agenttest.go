@@ -265,8 +265,11 @@ func (a *Agent) buildRoutes(mux *http.ServeMux) {
 				a.FinishBuild(spec.ID, *res)
 			}
 		}
+		a.mu.Lock()
+		st := b.status
+		a.mu.Unlock()
 		w.WriteHeader(http.StatusCreated)
-		_ = json.NewEncoder(w).Encode(b.status)
+		_ = json.NewEncoder(w).Encode(st)
 	})
 	mux.HandleFunc("GET /builds/{id}", func(w http.ResponseWriter, r *http.Request) {
 		a.mu.Lock()
