@@ -15,6 +15,7 @@ import (
 	"github.com/zeitwork/zeitwork/internal/httpjson"
 	"github.com/zeitwork/zeitwork/internal/operator/agents"
 	"github.com/zeitwork/zeitwork/internal/operator/names"
+	"github.com/zeitwork/zeitwork/internal/operator/routes"
 )
 
 type nodeReport struct {
@@ -318,11 +319,15 @@ func (o *Operator) routes(w http.ResponseWriter, r *http.Request) error {
 	// A shutdown answers with the current table at once.
 	ctx, cancel := o.untilDrained(r.Context())
 	defer cancel()
-	if heartbeat == 0 || wait == 0 {
-		rt, err := o.routeTable.Wait(ctx, have, wait)
+	waitFor := func(d time.Duration) (*routes.Table, error) {
+		rt, err := o.routeTable.Wait(ctx, have, d)
 		if err != nil && ctx.Err() != nil && r.Context().Err() == nil {
-			rt, err = o.routeTable.Current(r.Context()) // shutting down
+			return o.routeTable.Current(r.Context()) // shutting down
 		}
+		return rt, err
+	}
+	if heartbeat == 0 || wait == 0 {
+		rt, err := waitFor(wait)
 		if err != nil {
 			if r.Context().Err() != nil {
 				return nil
@@ -341,10 +346,7 @@ func (o *Operator) routes(w http.ResponseWriter, r *http.Request) error {
 	_ = rc.Flush()
 	deadline := time.Now().Add(wait)
 	for {
-		rt, err := o.routeTable.Wait(ctx, have, min(heartbeat, time.Until(deadline)))
-		if err != nil && ctx.Err() != nil && r.Context().Err() == nil {
-			rt, err = o.routeTable.Current(r.Context()) // shutting down
-		}
+		rt, err := waitFor(min(heartbeat, time.Until(deadline)))
 		if err != nil {
 			// The status is sent: an unfinished body is the error the
 			// client sees (and logs) before it tries another operator.

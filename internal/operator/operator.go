@@ -183,30 +183,21 @@ type Operator struct {
 	leading atomic.Bool
 	lease   atomic.Pointer[lease] // the current leadership's; nil while not leading
 
-	draining  chan struct{} // closed by EndLongPolls
-	drainOnce sync.Once
+	draining     context.Context // done once EndLongPolls is called
+	endLongPolls context.CancelFunc
 }
 
 // EndLongPolls answers the route table long polls in progress at once and
 // ends followed log streams: its HTTP server calls it when its graceful
 // shutdown begins (http.Server.RegisterOnShutdown), which would otherwise
 // wait up to a whole poll (30 s) for each of them.
-func (o *Operator) EndLongPolls() {
-	o.drainOnce.Do(func() { close(o.draining) })
-}
+func (o *Operator) EndLongPolls() { o.endLongPolls() }
 
 // untilDrained returns ctx, cancelled as well once EndLongPolls is called.
 func (o *Operator) untilDrained(ctx context.Context) (context.Context, context.CancelFunc) {
 	ctx, cancel := context.WithCancel(ctx)
-	// Ends with ctx (the request, or cancel).
-	go func() {
-		select {
-		case <-o.draining:
-			cancel()
-		case <-ctx.Done():
-		}
-	}()
-	return ctx, cancel
+	stop := context.AfterFunc(o.draining, cancel)
+	return ctx, func() { stop(); cancel() }
 }
 
 type metrics struct {
@@ -228,8 +219,9 @@ func New(cfg Config, pool *pgxpool.Pool, reg prometheus.Registerer, log *slog.Lo
 		return nil, fmt.Errorf("ENCRYPTION_KEY: %w", err)
 	}
 	o := &Operator{cfg: cfg, pool: pool, log: log, seal: s, agents: agents.New(cfg.ClusterToken),
-		kick: make(chan struct{}, 1), uploads: make(chan struct{}, 4), draining: make(chan struct{}),
+		kick: make(chan struct{}, 1), uploads: make(chan struct{}, 4),
 		verify: domains.NewVerifier(cfg.DNSResolver, cfg.EdgeHostname, cfg.EdgeIPs)}
+	o.draining, o.endLongPolls = context.WithCancel(context.Background())
 	o.m = &metrics{
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "zeitwork_operator_api_requests_total", Help: "API requests by status class."}, []string{"class"}),
 		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "zeitwork_operator_api_request_duration_seconds",

@@ -202,6 +202,23 @@ func (e *env) waitDeployment(tok, id string, want ...string) Deployment {
 	}
 }
 
+// deployOnePerRegion creates project web (one instance per region),
+// deploys v1 and waits until it is active with its 3 instances.
+func (e *env) deployOnePerRegion(tok string) Deployment {
+	e.t.Helper()
+	if code := e.call(tok, "POST", "/api/v1/projects", map[string]any{"name": "web", "min_instances_per_region": 1}, nil); code != 201 {
+		e.t.Fatalf("create project: %d", code)
+	}
+	var d Deployment
+	if code := e.call(tok, "POST", "/api/v1/projects/web/deployments", map[string]any{"image": e.images["v1"]}, &d); code != 202 {
+		e.t.Fatalf("deploy: %d", code)
+	}
+	if d = e.waitDeployment(tok, d.ID.String(), "active", "failed"); d.Status != "active" || len(d.Instances) != 3 {
+		e.t.Fatalf("deploy: %s %q", d.Status, d.FailureReason)
+	}
+	return d
+}
+
 // eventually polls cond for up to a minute.
 func (e *env) eventually(what string, cond func() bool) {
 	e.t.Helper()
@@ -1035,16 +1052,7 @@ func TestSilentNodeDoesNotStallStops(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
 	tok, _ := e.ops[0].Bootstrap(t.Context(), "acme", "ops@acme.test", "t")
-	if code := e.call(tok, "POST", "/api/v1/projects", map[string]any{"name": "web", "min_instances_per_region": 1}, nil); code != 201 {
-		t.Fatalf("create project: %d", code)
-	}
-	var d Deployment
-	if code := e.call(tok, "POST", "/api/v1/projects/web/deployments", map[string]any{"image": e.images["v1"]}, &d); code != 202 {
-		t.Fatalf("deploy: %d", code)
-	}
-	if d = e.waitDeployment(tok, d.ID.String(), "active", "failed"); d.Status != "active" || len(d.Instances) != 3 {
-		t.Fatalf("deploy: %s %q", d.Status, d.FailureReason)
-	}
+	d := e.deployOnePerRegion(tok)
 	// v2 supersedes v1, whose instances then stop (as at the end of the
 	// retention window) while nothing else is to be done.
 	var d2 Deployment
@@ -1088,16 +1096,7 @@ func TestClosedDeploymentsRunNothing(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
 	tok, _ := e.ops[0].Bootstrap(t.Context(), "acme", "ops@acme.test", "t")
-	if code := e.call(tok, "POST", "/api/v1/projects", map[string]any{"name": "web", "min_instances_per_region": 1}, nil); code != 201 {
-		t.Fatalf("create project: %d", code)
-	}
-	var d Deployment
-	if code := e.call(tok, "POST", "/api/v1/projects/web/deployments", map[string]any{"image": e.images["v1"]}, &d); code != 202 {
-		t.Fatalf("deploy: %d", code)
-	}
-	if d = e.waitDeployment(tok, d.ID.String(), "active", "failed"); d.Status != "active" || len(d.Instances) != 3 {
-		t.Fatalf("deploy: %s %q", d.Status, d.FailureReason)
-	}
+	d := e.deployOnePerRegion(tok)
 	admin := pgtestPool(t, e.cfg.DatabaseURL)
 	// The deployment stops, but its instances are left to run: the state
 	// a placement racing the stop would leave behind.
@@ -1135,16 +1134,7 @@ func TestSilentNodeGetsNoNewInstances(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, func(c *Config) { c.NodeDownAfter = 8 * time.Second })
 	tok, _ := e.ops[0].Bootstrap(t.Context(), "acme", "ops@acme.test", "t")
-	if code := e.call(tok, "POST", "/api/v1/projects", map[string]any{"name": "web", "min_instances_per_region": 1}, nil); code != 201 {
-		t.Fatalf("create project: %d", code)
-	}
-	var d Deployment
-	if code := e.call(tok, "POST", "/api/v1/projects/web/deployments", map[string]any{"image": e.images["v1"]}, &d); code != 202 {
-		t.Fatalf("deploy: %d", code)
-	}
-	if d = e.waitDeployment(tok, d.ID.String(), "active", "failed"); d.Status != "active" || len(d.Instances) != 3 {
-		t.Fatalf("deploy: %s %q", d.Status, d.FailureReason)
-	}
+	d := e.deployOnePerRegion(tok)
 	busy := e.agentOf(d.Instances[0].NodeID)
 	var silent *agenttest.Agent
 	for _, a := range e.agents {
